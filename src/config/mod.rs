@@ -1,0 +1,708 @@
+//! The configuration file: YAML read into a located tree ([`yaml`]), decoded and validated into
+//! [`Config`] ([`decode`] and this module), with every problem reported at once as
+//! `FILE:LINE:COLUMN: key.path: message`.
+//!
+//! Sections that later versions fill (`routes`, `events`, `sinks`, `outbox`) are known keys that
+//! this build refuses with a clear message, so that a config written for a newer ficus fails
+//! loudly instead of being half-applied.
+
+mod decode;
+mod yaml;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+
+pub use decode::{interpolate, parse_duration, parse_size, ConfigError};
+use decode::{join, Decoder, Env, Fields};
+use yaml::{Node, Value};
+
+/// A validated configuration: every value present, checked and typed.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: Listen,
+    pub admin: Admin,
+    /// In file order; routes refer to them by index.
+    pub upstreams: Vec<Upstream>,
+    /// Index into `upstreams` of the upstream that serves unrouted traffic.
+    pub default_upstream: usize,
+    pub limits: Limits,
+    pub shutdown: Shutdown,
+    pub log: Log,
+}
+
+#[derive(Debug, Clone)]
+pub struct Listen {
+    pub address: SocketAddr,
+    pub tls: Option<ServerTls>,
+    /// Keep `X-Forwarded-Proto`/`-Host` set by an ingress in front, and append to
+    /// `X-Forwarded-For`; when false, all three are replaced.
+    pub trust_forwarded_headers: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub address: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub name: String,
+    pub scheme: Scheme,
+    pub authority: Authority,
+    pub connect_timeout: Duration,
+    /// Until the response headers arrive.
+    pub timeout: Duration,
+    /// No body bytes in either direction for this long cuts the exchange.
+    pub idle_timeout: Duration,
+    pub tls: Option<UpstreamTls>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamTls {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub capture_body: u64,
+    pub max_header_bytes: usize,
+    pub header_read_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Shutdown {
+    pub drain_timeout: Duration,
+    pub delivery_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone)]
+pub struct Log {
+    pub format: LogFormat,
+    pub level: String,
+    pub access: bool,
+}
+
+/// Every problem found in one config file.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", ErrorList(.0))]
+    Invalid(Vec<ConfigError>),
+}
+
+struct ErrorList<'a>(&'a [ConfigError]);
+
+impl fmt::Display for ErrorList<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The smallest `max_header_bytes` hyper's HTTP/1 reader accepts.
+pub const MIN_HEADER_BYTES: u64 = 8 * 1024;
+
+const TOP_LEVEL: &[&str] = &[
+    "listen",
+    "admin",
+    "upstreams",
+    "default_upstream",
+    "routes",
+    "events",
+    "sinks",
+    "outbox",
+    "limits",
+    "shutdown",
+    "log",
+];
+
+/// Sections of the SPEC that this build does not implement yet.
+const NOT_YET: &[&str] = &["routes", "events", "sinks", "outbox"];
+
+impl Config {
+    /// Reads and validates `path`, with `${VAR}` taken from the process environment.
+    pub fn load(path: &Path) -> Result<Config, LoadError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        Config::from_str_with_env(&text, &file, &|name| std::env::var(name).ok())
+    }
+
+    /// Validates YAML text; `file` is only used in error messages.
+    pub fn from_yaml(text: &str, file: &str) -> Result<Config, LoadError> {
+        Config::from_str_with_env(text, file, &|name| std::env::var(name).ok())
+    }
+
+    pub fn from_str_with_env(text: &str, file: &str, env: Env<'_>) -> Result<Config, LoadError> {
+        let root = yaml::parse(text).map_err(|e| {
+            LoadError::Invalid(vec![ConfigError {
+                file: file.to_string(),
+                line: e.mark.line,
+                col: e.mark.col,
+                path: String::new(),
+                message: e.message,
+            }])
+        })?;
+        let mut d = Decoder::new(file, env);
+        let config = decode_config(&mut d, &root);
+        match config {
+            Some(c) if d.errors.is_empty() => Ok(c),
+            _ => {
+                if d.errors.is_empty() {
+                    d.error(root.mark, "", "invalid configuration");
+                }
+                Err(LoadError::Invalid(d.errors))
+            }
+        }
+    }
+
+    pub fn upstream(&self, name: &str) -> Option<&Upstream> {
+        self.upstreams.iter().find(|u| u.name == name)
+    }
+
+    /// What `ficus check` prints for a valid file.
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let tls = if self.listen.tls.is_some() {
+            " (TLS)"
+        } else {
+            ""
+        };
+        s.push_str(&format!("listen: {}{tls}\n", self.listen.address));
+        s.push_str(&format!("admin: {}\n", self.admin.address));
+        s.push_str(&format!("upstreams: {}\n", self.upstreams.len()));
+        for (i, u) in self.upstreams.iter().enumerate() {
+            let default = if i == self.default_upstream {
+                " (default)"
+            } else {
+                ""
+            };
+            s.push_str(&format!(
+                "  {}: {}://{}{default}\n",
+                u.name, u.scheme, u.authority
+            ));
+        }
+        s.push_str("routes: 0\nrules: 0\nsinks: 0\n");
+        s
+    }
+}
+
+fn decode_config(d: &mut Decoder<'_>, root: &Node) -> Option<Config> {
+    if matches!(root.value, Value::Null) {
+        d.error(
+            root.mark,
+            "",
+            "empty config: at least `upstreams` is required",
+        );
+        return None;
+    }
+    let top = d.map(root, "", TOP_LEVEL)?;
+    for key in NOT_YET {
+        if let Some(node) = top.get(key) {
+            d.error(
+                node.mark,
+                key,
+                format!(
+                    "the `{key}` section is not supported by ficus {} yet",
+                    env!("CARGO_PKG_VERSION")
+                ),
+            );
+        }
+    }
+
+    let listen = decode_listen(d, top.get("listen"));
+    let admin_addr = top
+        .get("admin")
+        .and_then(|n| d.map(n, "admin", &["address"]))
+        .map(|f| d.field(&f, "admin", "address", default_addr(9090), parse_addr))
+        .unwrap_or_else(|| default_addr(9090));
+    let upstreams = decode_upstreams(d, &top);
+    let default_upstream = decode_default_upstream(d, &top, &upstreams);
+    let limits = decode_limits(d, top.get("limits"));
+    let shutdown = decode_shutdown(d, top.get("shutdown"));
+    let log = decode_log(d, top.get("log"));
+
+    if listen.address == admin_addr && listen.address.port() != 0 {
+        if let Some(n) = top.get("admin") {
+            d.error(n.mark, "admin.address", "must differ from listen.address");
+        }
+    }
+
+    Some(Config {
+        listen,
+        admin: Admin {
+            address: admin_addr,
+        },
+        upstreams,
+        default_upstream: default_upstream?,
+        limits,
+        shutdown,
+        log,
+    })
+}
+
+fn default_addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], port))
+}
+
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse()
+        .map_err(|_| format!("expected an address such as 0.0.0.0:8080 or [::1]:8080, found `{s}`"))
+}
+
+fn decode_listen(d: &mut Decoder<'_>, node: Option<&Node>) -> Listen {
+    let mut listen = Listen {
+        address: default_addr(8080),
+        tls: None,
+        trust_forwarded_headers: true,
+    };
+    let Some(node) = node else { return listen };
+    let Some(f) = d.map(
+        node,
+        "listen",
+        &["address", "tls", "trust_forwarded_headers"],
+    ) else {
+        return listen;
+    };
+    listen.address = d.field(&f, "listen", "address", listen.address, parse_addr);
+    listen.trust_forwarded_headers = d.field(
+        &f,
+        "listen",
+        "trust_forwarded_headers",
+        true,
+        decode::parse_bool,
+    );
+    if let Some(tls) = f.get("tls") {
+        if let Some(t) = d.map(tls, "listen.tls", &["cert", "key"]) {
+            let cert = required_path(d, &t, "listen.tls", "cert");
+            let key = required_path(d, &t, "listen.tls", "key");
+            if let (Some(cert), Some(key)) = (cert, key) {
+                listen.tls = Some(ServerTls { cert, key });
+            }
+        }
+    }
+    listen
+}
+
+fn required_path(d: &mut Decoder<'_>, f: &Fields<'_>, path: &str, key: &str) -> Option<PathBuf> {
+    match f.get(key) {
+        Some(n) => d.string(n, &join(path, key)).map(PathBuf::from),
+        None => {
+            d.error(f.mark, &join(path, key), "is required");
+            None
+        }
+    }
+}
+
+fn optional_path(d: &mut Decoder<'_>, f: &Fields<'_>, path: &str, key: &str) -> Option<PathBuf> {
+    f.get(key)
+        .and_then(|n| d.string(n, &join(path, key)))
+        .map(PathBuf::from)
+}
+
+fn decode_upstreams(d: &mut Decoder<'_>, top: &Fields<'_>) -> Vec<Upstream> {
+    let Some(node) = top.get("upstreams") else {
+        d.error(
+            top.mark,
+            "upstreams",
+            "is required: name at least one upstream (the monolith)",
+        );
+        return Vec::new();
+    };
+    let Some(entries) = d.named(node, "upstreams") else {
+        return Vec::new();
+    };
+    if entries.is_empty() {
+        d.error(node.mark, "upstreams", "name at least one upstream");
+    }
+    let mut out = Vec::new();
+    for (key, node) in entries {
+        let path = join("upstreams", &key.name);
+        if !valid_name(&key.name) {
+            d.error(
+                key.mark,
+                &path,
+                "names may use letters, digits, `-` and `_` only",
+            );
+        }
+        if matches!(node.value, Value::Null) {
+            d.error(node.mark, &join(&path, "url"), "is required");
+            continue;
+        }
+        let Some(f) = d.map(
+            node,
+            &path,
+            &["url", "connect_timeout", "timeout", "idle_timeout", "tls"],
+        ) else {
+            continue;
+        };
+        let url = match f.get("url") {
+            Some(n) => d.parse(n, &join(&path, "url"), parse_upstream_url),
+            None => {
+                d.error(f.mark, &join(&path, "url"), "is required");
+                None
+            }
+        };
+        let connect_timeout = d.field(
+            &f,
+            &path,
+            "connect_timeout",
+            Duration::from_secs(1),
+            parse_duration,
+        );
+        let timeout = d.field(
+            &f,
+            &path,
+            "timeout",
+            Duration::from_secs(30),
+            parse_duration,
+        );
+        let idle_timeout = d.field(
+            &f,
+            &path,
+            "idle_timeout",
+            Duration::from_secs(60),
+            parse_duration,
+        );
+        for (k, v) in [
+            ("connect_timeout", connect_timeout),
+            ("timeout", timeout),
+            ("idle_timeout", idle_timeout),
+        ] {
+            if v.is_zero() {
+                if let Some(n) = f.get(k) {
+                    d.error(n.mark, &join(&path, k), "must be greater than zero");
+                }
+            }
+        }
+        let tls = f.get("tls").and_then(|n| {
+            let tpath = join(&path, "tls");
+            let t = d.map(n, &tpath, &["ca", "cert", "key"])?;
+            let tls = UpstreamTls {
+                ca: optional_path(d, &t, &tpath, "ca"),
+                cert: optional_path(d, &t, &tpath, "cert"),
+                key: optional_path(d, &t, &tpath, "key"),
+            };
+            if tls.cert.is_some() != tls.key.is_some() {
+                d.error(
+                    t.mark,
+                    &tpath,
+                    "`cert` and `key` go together (client certificate for mTLS)",
+                );
+            }
+            Some(tls)
+        });
+        if let Some((scheme, authority)) = url {
+            if tls.is_some() && scheme != Scheme::HTTPS {
+                if let Some(n) = f.get("tls") {
+                    d.error(n.mark, &join(&path, "tls"), "needs an https:// url");
+                }
+            }
+            out.push(Upstream {
+                name: key.name.clone(),
+                scheme,
+                authority,
+                connect_timeout,
+                timeout,
+                idle_timeout,
+                tls,
+            });
+        }
+    }
+    out
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+fn parse_upstream_url(s: &str) -> Result<(Scheme, Authority), String> {
+    let uri: http::Uri = s.parse().map_err(|e| format!("invalid URL `{s}`: {e}"))?;
+    let scheme = match uri.scheme_str() {
+        Some("http") => Scheme::HTTP,
+        Some("https") => Scheme::HTTPS,
+        _ => return Err(format!("expected an http:// or https:// URL, found `{s}`")),
+    };
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| format!("URL `{s}` has no host"))?;
+    if authority.as_str().contains('@') {
+        return Err("credentials in an upstream URL are not supported".into());
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(format!(
+            "an upstream URL is scheme://host:port only; requests keep their own path (found `{s}`)"
+        ));
+    }
+    Ok((scheme, authority))
+}
+
+fn decode_default_upstream(
+    d: &mut Decoder<'_>,
+    top: &Fields<'_>,
+    upstreams: &[Upstream],
+) -> Option<usize> {
+    match top.get("default_upstream") {
+        Some(n) => {
+            let name = d.string(n, "default_upstream")?;
+            let found = upstreams.iter().position(|u| u.name == name);
+            if found.is_none() {
+                let known: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
+                d.error(
+                    n.mark,
+                    "default_upstream",
+                    format!("no upstream named `{name}` (known: {})", known.join(", ")),
+                );
+            }
+            found
+        }
+        None if upstreams.len() == 1 => Some(0),
+        None if upstreams.is_empty() => None,
+        None => {
+            d.error(
+                top.mark,
+                "default_upstream",
+                "is required when there is more than one upstream",
+            );
+            None
+        }
+    }
+}
+
+fn decode_limits(d: &mut Decoder<'_>, node: Option<&Node>) -> Limits {
+    let mut limits = Limits {
+        capture_body: 1 << 20,
+        max_header_bytes: 64 << 10,
+        header_read_timeout: Duration::from_secs(10),
+    };
+    let Some(node) = node else { return limits };
+    let Some(f) = d.map(
+        node,
+        "limits",
+        &["capture_body", "max_header_bytes", "header_read_timeout"],
+    ) else {
+        return limits;
+    };
+    limits.capture_body = d.field(
+        &f,
+        "limits",
+        "capture_body",
+        limits.capture_body,
+        parse_size,
+    );
+    let header_bytes = d.field(&f, "limits", "max_header_bytes", 64 << 10, |s| {
+        let n = parse_size(s)?;
+        if !(MIN_HEADER_BYTES..=(16 << 20)).contains(&n) {
+            return Err(format!("must be between 8KiB and 16MiB, found `{s}`"));
+        }
+        Ok(n)
+    });
+    limits.max_header_bytes = usize::try_from(header_bytes).unwrap_or(64 << 10);
+    limits.header_read_timeout = d.field(
+        &f,
+        "limits",
+        "header_read_timeout",
+        limits.header_read_timeout,
+        |s| {
+            let t = parse_duration(s)?;
+            if t.is_zero() {
+                return Err("must be greater than zero".into());
+            }
+            Ok(t)
+        },
+    );
+    limits
+}
+
+fn decode_shutdown(d: &mut Decoder<'_>, node: Option<&Node>) -> Shutdown {
+    let mut s = Shutdown {
+        drain_timeout: Duration::from_secs(30),
+        delivery_timeout: Duration::from_secs(5),
+    };
+    let Some(node) = node else { return s };
+    let Some(f) = d.map(node, "shutdown", &["drain_timeout", "delivery_timeout"]) else {
+        return s;
+    };
+    s.drain_timeout = d.field(
+        &f,
+        "shutdown",
+        "drain_timeout",
+        s.drain_timeout,
+        parse_duration,
+    );
+    s.delivery_timeout = d.field(
+        &f,
+        "shutdown",
+        "delivery_timeout",
+        s.delivery_timeout,
+        parse_duration,
+    );
+    s
+}
+
+fn decode_log(d: &mut Decoder<'_>, node: Option<&Node>) -> Log {
+    let mut log = Log {
+        format: LogFormat::Json,
+        level: "info".into(),
+        access: false,
+    };
+    let Some(node) = node else { return log };
+    let Some(f) = d.map(node, "log", &["format", "level", "access"]) else {
+        return log;
+    };
+    log.format = d.field(&f, "log", "format", LogFormat::Json, |s| match s {
+        "json" => Ok(LogFormat::Json),
+        "text" => Ok(LogFormat::Text),
+        _ => Err(format!("expected `json` or `text`, found `{s}`")),
+    });
+    log.level = d.field(&f, "log", "level", log.level.clone(), |s| {
+        match s {
+            "trace" | "debug" | "info" | "warn" | "error" => Ok(s.to_string()),
+            // A full tracing filter, e.g. `info,ficus::proxy=debug`.
+            _ if s.contains('=') || s.contains(',') => Ok(s.to_string()),
+            _ => Err(format!(
+                "expected trace, debug, info, warn, error or a filter such as `info,ficus=debug`, found `{s}`"
+            )),
+        }
+    });
+    log.access = d.field(&f, "log", "access", false, decode::parse_bool);
+    log
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, Vec<String>> {
+        let env = |name: &str| match name {
+            "MONOLITH" => Some("http://127.0.0.1:3000".to_string()),
+            _ => None,
+        };
+        Config::from_str_with_env(text, "f.yaml", &env).map_err(|e| match e {
+            LoadError::Invalid(list) => list.iter().map(|e| e.to_string()).collect(),
+            other => vec![other.to_string()],
+        })
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = load("upstreams:\n  monolith:\n    url: ${MONOLITH}\n").expect("valid");
+        assert_eq!(c.listen.address, "0.0.0.0:8080".parse().expect("addr"));
+        assert_eq!(c.admin.address, "0.0.0.0:9090".parse().expect("addr"));
+        assert_eq!(c.default_upstream, 0);
+        assert_eq!(c.upstreams[0].authority.as_str(), "127.0.0.1:3000");
+        assert_eq!(c.upstreams[0].timeout, Duration::from_secs(30));
+        assert_eq!(c.limits.max_header_bytes, 65536);
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert!(!c.log.access);
+        assert!(c.listen.trust_forwarded_headers);
+    }
+
+    #[test]
+    fn every_error_is_reported_with_its_place() {
+        let errors = load(concat!(
+            "listen:\n",
+            "  address: nowhere\n",
+            "  colour: blue\n",
+            "upstreams:\n",
+            "  monolith:\n",
+            "    url: ftp://x\n",
+            "    timeout: 30\n",
+            "  other:\n",
+            "    url: ${UNSET_VAR}\n",
+            "default_upstream: missing\n",
+            "limits: { max_header_bytes: 1KiB }\n",
+            "log: { format: xml }\n",
+        ))
+        .expect_err("invalid");
+        let expected = [
+            "f.yaml:2:12: listen.address: expected an address",
+            "f.yaml:3:3: listen.colour: unknown key",
+            "f.yaml:6:10: upstreams.monolith.url: expected an http:// or https:// URL",
+            "f.yaml:7:14: upstreams.monolith.timeout: expected a duration",
+            "f.yaml:9:10: upstreams.other.url: environment variable `UNSET_VAR` is not set",
+            "f.yaml:10:19: default_upstream: no upstream named `missing`",
+            "f.yaml:11:29: limits.max_header_bytes: must be between 8KiB and 16MiB",
+            "f.yaml:12:15: log.format: expected `json` or `text`",
+        ];
+        for want in expected {
+            assert!(
+                errors.iter().any(|e| e.starts_with(want)),
+                "missing `{want}` in {errors:#?}"
+            );
+        }
+        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+    }
+
+    #[test]
+    fn later_sections_are_refused_not_ignored() {
+        let errors = load("upstreams: { m: { url: \"http://a:1\" } }\nevents: { rules: [] }\n")
+            .expect_err("not yet");
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].starts_with("f.yaml:2:9: events: the `events` section is not supported"));
+    }
+
+    #[test]
+    fn default_upstream_needed_with_several() {
+        let errors =
+            load("upstreams:\n  a: { url: \"http://a:1\" }\n  b: { url: \"http://b:1\" }\n")
+                .expect_err("ambiguous");
+        assert!(
+            errors[0].contains("default_upstream: is required"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn upstream_url_must_not_carry_a_path() {
+        let errors = load("upstreams: { m: { url: \"http://a:1/api\" } }\n").expect_err("path");
+        assert!(errors[0].contains("scheme://host:port only"), "{errors:?}");
+    }
+
+    #[test]
+    fn syntax_errors_are_located() {
+        let errors = load("upstreams:\n  m: [unclosed\n").expect_err("syntax");
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].starts_with("f.yaml:"), "{errors:?}");
+    }
+
+    #[test]
+    fn empty_file_is_an_error() {
+        let errors = load("").expect_err("empty");
+        assert!(errors[0].contains("empty config"), "{errors:?}");
+    }
+}

@@ -1,0 +1,169 @@
+//! The `ficus` command: argument parsing, logging, signals and exit codes. Everything else is
+//! in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use ficus::config::{Config, LoadError, LogFormat};
+use ficus::{App, Listeners};
+use tokio_util::sync::CancellationToken;
+
+/// Exit status for an invalid config, as `ficus check` and `ficus run` promise.
+const EXIT_INVALID_CONFIG: u8 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "ficus",
+    version,
+    about = "Sidecar reverse proxy for strangling monoliths"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// Config file.
+    #[arg(short, long, env = "FICUS_CONFIG", default_value = "config/ficus.yaml")]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run(ConfigArg),
+    /// Validate the config and print a summary; exit 2 when it is invalid.
+    Check(ConfigArg),
+    /// Run a sample legacy shop on loopback with ficus in front of it.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check(arg) => match Config::load(&arg.config) {
+            Ok(config) => {
+                print!("{}: ok\n{}", arg.config.display(), config.summary());
+                ExitCode::SUCCESS
+            }
+            Err(error) => config_error(&error),
+        },
+        Command::Run(arg) => match Config::load(&arg.config) {
+            Ok(config) => run_async(run(config)),
+            Err(error) => config_error(&error),
+        },
+        Command::Demo => run_async(demo()),
+    }
+}
+
+fn config_error(error: &LoadError) -> ExitCode {
+    eprintln!("{error}");
+    if let LoadError::Invalid(list) = error {
+        eprintln!("{} error(s); the config was not applied", list.len());
+    }
+    ExitCode::from(EXIT_INVALID_CONFIG)
+}
+
+fn run_async(main: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(error) => {
+            eprintln!("ficus: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(main) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "ficus stopped");
+            eprintln!("ficus: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| config.log.level.clone());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match config.log.format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Resolves on SIGTERM or SIGINT.
+fn shutdown_signal() -> anyhow::Result<CancellationToken> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let token = CancellationToken::new();
+    let fire = token.clone();
+    tokio::spawn(async move {
+        let which = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = which, "shutting down");
+        fire.cancel();
+    });
+    Ok(token)
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    init_logging(&config);
+    let shutdown = shutdown_signal()?;
+    let app = App::new(config.clone(), prometheus::Registry::new())?;
+    let listeners = Listeners::bind(&config).await?;
+    tracing::info!(
+        listen = %listeners.proxy_addr(),
+        admin = %listeners.admin_addr(),
+        upstreams = config.upstreams.len(),
+        "listening"
+    );
+    app.run(listeners, shutdown.cancelled_owned()).await?;
+    Ok(())
+}
+
+async fn demo() -> anyhow::Result<()> {
+    let shop_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding the demo shop")?;
+    let shop = shop_listener.local_addr()?;
+    let shop_url = format!("http://{shop}");
+    let env = |name: &str| match name {
+        "FICUS_DEMO_SHOP" => Some(shop_url.clone()),
+        other => std::env::var(other).ok(),
+    };
+    let mut config = Config::from_str_with_env(ficus::demo::DEMO_CONFIG, "demo.yaml", &env)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    init_logging(&config);
+    let shutdown = shutdown_signal()?;
+    let listeners = match Listeners::bind(&config).await {
+        Ok(l) => l,
+        Err(error) => {
+            // 8080 or 9090 taken: the demo still runs, on ports the system picks.
+            tracing::info!(%error, "default demo ports busy; using free ones");
+            config.listen.address.set_port(0);
+            config.admin.address.set_port(0);
+            Listeners::bind(&config).await?
+        }
+    };
+    let app = App::new(config, prometheus::Registry::new())?;
+    tokio::spawn(ficus::demo::serve_shop(shop_listener, shutdown.clone()));
+    println!(
+        "{}",
+        ficus::demo::banner(listeners.proxy_addr(), listeners.admin_addr(), shop)
+    );
+    app.run(listeners, shutdown.cancelled_owned()).await?;
+    Ok(())
+}

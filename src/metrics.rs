@@ -1,0 +1,158 @@
+//! Every metric ficus exports, in one struct registered against an injected [`Registry`] so
+//! that each test (and each `App`) has its own counters. Labels come only from config names
+//! (`route`, `upstream`) or closed sets (`method`, `code`, `kind`): never from a raw path.
+
+use prometheus::{
+    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Why ficus, not the upstream, failed a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    /// The upstream refused the connection or could not be reached in `connect_timeout`.
+    Connect,
+    /// No response headers within `timeout`.
+    Timeout,
+    /// The upstream closed or reset the connection before a complete response.
+    Reset,
+    /// No body bytes in either direction for `idle_timeout`.
+    Idle,
+    /// The upstream answered something that is not HTTP/1.1.
+    Protocol,
+}
+
+impl UpstreamErrorKind {
+    pub const ALL: [UpstreamErrorKind; 5] = [
+        UpstreamErrorKind::Connect,
+        UpstreamErrorKind::Timeout,
+        UpstreamErrorKind::Reset,
+        UpstreamErrorKind::Idle,
+        UpstreamErrorKind::Protocol,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamErrorKind::Connect => "connect",
+            UpstreamErrorKind::Timeout => "timeout",
+            UpstreamErrorKind::Reset => "reset",
+            UpstreamErrorKind::Idle => "idle_timeout",
+            UpstreamErrorKind::Protocol => "protocol",
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub requests_total: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub upstream_request_duration: HistogramVec,
+    pub upstream_errors_total: IntCounterVec,
+    pub build_info: IntGaugeVec,
+}
+
+/// Latency buckets from 0.5 ms to about 65 s: a sidecar adds well under a millisecond, and an
+/// upstream may take its whole `timeout`.
+fn latency_buckets() -> Vec<f64> {
+    // 0.0005 * 2^17 = 65.5 s; constant inputs, so this cannot fail.
+    exponential_buckets(0.0005, 2.0, 18).unwrap_or_else(|_| vec![0.001, 0.01, 0.1, 1.0, 10.0])
+}
+
+impl Metrics {
+    pub fn new(registry: &Registry) -> Result<Metrics, prometheus::Error> {
+        let requests_total = IntCounterVec::new(
+            Opts::new(
+                "ficus_requests_total",
+                "Requests answered, by route, method and status code.",
+            ),
+            &["route", "method", "code"],
+        )?;
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "ficus_request_duration_seconds",
+                "Time from request head received to response body finished, by route.",
+            )
+            .buckets(latency_buckets()),
+            &["route"],
+        )?;
+        let upstream_request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "ficus_upstream_request_duration_seconds",
+                "Time from forwarding a request to the upstream's response headers, by upstream.",
+            )
+            .buckets(latency_buckets()),
+            &["upstream"],
+        )?;
+        let upstream_errors_total = IntCounterVec::new(
+            Opts::new(
+                "ficus_upstream_errors_total",
+                "Requests ficus failed because of the upstream, by upstream and kind.",
+            ),
+            &["upstream", "kind"],
+        )?;
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "ficus_build_info",
+                "Always 1; the version of this ficus build.",
+            ),
+            &["version"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        registry.register(Box::new(requests_total.clone()))?;
+        registry.register(Box::new(request_duration.clone()))?;
+        registry.register(Box::new(upstream_request_duration.clone()))?;
+        registry.register(Box::new(upstream_errors_total.clone()))?;
+        registry.register(Box::new(build_info.clone()))?;
+        Ok(Metrics {
+            requests_total,
+            request_duration,
+            upstream_request_duration,
+            upstream_errors_total,
+            build_info,
+        })
+    }
+
+    /// Creates every labelled series of an upstream at zero, so that dashboards and alerts see
+    /// the series before the first error.
+    pub fn for_upstream(&self, upstream: &str) -> UpstreamMetrics {
+        let errors = UpstreamErrorKind::ALL.map(|k| {
+            self.upstream_errors_total
+                .with_label_values(&[upstream, k.as_str()])
+        });
+        UpstreamMetrics {
+            duration: self
+                .upstream_request_duration
+                .with_label_values(&[upstream]),
+            errors,
+        }
+    }
+}
+
+/// One upstream's series, resolved once so that the request path does no label lookup.
+#[derive(Clone)]
+pub struct UpstreamMetrics {
+    pub duration: Histogram,
+    errors: [prometheus::IntCounter; 5],
+}
+
+impl UpstreamMetrics {
+    pub fn error(&self, kind: UpstreamErrorKind) {
+        let i = UpstreamErrorKind::ALL
+            .iter()
+            .position(|k| *k == kind)
+            .unwrap_or(0);
+        self.errors[i].inc();
+    }
+}
+
+/// The Prometheus text exposition of `registry`.
+pub fn render(registry: &Registry) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(8 * 1024);
+    let encoder = TextEncoder::new();
+    if let Err(e) = encoder.encode(&registry.gather(), &mut buf) {
+        tracing::warn!(error = %e, "cannot encode metrics");
+    }
+    buf
+}

@@ -1,0 +1,203 @@
+//! Bodies on the request path: streamed frame by frame, never collected.
+//!
+//! [`Idle`] cuts an exchange in which no body bytes moved in either direction for
+//! `idle_timeout`. Both bodies of one exchange share an [`Activity`], so a long upload with a
+//! silent response (or the reverse) is not cut while the other side is moving.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The error an [`Idle`] body yields when its exchange went quiet.
+#[derive(Debug, thiserror::Error)]
+#[error("no body bytes in either direction for {0:?}")]
+pub struct IdleTimeout(pub Duration);
+
+/// Last time a body of one exchange moved, as microseconds since `origin`.
+#[derive(Debug)]
+pub struct Activity {
+    origin: Instant,
+    last_us: AtomicU64,
+    idle: Duration,
+}
+
+impl Activity {
+    pub fn new(idle: Duration) -> Arc<Activity> {
+        Arc::new(Activity {
+            origin: Instant::now(),
+            last_us: AtomicU64::new(0),
+            idle,
+        })
+    }
+
+    fn touch(&self) {
+        let us = u64::try_from(self.origin.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.last_us.store(us, Ordering::Relaxed);
+    }
+
+    fn deadline(&self) -> Instant {
+        self.origin + Duration::from_micros(self.last_us.load(Ordering::Relaxed)) + self.idle
+    }
+}
+
+pin_project! {
+    /// A body that fails with [`IdleTimeout`] when its exchange went quiet.
+    ///
+    /// The timer is only created the first time the inner body is not ready: a small body that
+    /// arrives with its head never allocates one.
+    pub struct Idle<B> {
+        #[pin]
+        inner: B,
+        sleep: Option<Pin<Box<Sleep>>>,
+        activity: Arc<Activity>,
+    }
+}
+
+impl<B> Idle<B> {
+    pub fn new(inner: B, activity: Arc<Activity>) -> Self {
+        Idle {
+            inner,
+            sleep: None,
+            activity,
+        }
+    }
+}
+
+impl<B> Body for Idle<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.activity.touch();
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => {}
+        }
+        // The timer is re-armed lazily: frames only store a timestamp, and the sleep moves to
+        // the latest deadline when it fires early.
+        let activity = this.activity;
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(activity.deadline())));
+        loop {
+            ready!(sleep.as_mut().poll(cx));
+            let deadline = activity.deadline();
+            if deadline <= Instant::now() {
+                return Poll::Ready(Some(Err(Box::new(IdleTimeout(activity.idle)))));
+            }
+            sleep.as_mut().reset(deadline);
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project! {
+    /// What ficus answers with: the upstream's body, or a short body ficus made itself.
+    #[project = ProxyBodyProj]
+    pub enum ProxyBody {
+        Upstream { #[pin] body: Idle<hyper::body::Incoming> },
+        Full { data: Option<Bytes> },
+    }
+}
+
+impl ProxyBody {
+    pub fn full(data: impl Into<Bytes>) -> Self {
+        ProxyBody::Full {
+            data: Some(data.into()),
+        }
+    }
+
+    pub fn empty() -> Self {
+        ProxyBody::Full { data: None }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project() {
+            ProxyBodyProj::Upstream { body } => body.poll_frame(cx),
+            ProxyBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Upstream { body } => body.is_end_stream(),
+            ProxyBody::Full { data } => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Upstream { body } => body.size_hint(),
+            ProxyBody::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, StreamBody};
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_body_fails_after_quiet_period_and_not_before() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        let activity = Activity::new(Duration::from_secs(10));
+        let mut body = Idle::new(StreamBody::new(stream), activity);
+        // Frames every 6 s keep it alive past the 10 s idle limit.
+        for _ in 0..3 {
+            tokio::time::advance(Duration::from_secs(6)).await;
+            tx.send(Ok(Frame::data(Bytes::from_static(b"x"))))
+                .await
+                .expect("send");
+            let frame = body.frame().await.expect("frame").expect("ok");
+            assert_eq!(frame.into_data().expect("data"), "x");
+        }
+        let started = Instant::now();
+        let err = body.frame().await.expect("some").expect_err("idle");
+        assert!(err.is::<IdleTimeout>());
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+        drop(tx);
+    }
+}

@@ -1,0 +1,172 @@
+//! One pooled HTTP/1.1 client per upstream: keep-alive connections are reused across
+//! requests, `connect_timeout` bounds the TCP connect, and https upstreams get rustls with the
+//! system roots (or the configured CA) and an optional client certificate.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use super::body::Idle;
+use crate::config::{Upstream, UpstreamTls};
+use crate::metrics::{Metrics, UpstreamMetrics};
+
+pub type RequestBody = Idle<hyper::body::Incoming>;
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("upstream `{upstream}`: cannot read {what} `{path}`: {source}")]
+    Pem {
+        upstream: String,
+        what: &'static str,
+        path: String,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("upstream `{upstream}`: invalid TLS settings: {source}")]
+    Tls {
+        upstream: String,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("upstream `{upstream}`: no system root certificates could be loaded: {detail}")]
+    Roots { upstream: String, detail: String },
+}
+
+/// Everything the request path needs to forward to one upstream.
+pub struct UpstreamClient {
+    pub name: Arc<str>,
+    pub scheme: Scheme,
+    pub authority: Authority,
+    pub timeout: Duration,
+    pub idle_timeout: Duration,
+    pub client: HttpClient,
+    pub metrics: UpstreamMetrics,
+}
+
+/// Idle pooled connections are closed after this long; shorter than the 120 s most servers
+/// and load balancers use, so ficus closes first and rarely reuses a connection the upstream is
+/// closing.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+impl UpstreamClient {
+    pub fn new(upstream: &Upstream, metrics: &Metrics) -> Result<UpstreamClient, ClientError> {
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(upstream.connect_timeout));
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        let tls = tls_config(upstream)?;
+        let connector = HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector);
+        Ok(UpstreamClient {
+            name: Arc::from(upstream.name.as_str()),
+            scheme: upstream.scheme.clone(),
+            authority: upstream.authority.clone(),
+            timeout: upstream.timeout,
+            idle_timeout: upstream.idle_timeout,
+            client,
+            metrics: metrics.for_upstream(&upstream.name),
+        })
+    }
+}
+
+fn tls_config(upstream: &Upstream) -> Result<rustls::ClientConfig, ClientError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|source| ClientError::Tls {
+            upstream: upstream.name.clone(),
+            source,
+        })?;
+    let settings = upstream.tls.clone().unwrap_or_default();
+    let mut roots = rustls::RootCertStore::empty();
+    // http:// upstreams never use the roots; loading the system store for them would only
+    // cost start-up time and fail on minimal images.
+    if upstream.scheme == Scheme::HTTPS {
+        match &settings.ca {
+            Some(ca) => {
+                for cert in read_certs(upstream, ca, "CA")? {
+                    roots.add(cert).map_err(|source| ClientError::Tls {
+                        upstream: upstream.name.clone(),
+                        source,
+                    })?;
+                }
+            }
+            None => {
+                let found = rustls_native_certs::load_native_certs();
+                for cert in found.certs {
+                    // A broken system certificate is skipped, as browsers do.
+                    let _ = roots.add(cert);
+                }
+                if roots.is_empty() {
+                    return Err(ClientError::Roots {
+                        upstream: upstream.name.clone(),
+                        detail: format!("{:?}", found.errors),
+                    });
+                }
+            }
+        }
+    }
+    let builder = builder.with_root_certificates(roots);
+    let config = match client_identity(upstream, &settings)? {
+        Some((certs, key)) => builder
+            .with_client_auth_cert(certs, key)
+            .map_err(|source| ClientError::Tls {
+                upstream: upstream.name.clone(),
+                source,
+            })?,
+        None => builder.with_no_client_auth(),
+    };
+    Ok(config)
+}
+
+type Identity = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+fn client_identity(
+    upstream: &Upstream,
+    tls: &UpstreamTls,
+) -> Result<Option<Identity>, ClientError> {
+    let (Some(cert), Some(key)) = (&tls.cert, &tls.key) else {
+        return Ok(None);
+    };
+    let certs = read_certs(upstream, cert, "certificate")?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|source| ClientError::Pem {
+        upstream: upstream.name.clone(),
+        what: "private key",
+        path: key.display().to_string(),
+        source,
+    })?;
+    Ok(Some((certs, key)))
+}
+
+fn read_certs(
+    upstream: &Upstream,
+    path: &std::path::Path,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, ClientError> {
+    let pem_error = |source| ClientError::Pem {
+        upstream: upstream.name.clone(),
+        what,
+        path: path.display().to_string(),
+        source,
+    };
+    CertificateDer::pem_file_iter(path)
+        .map_err(pem_error)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(pem_error)
+}

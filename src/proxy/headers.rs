@@ -1,0 +1,234 @@
+//! Header rewriting between client and upstream, as RFC 9110 §7.6 and RFC 9112 ask of a proxy:
+//! hop-by-hop fields (and those the `Connection` field names) stop here, `X-Forwarded-*` and
+//! `Via` are added. Everything else passes byte for byte.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// Fields that describe one connection, not the message (RFC 9110 §7.6.1), plus the legacy
+/// `Proxy-Connection`. `Trailer` is end-to-end and stays.
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+pub static VIA: HeaderValue = HeaderValue::from_static("1.1 ficus");
+static PROTO_HTTP: HeaderValue = HeaderValue::from_static("http");
+static PROTO_HTTPS: HeaderValue = HeaderValue::from_static("https");
+static TE_TRAILERS: HeaderValue = HeaderValue::from_static("trailers");
+static CONNECTION_UPGRADE: HeaderValue = HeaderValue::from_static("upgrade");
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// What the client's headers ask for beyond the hop: kept across the removal.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HopInfo {
+    /// `Connection: upgrade` with an `Upgrade` field: a WebSocket or similar handshake.
+    pub upgrade: bool,
+    /// `TE: trailers`: the client accepts trailer fields, so the upstream may send them.
+    pub trailers: bool,
+}
+
+/// Removes hop-by-hop fields and those named in `Connection`; returns what they asked for.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> HopInfo {
+    let mut info = HopInfo::default();
+    // Most requests have no `Connection` field (HTTP/1.1 keep-alive is the default; HTTP/2
+    // forbids it), so the common path is the fixed list alone.
+    if headers.contains_key(header::CONNECTION) {
+        let mut named: Vec<HeaderName> = Vec::new();
+        for value in headers.get_all(header::CONNECTION) {
+            for token in value.to_str().unwrap_or("").split(',') {
+                let token = token.trim();
+                if token.eq_ignore_ascii_case("upgrade") {
+                    info.upgrade = true;
+                } else if token.eq_ignore_ascii_case("close")
+                    || token.eq_ignore_ascii_case("keep-alive")
+                {
+                    // Connection options, not field names.
+                } else if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                    named.push(name);
+                }
+            }
+        }
+        info.upgrade &= headers.contains_key(header::UPGRADE);
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    if let Some(te) = headers.get(header::TE) {
+        info.trailers = te
+            .to_str()
+            .unwrap_or("")
+            .split(',')
+            .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+    }
+    let upgrade = if info.upgrade {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    };
+    for name in &HOP_BY_HOP {
+        if headers.contains_key(name) {
+            headers.remove(name);
+        }
+    }
+    if let Some(upgrade) = upgrade {
+        headers.insert(header::UPGRADE, upgrade);
+        headers.insert(header::CONNECTION, CONNECTION_UPGRADE.clone());
+    }
+    if info.trailers {
+        headers.insert(header::TE, TE_TRAILERS.clone());
+    }
+    info
+}
+
+/// Like [`strip_hop_by_hop`] for a response; a `101 Switching Protocols` keeps its
+/// `Upgrade`/`Connection: upgrade`, which the client needs to finish the handshake.
+pub fn strip_response_hop_by_hop(headers: &mut HeaderMap, switching: bool) {
+    let info = strip_hop_by_hop(headers);
+    if !switching && info.upgrade {
+        headers.remove(header::UPGRADE);
+        headers.remove(header::CONNECTION);
+    }
+    if info.trailers {
+        headers.remove(header::TE);
+    }
+}
+
+/// Sets the forwarding fields on a request going upstream.
+///
+/// `client_ip` is the peer's address, formatted once per connection. With `trust` the ingress's
+/// `X-Forwarded-Proto`/`-Host` are kept and `X-Forwarded-For` is appended to; without, all
+/// three describe only the hop into ficus.
+pub fn add_forwarding(headers: &mut HeaderMap, client_ip: &HeaderValue, tls: bool, trust: bool) {
+    append_list(headers, &X_FORWARDED_FOR, client_ip, trust);
+    if !trust || !headers.contains_key(&X_FORWARDED_PROTO) {
+        let proto = if tls { &PROTO_HTTPS } else { &PROTO_HTTP };
+        headers.insert(X_FORWARDED_PROTO.clone(), proto.clone());
+    }
+    if !trust || !headers.contains_key(&X_FORWARDED_HOST) {
+        match headers.get(header::HOST).cloned() {
+            Some(host) => {
+                headers.insert(X_FORWARDED_HOST.clone(), host);
+            }
+            None => {
+                headers.remove(&X_FORWARDED_HOST);
+            }
+        }
+    }
+    append_list(headers, &header::VIA, &VIA, true);
+}
+
+/// Appends `value` to a comma-separated list field, folding repeated fields into one so that
+/// the order of hops is kept; without `keep`, replaces the field.
+fn append_list(headers: &mut HeaderMap, name: &HeaderName, value: &HeaderValue, keep: bool) {
+    if keep && headers.contains_key(name) {
+        let mut joined: Vec<u8> = Vec::with_capacity(64);
+        for v in headers.get_all(name) {
+            if !joined.is_empty() {
+                joined.extend_from_slice(b", ");
+            }
+            joined.extend_from_slice(v.as_bytes());
+        }
+        joined.extend_from_slice(b", ");
+        joined.extend_from_slice(value.as_bytes());
+        if let Ok(v) = HeaderValue::from_bytes(&joined) {
+            headers.insert(name.clone(), v);
+            return;
+        }
+    }
+    headers.insert(name.clone(), value.clone());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn removes_hop_by_hop_and_connection_named_fields() {
+        let mut h = map(&[
+            ("connection", "close, x-secret-hop"),
+            ("x-secret-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("te", "gzip"),
+            ("trailer", "x-checksum"),
+            ("x-end-to-end", "kept"),
+        ]);
+        let info = strip_hop_by_hop(&mut h);
+        assert_eq!(info, HopInfo::default());
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["trailer", "x-end-to-end"]);
+    }
+
+    #[test]
+    fn keeps_upgrade_handshake_and_trailers_acceptance() {
+        let mut h = map(&[
+            ("connection", "Upgrade, keep-alive"),
+            ("upgrade", "websocket"),
+            ("te", "trailers, deflate"),
+        ]);
+        let info = strip_hop_by_hop(&mut h);
+        assert!(info.upgrade && info.trailers);
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+        assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn upgrade_without_connection_token_is_dropped() {
+        let mut h = map(&[("upgrade", "websocket")]);
+        assert!(!strip_hop_by_hop(&mut h).upgrade);
+        assert!(h.is_empty());
+    }
+
+    #[test]
+    fn forwarding_fields_trusted() {
+        let ip = HeaderValue::from_static("10.1.1.1");
+        let mut h = map(&[
+            ("host", "shop.example"),
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-forwarded-for", "198.51.100.2"),
+            ("x-forwarded-proto", "https"),
+            ("via", "1.1 ingress"),
+        ]);
+        add_forwarding(&mut h, &ip, false, true);
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9, 198.51.100.2, 10.1.1.1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "shop.example");
+        assert_eq!(h["via"], "1.1 ingress, 1.1 ficus");
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+    }
+
+    #[test]
+    fn forwarding_fields_untrusted_are_replaced() {
+        let ip = HeaderValue::from_static("::1");
+        let mut h = map(&[
+            ("host", "a:8080"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "evil"),
+        ]);
+        add_forwarding(&mut h, &ip, true, false);
+        assert_eq!(h["x-forwarded-for"], "::1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "a:8080");
+        assert_eq!(h["via"], "1.1 ficus");
+    }
+}

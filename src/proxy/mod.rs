@@ -1,0 +1,78 @@
+//! The request path: accept ([`server`]), the tower stack ([`stack`]), and forwarding to the
+//! upstream ([`forward`], [`client`]), with the bodies ([`body`]) and header rules
+//! ([`headers`]) they share.
+
+pub mod body;
+pub mod client;
+pub mod forward;
+pub mod framing;
+pub mod headers;
+pub mod server;
+pub mod stack;
+pub mod telemetry;
+pub mod tls;
+
+use std::net::SocketAddr;
+
+use http::header::HeaderValue;
+use http::Request;
+use hyper::body::Incoming;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::routing::{Router, Target};
+use client::{ClientError, UpstreamClient};
+
+/// What every connection's stack shares: built once from the config.
+pub struct ProxyState {
+    pub upstreams: Vec<UpstreamClient>,
+    pub router: Router,
+    pub metrics: Metrics,
+    pub trust_forwarded_headers: bool,
+    pub access_log: bool,
+}
+
+impl ProxyState {
+    pub fn new(config: &Config, metrics: Metrics) -> Result<ProxyState, ClientError> {
+        let upstreams = config
+            .upstreams
+            .iter()
+            .map(|u| UpstreamClient::new(u, &metrics))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ProxyState {
+            upstreams,
+            router: Router::new(config.default_upstream),
+            metrics,
+            trust_forwarded_headers: config.listen.trust_forwarded_headers,
+            access_log: config.log.access,
+        })
+    }
+}
+
+/// Facts about one client connection, computed once per connection rather than per request.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub remote: SocketAddr,
+    /// The client's IP as an `X-Forwarded-For` element.
+    pub client_ip: HeaderValue,
+    pub tls: bool,
+}
+
+impl ConnInfo {
+    pub fn new(remote: SocketAddr, tls: bool) -> ConnInfo {
+        let ip = remote.ip().to_canonical();
+        let client_ip = HeaderValue::from_str(&ip.to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        ConnInfo {
+            remote,
+            client_ip,
+            tls,
+        }
+    }
+}
+
+/// A request with the route it was given; what the layers below routing see.
+pub struct Routed {
+    pub target: Target,
+    pub request: Request<Incoming>,
+}

@@ -1,0 +1,134 @@
+//! Accepting client connections: plain TCP or TLS, then hyper-util's auto builder (HTTP/1.1,
+//! HTTP/2 with prior knowledge, h2 by ALPN) over the [`super::stack`], with graceful drain.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use super::{stack::stack, ConnInfo, ProxyState};
+use crate::config::Limits;
+
+pub struct Server {
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    state: Arc<ProxyState>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    header_read_timeout: Duration,
+}
+
+impl Server {
+    pub fn new(
+        listener: TcpListener,
+        tls: Option<TlsAcceptor>,
+        state: Arc<ProxyState>,
+        limits: &Limits,
+    ) -> Server {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            // A request head that does not fit this buffer is answered 431 by hyper.
+            .max_buf_size(limits.max_header_bytes);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+        Server {
+            listener,
+            tls,
+            state,
+            builder: Arc::new(builder),
+            header_read_timeout: limits.header_read_timeout,
+        }
+    }
+
+    /// Accepts until `stop` is cancelled, then lets open connections finish their in-flight
+    /// requests for up to `drain_timeout`. Returns how many connections were still open.
+    pub async fn serve(self, stop: CancellationToken, drain_timeout: Duration) -> usize {
+        let graceful = GracefulShutdown::new();
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                accepted = self.listener.accept() => accepted,
+            };
+            let (tcp, remote) = match accepted {
+                Ok(conn) => conn,
+                Err(error) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let conn = Arc::new(ConnInfo::new(remote, self.tls.is_some()));
+            let service = TowerToHyperService::new(stack(self.state.clone(), conn));
+            let builder = self.builder.clone();
+            let watcher = graceful.watcher();
+            let tls = self.tls.clone();
+            let head_timeout = self.header_read_timeout;
+            tokio::spawn(async move {
+                match tls {
+                    None => {
+                        if !first_byte(&tcp, head_timeout).await {
+                            return;
+                        }
+                        let conn =
+                            builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+                        if let Err(error) = watcher.watch(conn.into_owned()).await {
+                            tracing::debug!(%remote, error = %error, "connection ended with an error");
+                        }
+                    }
+                    Some(acceptor) => {
+                        let stream =
+                            match tokio::time::timeout(head_timeout, acceptor.accept(tcp)).await {
+                                Ok(Ok(stream)) => stream,
+                                Ok(Err(error)) => {
+                                    tracing::debug!(%remote, %error, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::debug!(%remote, "TLS handshake timed out");
+                                    return;
+                                }
+                            };
+                        let conn =
+                            builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                        if let Err(error) = watcher.watch(conn.into_owned()).await {
+                            tracing::debug!(%remote, error = %error, "connection ended with an error");
+                        }
+                    }
+                }
+            });
+        }
+        drop(self.listener);
+        let open = graceful.count();
+        tracing::info!(connections = open, timeout = ?drain_timeout, "draining connections");
+        match tokio::time::timeout(drain_timeout, graceful.shutdown()).await {
+            Ok(()) => 0,
+            Err(_) => {
+                tracing::warn!(timeout = ?drain_timeout, "drain timeout: closing connections with requests in flight");
+                open
+            }
+        }
+    }
+}
+
+/// hyper's `header_read_timeout` starts once a request begins; a client that connects and
+/// sends nothing at all is closed here after the same time instead of holding a task forever.
+async fn first_byte(tcp: &TcpStream, timeout: Duration) -> bool {
+    let mut buf = [0u8; 1];
+    matches!(
+        tokio::time::timeout(timeout, tcp.peek(&mut buf)).await,
+        Ok(Ok(n)) if n > 0
+    )
+}

@@ -1,0 +1,98 @@
+//! The tower stack every proxied request goes through, built in one place so that the order
+//! of the layers, and why, can be read top to bottom.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::Request;
+use hyper::body::Incoming;
+use tower::{Layer, Service, ServiceBuilder};
+
+use super::forward::Forward;
+use super::framing::Framing;
+use super::telemetry::Telemetry;
+use super::{ConnInfo, ProxyState, Routed};
+
+/// The whole request path as one type, so that hyper can see it is `Send`.
+pub type ProxyStack = Route<Telemetry<Framing<Forward>>>;
+
+/// Builds the stack for one client connection.
+pub fn stack(state: Arc<ProxyState>, conn: Arc<ConnInfo>) -> ProxyStack {
+    ServiceBuilder::new()
+        // Routing first: every layer below labels its work with the route and upstream, and
+        // the route is decided from the request head alone, before any body byte is read.
+        .layer(RouteLayer {
+            state: state.clone(),
+        })
+        // Telemetry above everything that can answer: requests that ficus refuses or fails
+        // are counted and logged like those the upstream answers.
+        .layer(TelemetryLayer {
+            state: state.clone(),
+        })
+        // Framing checks sit right above forwarding: an ambiguous request must never reach
+        // the upstream, and nothing below them may have read its body.
+        .layer(FramingLayer)
+        .service(Forward::new(state, conn))
+}
+
+#[derive(Clone)]
+struct RouteLayer {
+    state: Arc<ProxyState>,
+}
+
+impl<S> Layer<S> for RouteLayer {
+    type Service = Route<S>;
+    fn layer(&self, inner: S) -> Route<S> {
+        Route {
+            inner,
+            state: self.state.clone(),
+        }
+    }
+}
+
+/// Gives each request its [`crate::routing::Target`].
+#[derive(Clone)]
+pub struct Route<S> {
+    inner: S,
+    state: Arc<ProxyState>,
+}
+
+impl<S> Service<Request<Incoming>> for Route<S>
+where
+    S: Service<Routed>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Incoming>) -> S::Future {
+        let target = self.state.router.route(request.method(), request.uri());
+        self.inner.call(Routed { target, request })
+    }
+}
+
+#[derive(Clone)]
+struct TelemetryLayer {
+    state: Arc<ProxyState>,
+}
+
+impl<S> Layer<S> for TelemetryLayer {
+    type Service = Telemetry<S>;
+    fn layer(&self, inner: S) -> Telemetry<S> {
+        Telemetry::new(inner, self.state.clone())
+    }
+}
+
+#[derive(Clone)]
+struct FramingLayer;
+
+impl<S> Layer<S> for FramingLayer {
+    type Service = Framing<S>;
+    fn layer(&self, inner: S) -> Framing<S> {
+        Framing::new(inner)
+    }
+}

@@ -1,0 +1,133 @@
+//! TLS termination on the listener: rustls with ALPN `h2` and `http/1.1`, and a certificate
+//! resolver that re-reads the certificate and key when their files change (cert-manager and
+//! Kubernetes Secrets rotate them in place), keeping the old pair when the new one is invalid.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ServerTls;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {what} `{path}`: {source}")]
+    Pem {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("`{path}` holds no certificate")]
+    NoCertificate { path: String },
+    #[error("invalid certificate or key: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// How often the certificate files are checked for a change.
+const RELOAD_POLL: Duration = Duration::from_secs(5);
+
+#[derive(Debug)]
+pub struct ReloadingCert {
+    files: ServerTls,
+    current: RwLock<(Arc<CertifiedKey>, Option<SystemTime>)>,
+}
+
+impl ReloadingCert {
+    pub fn load(files: &ServerTls) -> Result<Arc<ReloadingCert>, TlsError> {
+        let key = load_pair(&files.cert, &files.key)?;
+        Ok(Arc::new(ReloadingCert {
+            files: files.clone(),
+            current: RwLock::new((key, modified(files))),
+        }))
+    }
+
+    /// Re-reads the files if they changed since the last load; returns whether it swapped.
+    pub fn reload_if_changed(&self) -> bool {
+        let stamp = modified(&self.files);
+        let unchanged = self.current.read().map(|c| c.1 == stamp).unwrap_or(false);
+        if unchanged {
+            return false;
+        }
+        match load_pair(&self.files.cert, &self.files.key) {
+            Ok(key) => {
+                if let Ok(mut current) = self.current.write() {
+                    *current = (key, stamp);
+                }
+                tracing::info!(cert = %self.files.cert.display(), "reloaded TLS certificate");
+                true
+            }
+            Err(error) => {
+                tracing::error!(%error, "new TLS certificate refused; keeping the old one");
+                if let Ok(mut current) = self.current.write() {
+                    current.1 = stamp;
+                }
+                false
+            }
+        }
+    }
+
+    pub fn watch(self: Arc<Self>, stop: CancellationToken) {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(RELOAD_POLL);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => { self.reload_if_changed(); }
+                }
+            }
+        });
+    }
+}
+
+impl ResolvesServerCert for ReloadingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current.read().ok().map(|c| c.0.clone())
+    }
+}
+
+fn modified(files: &ServerTls) -> Option<SystemTime> {
+    let a = std::fs::metadata(&files.cert)
+        .and_then(|m| m.modified())
+        .ok()?;
+    let b = std::fs::metadata(&files.key)
+        .and_then(|m| m.modified())
+        .ok()?;
+    Some(a.max(b))
+}
+
+fn load_pair(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
+    let pem = |what, path: &PathBuf| {
+        let path = path.display().to_string();
+        move |source| TlsError::Pem { what, path, source }
+    };
+    let certs = CertificateDer::pem_file_iter(cert)
+        .map_err(pem("certificate", &cert.to_path_buf()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(pem("certificate", &cert.to_path_buf()))?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: cert.display().to_string(),
+        });
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(pem("private key", &key.to_path_buf()))?;
+    let provider = rustls::crypto::ring::default_provider();
+    let certified = CertifiedKey::from_der(certs, key, &provider)?;
+    Ok(Arc::new(certified))
+}
+
+/// The server config for the listener: ALPN h2 first, then HTTP/1.1.
+pub fn server_config(cert: Arc<ReloadingCert>) -> Result<rustls::ServerConfig, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(cert);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
