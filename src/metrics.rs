@@ -139,11 +139,15 @@ pub struct UpstreamMetrics {
 
 impl UpstreamMetrics {
     pub fn error(&self, kind: UpstreamErrorKind) {
+        self.counter(kind).inc();
+    }
+
+    pub fn counter(&self, kind: UpstreamErrorKind) -> &prometheus::IntCounter {
         let i = UpstreamErrorKind::ALL
             .iter()
             .position(|k| *k == kind)
             .unwrap_or(0);
-        self.errors[i].inc();
+        &self.errors[i]
     }
 }
 

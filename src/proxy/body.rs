@@ -29,15 +29,29 @@ pub struct Activity {
     origin: Instant,
     last_us: AtomicU64,
     idle: Duration,
+    /// Counted when this exchange is cut, whichever body notices first.
+    cut: Option<prometheus::IntCounter>,
+    cut_once: std::sync::atomic::AtomicBool,
 }
 
 impl Activity {
-    pub fn new(idle: Duration) -> Arc<Activity> {
+    pub fn new(idle: Duration, cut: Option<prometheus::IntCounter>) -> Arc<Activity> {
         Arc::new(Activity {
             origin: Instant::now(),
             last_us: AtomicU64::new(0),
             idle,
+            cut,
+            cut_once: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    fn record_cut(&self) {
+        if !self.cut_once.swap(true, Ordering::Relaxed) {
+            if let Some(counter) = &self.cut {
+                counter.inc();
+            }
+            tracing::warn!(idle_timeout = ?self.idle, "exchange cut: no body bytes in either direction");
+        }
     }
 
     fn touch(&self) {
@@ -105,6 +119,7 @@ where
             ready!(sleep.as_mut().poll(cx));
             let deadline = activity.deadline();
             if deadline <= Instant::now() {
+                activity.record_cut();
                 return Poll::Ready(Some(Err(Box::new(IdleTimeout(activity.idle)))));
             }
             sleep.as_mut().reset(deadline);
@@ -183,8 +198,9 @@ mod tests {
         let stream = futures_util::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
         });
-        let activity = Activity::new(Duration::from_secs(10));
-        let mut body = Idle::new(StreamBody::new(stream), activity);
+        let counter = prometheus::IntCounter::new("t", "t").expect("counter");
+        let activity = Activity::new(Duration::from_secs(10), Some(counter.clone()));
+        let mut body = std::pin::pin!(Idle::new(StreamBody::new(stream), activity));
         // Frames every 6 s keep it alive past the 10 s idle limit.
         for _ in 0..3 {
             tokio::time::advance(Duration::from_secs(6)).await;
@@ -197,6 +213,7 @@ mod tests {
         let started = Instant::now();
         let err = body.frame().await.expect("some").expect_err("idle");
         assert!(err.is::<IdleTimeout>());
+        assert_eq!(counter.get(), 1, "the cut is counted once");
         assert_eq!(started.elapsed(), Duration::from_secs(10));
         drop(tx);
     }

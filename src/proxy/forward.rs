@@ -92,7 +92,10 @@ async fn forward(state: &ProxyState, conn: &ConnInfo, routed: Routed) -> Respons
     };
     parts.version = Version::HTTP_11;
 
-    let activity = Activity::new(upstream.idle_timeout);
+    let activity = Activity::new(
+        upstream.idle_timeout,
+        Some(upstream.metrics.counter(UpstreamErrorKind::Idle).clone()),
+    );
     let request = Request::from_parts(parts, Idle::new(body, activity.clone()));
     let started = Instant::now();
     let result = tokio::time::timeout(upstream.timeout, upstream.client.request(request)).await;
@@ -100,7 +103,10 @@ async fn forward(state: &ProxyState, conn: &ConnInfo, routed: Routed) -> Respons
         Ok(Ok(response)) => response,
         Ok(Err(error)) => {
             let kind = classify(&error);
-            upstream.metrics.error(kind);
+            // An idle cut was counted by the body that noticed it.
+            if kind != UpstreamErrorKind::Idle {
+                upstream.metrics.error(kind);
+            }
             tracing::warn!(upstream = %upstream.name, kind = kind.as_str(), error = %error_chain(&error), "upstream request failed");
             let status = if kind == UpstreamErrorKind::Idle {
                 StatusCode::GATEWAY_TIMEOUT

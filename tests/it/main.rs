@@ -1,1 +1,14 @@
+//! ficus integration tests: one binary, real sockets, real upstream servers on ephemeral ports.
+//!
+//! - `support`: the harness (ficus in-process or as a process, test upstreams, clients)
+//! - `forwarding`: the transparency table and header rules of SPEC §3
+//! - `failures`: 502/504, idle timeout, client cancellation
+//! - `limits`: 431, header read timeout, ambiguous framing
+//! - `protocols`: h2c, h2 over TLS, WebSocket, `Expect: 100-continue`, chunked and trailers
+//! - `pool`: upstream keep-alive reuse
+//! - `admin`: `/healthz`, `/readyz`, `/metrics`
+//! - `cli`: `ficus check`/`run` exit codes and messages, example configs, access log, demo
+//! - `lifecycle`: SIGTERM drain
+//! - `large`: 100 MiB bodies streamed both ways with flat memory
 
+mod support;
