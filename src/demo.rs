@@ -67,17 +67,21 @@ async fn handle(shop: &Mutex<Shop>, req: Request<Incoming>) -> Response<Full<Byt
         }
     };
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let input = || -> Result<Map<String, Value>, Response<Full<Bytes>>> {
+    // `None` for a body that is not a JSON object.
+    let input = || -> Option<Map<String, Value>> {
         if body.is_empty() {
-            return Ok(Map::new());
+            return Some(Map::new());
         }
         match serde_json::from_slice::<Value>(&body) {
-            Ok(Value::Object(m)) => Ok(m),
-            _ => Err(reply(
-                StatusCode::BAD_REQUEST,
-                json!({"error": "expected a JSON object"}),
-            )),
+            Ok(Value::Object(m)) => Some(m),
+            _ => None,
         }
+    };
+    let not_an_object = || {
+        reply(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "expected a JSON object"}),
+        )
     };
     let Ok(mut shop) = shop.lock() else {
         return reply(
@@ -91,9 +95,8 @@ async fn handle(shop: &Mutex<Shop>, req: Request<Incoming>) -> Response<Full<Byt
             reply(StatusCode::OK, json!(list))
         }
         (&Method::POST, ["orders"]) => {
-            let mut order = match input() {
-                Ok(m) => m,
-                Err(r) => return r,
+            let Some(mut order) = input() else {
+                return not_an_object();
             };
             shop.next_id += 1;
             let id = shop.next_id;
@@ -119,9 +122,8 @@ async fn handle(shop: &Mutex<Shop>, req: Request<Incoming>) -> Response<Full<Byt
             match (m, rest) {
                 (&Method::GET, []) => reply(StatusCode::OK, order.clone()),
                 (&Method::PUT | &Method::PATCH, []) => {
-                    let changes = match input() {
-                        Ok(m) => m,
-                        Err(r) => return r,
+                    let Some(changes) = input() else {
+                        return not_an_object();
                     };
                     if let Value::Object(o) = order {
                         for (k, v) in changes {

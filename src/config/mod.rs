@@ -181,7 +181,9 @@ impl Config {
                 if d.errors.is_empty() {
                     d.error(root.mark, "", "invalid configuration");
                 }
-                Err(LoadError::Invalid(d.errors))
+                let mut errors = d.errors;
+                errors.sort_by_key(|e| (e.line, e.col));
+                Err(LoadError::Invalid(errors))
             }
         }
     }
@@ -657,7 +659,7 @@ mod tests {
             "f.yaml:9:10: upstreams.other.url: environment variable `UNSET_VAR` is not set",
             "f.yaml:10:19: default_upstream: no upstream named `missing`",
             "f.yaml:11:29: limits.max_header_bytes: must be between 8KiB and 16MiB",
-            "f.yaml:12:15: log.format: expected `json` or `text`",
+            "f.yaml:12:16: log.format: expected `json` or `text`",
         ];
         for want in expected {
             assert!(

@@ -2,9 +2,12 @@
 //! `Transfer-Encoding`, or several `Content-Length`s that differ. Two parsers on the path (ficus
 //! and the monolith) reading such a request differently is how request smuggling works, so it
 //! is answered `400` here and never forwarded; the connection is closed since where the next
-//! request starts is unknown.
+//! request starts is unknown. hyper already refuses differing lengths and drops the length
+//! when both are present, so the second case is seen through [`super::smuggling`], which
+//! watches the raw bytes.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures_util::future::Either;
@@ -13,25 +16,28 @@ use http::{HeaderMap, Response, StatusCode};
 
 use super::body::ProxyBody;
 use super::forward::proxy_error;
-use super::Routed;
+use super::{ConnInfo, Routed};
 
 #[derive(Clone)]
 pub struct Framing<S> {
     inner: S,
+    conn: Arc<ConnInfo>,
 }
 
 impl<S> Framing<S> {
-    pub fn new(inner: S) -> Self {
-        Framing { inner }
+    pub fn new(inner: S, conn: Arc<ConnInfo>) -> Self {
+        Framing { inner, conn }
     }
 }
+
+const BOTH: &str = "ficus: request has both Content-Length and Transfer-Encoding\n";
 
 /// Why a request's framing is refused, or `None` when it is unambiguous.
 pub fn ambiguous_framing(headers: &HeaderMap) -> Option<&'static str> {
     let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
     let first = lengths.next()?;
     if headers.contains_key(header::TRANSFER_ENCODING) {
-        return Some("ficus: request has both Content-Length and Transfer-Encoding\n");
+        return Some(BOTH);
     }
     let first = first.as_bytes();
     let conflicting = lengths.any(|v| v.as_bytes() != first) || !all_same(first);
@@ -60,7 +66,12 @@ where
     }
 
     fn call(&mut self, routed: Routed) -> Self::Future {
-        match ambiguous_framing(routed.request.headers()) {
+        let reason = if self.conn.ambiguous.is_set() {
+            Some(BOTH)
+        } else {
+            ambiguous_framing(routed.request.headers())
+        };
+        match reason {
             None => Either::Right(self.inner.call(routed)),
             Some(reason) => {
                 tracing::debug!(

@@ -8,11 +8,13 @@ pub mod forward;
 pub mod framing;
 pub mod headers;
 pub mod server;
+pub mod smuggling;
 pub mod stack;
 pub mod telemetry;
 pub mod tls;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use http::header::HeaderValue;
 use http::Request;
@@ -50,12 +52,14 @@ impl ProxyState {
 }
 
 /// Facts about one client connection, computed once per connection rather than per request.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ConnInfo {
     pub remote: SocketAddr,
     /// The client's IP as an `X-Forwarded-For` element.
     pub client_ip: HeaderValue,
     pub tls: bool,
+    /// Raised by the connection's reader when a request head has ambiguous framing.
+    pub ambiguous: Arc<smuggling::AmbiguousFlag>,
 }
 
 impl ConnInfo {
@@ -67,6 +71,7 @@ impl ConnInfo {
             remote,
             client_ip,
             tls,
+            ambiguous: Arc::default(),
         }
     }
 }

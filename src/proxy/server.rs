@@ -12,6 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use super::smuggling::Watched;
 use super::{stack::stack, ConnInfo, ProxyState};
 use crate::config::Limits;
 
@@ -21,6 +22,7 @@ pub struct Server {
     state: Arc<ProxyState>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     header_read_timeout: Duration,
+    max_header_bytes: usize,
 }
 
 impl Server {
@@ -47,6 +49,7 @@ impl Server {
             state,
             builder: Arc::new(builder),
             header_read_timeout: limits.header_read_timeout,
+            max_header_bytes: limits.max_header_bytes,
         }
     }
 
@@ -71,6 +74,8 @@ impl Server {
             };
             let _ = tcp.set_nodelay(true);
             let conn = Arc::new(ConnInfo::new(remote, self.tls.is_some()));
+            let flag = conn.ambiguous.clone();
+            let head_limit = self.max_header_bytes;
             let service = TowerToHyperService::new(stack(self.state.clone(), conn));
             let builder = self.builder.clone();
             let watcher = graceful.watcher();
@@ -82,8 +87,9 @@ impl Server {
                         if !first_byte(&tcp, head_timeout).await {
                             return;
                         }
+                        let io = Watched::new(tcp, flag, head_limit);
                         let conn =
-                            builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+                            builder.serve_connection_with_upgrades(TokioIo::new(io), service);
                         if let Err(error) = watcher.watch(conn.into_owned()).await {
                             tracing::debug!(%remote, error = %error, "connection ended with an error");
                         }
@@ -101,8 +107,9 @@ impl Server {
                                     return;
                                 }
                             };
+                        let io = Watched::new(stream, flag, head_limit);
                         let conn =
-                            builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                            builder.serve_connection_with_upgrades(TokioIo::new(io), service);
                         if let Err(error) = watcher.watch(conn.into_owned()).await {
                             tracing::debug!(%remote, error = %error, "connection ended with an error");
                         }

@@ -31,7 +31,7 @@ pub fn stack(state: Arc<ProxyState>, conn: Arc<ConnInfo>) -> ProxyStack {
         })
         // Framing checks sit right above forwarding: an ambiguous request must never reach
         // the upstream, and nothing below them may have read its body.
-        .layer(FramingLayer)
+        .layer(FramingLayer { conn: conn.clone() })
         .service(Forward::new(state, conn))
 }
 
@@ -88,11 +88,13 @@ impl<S> Layer<S> for TelemetryLayer {
 }
 
 #[derive(Clone)]
-struct FramingLayer;
+struct FramingLayer {
+    conn: Arc<ConnInfo>,
+}
 
 impl<S> Layer<S> for FramingLayer {
     type Service = Framing<S>;
     fn layer(&self, inner: S) -> Framing<S> {
-        Framing::new(inner)
+        Framing::new(inner, self.conn.clone())
     }
 }

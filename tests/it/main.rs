@@ -11,4 +11,13 @@
 //! - `lifecycle`: SIGTERM drain
 //! - `large`: 100 MiB bodies streamed both ways with flat memory
 
+mod admin;
+mod cli;
+mod failures;
+mod forwarding;
+mod large;
+mod lifecycle;
+mod limits;
+mod pool;
+mod protocols;
 mod support;

@@ -22,7 +22,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-pub use upstream::{TestUpstream, UpstreamBehaviour};
+pub use upstream::TestUpstream;
 
 /// A deadline for waits that should take milliseconds; generous for a loaded CI machine.
 pub const WAIT: Duration = Duration::from_secs(10);

@@ -90,7 +90,11 @@ pub fn full(data: impl Into<Bytes>) -> Body {
 /// Reads the request whole and records it.
 pub async fn record(req: Request<Incoming>, recorder: &Recorder) -> Seen {
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let seen = Seen {
         method: parts.method.to_string(),
         uri: parts.uri.to_string(),
@@ -120,7 +124,9 @@ impl TestUpstream {
     }
 
     pub async fn start(behaviour: UpstreamBehaviour) -> TestUpstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
         TestUpstream::serve(listener, behaviour)
     }
 

@@ -1,0 +1,388 @@
+//! Watches the bytes of an HTTP/1.1 connection for request heads with ambiguous framing.
+//!
+//! hyper resolves a request with both `Content-Length` and `Transfer-Encoding` the way RFC 9112
+//! §6.1 allows (drops the length, closes the connection after answering), so by the time the
+//! request reaches the stack the evidence is gone. The SPEC wants such requests refused with
+//! `400` and never forwarded, so this reader follows the connection's framing (heads, then
+//! `Content-Length` or chunked bodies) and flags the connection when a head carries both. A
+//! flagged request is the last hyper serves on its connection, so the flag needs no request
+//! identity: the [`super::framing`] layer refuses whatever it sees once the flag is up (with
+//! pipelining, that can include requests sent just before the ambiguous one).
+//!
+//! Bodies are skipped by their framing, so body bytes that look like headers are never read as
+//! a head. After an upgrade request, an HTTP/2 preface or anything unparsable the watcher
+//! stops: what follows is not HTTP/1.1 heads, or hyper refuses it on its own.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Shared between the connection's reader and its stack.
+#[derive(Debug, Default)]
+pub struct AmbiguousFlag(AtomicBool);
+
+impl AmbiguousFlag {
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn set(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Head,
+    Body(u64),
+    ChunkSize { size: u64, digits: bool, ext: bool },
+    ChunkData(u64),
+    ChunkEnd,
+    Trailers { line: usize },
+    Done,
+}
+
+/// Most header fields in one head; more and hyper refuses the request itself.
+const MAX_HEADERS: usize = 128;
+
+#[derive(Debug)]
+pub struct Tracker {
+    state: State,
+    head: Vec<u8>,
+    limit: usize,
+}
+
+impl Tracker {
+    pub fn new(max_head_bytes: usize) -> Tracker {
+        Tracker {
+            state: State::Head,
+            head: Vec::new(),
+            limit: max_head_bytes,
+        }
+    }
+
+    /// Follows `data`; returns true when a head with ambiguous framing was seen.
+    pub fn feed(&mut self, mut data: &[u8]) -> bool {
+        while !data.is_empty() {
+            match self.state {
+                State::Done => return false,
+                State::Head => {
+                    let start = self.head.len().saturating_sub(3);
+                    self.head.extend_from_slice(data);
+                    let Some(end) = find_head_end(&self.head, start) else {
+                        if self.head.len() > self.limit {
+                            self.state = State::Done;
+                        }
+                        return false;
+                    };
+                    let consumed_from_data = end - (self.head.len() - data.len());
+                    let verdict = self.finish_head(end);
+                    self.head.clear();
+                    if verdict {
+                        self.state = State::Done;
+                        return true;
+                    }
+                    data = &data[consumed_from_data..];
+                }
+                State::Body(left) => {
+                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(data.len());
+                    data = &data[n..];
+                    let left = left - n as u64;
+                    self.state = if left == 0 {
+                        State::Head
+                    } else {
+                        State::Body(left)
+                    };
+                }
+                State::ChunkData(left) => {
+                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(data.len());
+                    data = &data[n..];
+                    let left = left - n as u64;
+                    self.state = if left == 0 {
+                        State::ChunkEnd
+                    } else {
+                        State::ChunkData(left)
+                    };
+                }
+                State::ChunkEnd => {
+                    // The CRLF after chunk data; a bare LF is tolerated as hyper does.
+                    match data[0] {
+                        b'\r' => {}
+                        b'\n' => {
+                            self.state = State::ChunkSize {
+                                size: 0,
+                                digits: false,
+                                ext: false,
+                            }
+                        }
+                        _ => self.state = State::Done,
+                    }
+                    data = &data[1..];
+                }
+                State::ChunkSize { size, digits, ext } => {
+                    let b = data[0];
+                    data = &data[1..];
+                    self.state = match (b, ext) {
+                        (b'\n', _) if !digits => State::Done,
+                        (b'\n', _) if size == 0 => State::Trailers { line: 0 },
+                        (b'\n', _) => State::ChunkData(size),
+                        (_, true) | (b'\r', _) => State::ChunkSize { size, digits, ext },
+                        (b';' | b' ' | b'\t', false) => State::ChunkSize {
+                            size,
+                            digits,
+                            ext: true,
+                        },
+                        (_, false) => match (b as char).to_digit(16) {
+                            Some(d) => match size
+                                .checked_mul(16)
+                                .and_then(|s| s.checked_add(u64::from(d)))
+                            {
+                                Some(size) => State::ChunkSize {
+                                    size,
+                                    digits: true,
+                                    ext: false,
+                                },
+                                None => State::Done,
+                            },
+                            None => State::Done,
+                        },
+                    };
+                }
+                State::Trailers { line } => {
+                    let b = data[0];
+                    data = &data[1..];
+                    self.state = match b {
+                        b'\n' if line == 0 => State::Head,
+                        b'\n' => State::Trailers { line: 0 },
+                        b'\r' => State::Trailers { line },
+                        _ => State::Trailers { line: line + 1 },
+                    };
+                }
+            }
+        }
+        false
+    }
+
+    /// Judges the head in `self.head[..end]` and sets the state for its body.
+    fn finish_head(&mut self, end: usize) -> bool {
+        let bytes = &self.head[..end];
+        // Empty lines before a request line are allowed (RFC 9112 §2.2).
+        let trimmed = bytes
+            .iter()
+            .position(|b| *b != b'\r' && *b != b'\n')
+            .unwrap_or(bytes.len());
+        if trimmed == bytes.len() {
+            self.state = State::Head;
+            return false;
+        }
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut request = httparse::Request::new(&mut headers);
+        match request.parse(&bytes[trimmed..]) {
+            Ok(httparse::Status::Complete(_)) => {}
+            _ => {
+                self.state = State::Done;
+                return false;
+            }
+        }
+        if request.method == Some("PRI") || request.method == Some("CONNECT") {
+            self.state = State::Done;
+            return false;
+        }
+        let mut length: Option<&[u8]> = None;
+        let mut lengths_differ = false;
+        let mut chunked = None;
+        let mut upgrade = false;
+        for h in request.headers.iter() {
+            if h.name.eq_ignore_ascii_case("content-length") {
+                match length {
+                    Some(prev) if prev != h.value => lengths_differ = true,
+                    _ => length = Some(h.value),
+                }
+            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                let last = h.value.rsplit(|b| *b == b',').next().unwrap_or(&[]);
+                chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            } else if h.name.eq_ignore_ascii_case("upgrade") {
+                upgrade = true;
+            }
+        }
+        if length.is_some() && chunked.is_some() {
+            return true;
+        }
+        self.state = match (chunked, length) {
+            _ if upgrade || lengths_differ => State::Done,
+            (Some(true), _) => State::ChunkSize {
+                size: 0,
+                digits: false,
+                ext: false,
+            },
+            (Some(false), _) => State::Done,
+            (None, Some(len)) => match std::str::from_utf8(len)
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+            {
+                Some(0) => State::Head,
+                Some(n) => State::Body(n),
+                None => State::Done,
+            },
+            (None, None) => State::Head,
+        };
+        false
+    }
+}
+
+/// The index just past the first `\r\n\r\n` (or `\n\n`) at or after `from`.
+fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    while i < buf.len() {
+        if buf[i] == b'\n' {
+            if buf.get(i + 1) == Some(&b'\n') {
+                return Some(i + 2);
+            }
+            if buf.get(i + 1) == Some(&b'\r') && buf.get(i + 2) == Some(&b'\n') {
+                return Some(i + 3);
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+pin_project! {
+    /// A connection whose incoming bytes pass through a [`Tracker`].
+    pub struct Watched<IO> {
+        #[pin]
+        io: IO,
+        tracker: Tracker,
+        flag: Arc<AmbiguousFlag>,
+    }
+}
+
+impl<IO> Watched<IO> {
+    pub fn new(io: IO, flag: Arc<AmbiguousFlag>, max_head_bytes: usize) -> Self {
+        Watched {
+            io,
+            tracker: Tracker::new(max_head_bytes),
+            flag,
+        }
+    }
+}
+
+impl<IO: AsyncRead> AsyncRead for Watched<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        ready!(this.io.poll_read(cx, buf))?;
+        if this.tracker.state != State::Done && this.tracker.feed(&buf.filled()[before..]) {
+            this.flag.set();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<IO: AsyncWrite> AsyncWrite for Watched<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `wire` in pieces of every size from 1 to 7 bytes and whole; all must agree.
+    fn verdict(wire: &[u8]) -> bool {
+        let whole = Tracker::new(64 * 1024).feed(wire);
+        for step in 1..8 {
+            let mut t = Tracker::new(64 * 1024);
+            let mut seen = false;
+            for piece in wire.chunks(step) {
+                seen |= t.feed(piece);
+            }
+            assert_eq!(seen, whole, "step {step}");
+        }
+        whole
+    }
+
+    #[test]
+    fn flags_length_and_chunked_together() {
+        assert!(verdict(b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"));
+        assert!(verdict(
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n"
+        ));
+    }
+
+    #[test]
+    fn flags_an_ambiguous_head_after_normal_requests() {
+        let mut wire = Vec::new();
+        wire.extend_from_slice(b"GET /a HTTP/1.1\r\nhost: a\r\n\r\n");
+        wire.extend_from_slice(b"POST /b HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\n\r\nabc");
+        wire.extend_from_slice(b"POST /c HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n0\r\nx-trailer: 1\r\n\r\n");
+        assert!(!verdict(&wire));
+        wire.extend_from_slice(
+            b"POST /d HTTP/1.1\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n",
+        );
+        assert!(verdict(&wire));
+    }
+
+    #[test]
+    fn bodies_that_look_like_heads_are_not_heads() {
+        let body =
+            b"\r\n\r\nPOST / HTTP/1.1\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n";
+        let mut wire = format!(
+            "POST /upload HTTP/1.1\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        wire.extend_from_slice(body);
+        wire.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
+        assert!(!verdict(&wire));
+
+        let mut chunked = b"POST /upload HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+        chunked.extend_from_slice(format!("{:x}\r\n", body.len()).as_bytes());
+        chunked.extend_from_slice(body);
+        chunked.extend_from_slice(b"\r\n0\r\n\r\nGET / HTTP/1.1\r\n\r\n");
+        assert!(!verdict(&chunked));
+    }
+
+    #[test]
+    fn stops_following_after_an_upgrade_or_http2() {
+        let mut wire =
+            b"GET /ws HTTP/1.1\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n".to_vec();
+        wire.extend_from_slice(b"\x81\x05content-length: 1\r\ntransfer-encoding: chunked\r\n\r\n");
+        assert!(!verdict(&wire));
+        assert!(!verdict(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12content-length: 1\r\ntransfer-encoding: chunked\r\n\r\n"));
+    }
+}

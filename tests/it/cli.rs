@@ -1,0 +1,234 @@
+//! The binary: `check` and `run` on good and bad configs, `FICUS_CONFIG`, the example configs,
+//! the access log, and the demo.
+
+use std::process::Stdio;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::support::{binary, config_yaml, send, FicusProcess, TestUpstream, WAIT};
+
+const BAD: &str =
+    "listen:\n  address: nowhere\nupstreams:\n  monolith:\n    url: ftp://x\n    retries: 3\n";
+
+fn ficus(args: &[&str]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(binary());
+    cmd.args(args).env_remove("FICUS_CONFIG");
+    cmd
+}
+
+#[test]
+fn check_reports_every_error_located_and_exits_2() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(&path, BAD).expect("write");
+    let out = ficus(&["check", "-c", path.to_str().expect("utf-8")])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let file = path.display();
+    for want in [
+        format!("{file}:2:12: listen.address: expected an address"),
+        format!("{file}:5:10: upstreams.monolith.url: expected an http:// or https:// URL"),
+        format!("{file}:6:5: upstreams.monolith.retries: unknown key"),
+    ] {
+        assert!(stderr.contains(&want), "missing `{want}` in:\n{stderr}");
+    }
+}
+
+#[test]
+fn check_prints_a_summary_for_a_valid_file_given_by_ficus_config() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ok.yaml");
+    std::fs::write(
+        &path,
+        "upstreams:\n  monolith: { url: \"http://127.0.0.1:3000\" }\n  orders-fn: { url: \"http://127.0.0.1:3001\" }\ndefault_upstream: monolith\n",
+    )
+    .expect("write");
+    let out = ficus(&["check"])
+        .env("FICUS_CONFIG", &path)
+        .output()
+        .expect("run");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("upstreams: 2"), "{stdout}");
+    assert!(
+        stdout.contains("monolith: http://127.0.0.1:3000 (default)"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn run_refuses_a_bad_config_with_exit_2_and_binds_nothing() {
+    // The config names a port this test holds: if ficus tried to bind before validating, it
+    // would fail with a bind error instead of the config errors.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = held.local_addr().expect("addr");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(
+        &path,
+        format!("listen:\n  address: {addr}\nupstreams:\n  monolith:\n    url: http://127.0.0.1:1\n    timeout: soon\n"),
+    )
+    .expect("write");
+    let out = ficus(&["run", "-c", path.to_str().expect("utf-8")])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(":6:14: upstreams.monolith.timeout: expected a duration"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("cannot listen"), "{stderr}");
+}
+
+#[test]
+fn missing_config_file_is_a_clear_error() {
+    let out = ficus(&["check", "-c", "/nonexistent/ficus.yaml"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("/nonexistent/ficus.yaml: cannot read"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn example_configs_load_and_validate() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    for file in ["config/ficus.yaml", "config/demo.yaml"] {
+        let path = std::path::Path::new(root).join(file);
+        let config = ficus::Config::load(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert!(!config.upstreams.is_empty(), "{file}");
+        let out = ficus(&["check", "-c", path.to_str().expect("utf-8")])
+            .output()
+            .expect("run");
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_has_one_line_per_request_without_credentials() {
+    let upstream = TestUpstream::echo().await;
+    let yaml = config_yaml(upstream.addr, "log:\n  format: json\n  access: true\n");
+    let mut proc = FicusProcess::start(&yaml).await;
+    let req = Request::post("/orders?token=query-secret")
+        .header("host", "shop")
+        .header("authorization", "Bearer auth-secret")
+        .header("cookie", "session=cookie-secret")
+        .body(Full::new(Bytes::from_static(b"{\"a\":1}")))
+        .expect("request");
+    let resp = send(proc.addr, req).await;
+    assert_eq!(resp.status(), 200);
+    let body_len = resp.body().len() as u64;
+    let line = tokio::time::timeout(WAIT, async {
+        while let Some(line) = proc.stderr_lines.recv().await {
+            for secret in ["auth-secret", "cookie-secret", "query-secret"] {
+                assert!(!line.contains(secret), "{secret} logged: {line}");
+            }
+            let v: serde_json::Value = serde_json::from_str(&line).expect("json log line");
+            if v["target"] == "ficus::access" {
+                return v;
+            }
+        }
+        panic!("no access log line")
+    })
+    .await
+    .expect("access line in time");
+    assert_eq!(line["method"], "POST");
+    assert_eq!(line["path"], "/orders");
+    assert_eq!(line["route"], "default");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["upstream"], "monolith");
+    assert_eq!(line["bytes"], body_len);
+    assert!(line["duration_ms"].as_f64().expect("duration") > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_is_off_by_default() {
+    let upstream = TestUpstream::echo().await;
+    let mut proc = FicusProcess::start(&config_yaml(upstream.addr, "")).await;
+    assert_eq!(crate::support::get(proc.addr, "/x").await.0, 200);
+    proc.signal("TERM");
+    let status = tokio::time::timeout(WAIT, proc.child.wait())
+        .await
+        .expect("exits")
+        .expect("status");
+    assert!(status.success());
+    while let Ok(line) = proc.stderr_lines.try_recv() {
+        assert!(!line.contains("ficus::access"), "{line}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_runs_a_shop_behind_ficus() {
+    let mut child = tokio::process::Command::new(binary())
+        .arg("demo")
+        .env("FICUS_DEMO_LISTEN", "127.0.0.1:0")
+        .env("FICUS_DEMO_ADMIN", "127.0.0.1:0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn demo");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let addr: std::net::SocketAddr = tokio::time::timeout(WAIT, async {
+        while let Some(line) = lines.next_line().await.expect("read") {
+            if let Some(rest) = line.split("ficus in front of it at http://").nth(1) {
+                return rest.trim().parse().expect("address");
+            }
+        }
+        panic!("demo printed no address")
+    })
+    .await
+    .expect("demo banner in time");
+
+    let json = |method: &str, path: &str, body: &'static str| {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "demo")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .expect("request")
+    };
+    let created = send(
+        addr,
+        json("POST", "/orders", r#"{"customer_id":"c-42","total":99.5}"#),
+    )
+    .await;
+    assert_eq!(created.status(), 201);
+    let order: serde_json::Value = serde_json::from_slice(created.body()).expect("json");
+    let id = order["id"].as_u64().expect("id");
+    let path = format!("/orders/{id}");
+    let read = send(addr, json("GET", &path, "")).await;
+    assert_eq!(read.status(), 200);
+    let updated = send(addr, json("PATCH", &path, r#"{"total":120}"#)).await;
+    let updated: serde_json::Value = serde_json::from_slice(updated.body()).expect("json");
+    assert_eq!(updated["total"], 120);
+    assert_eq!(updated["version"], 2);
+    let cancelled = send(addr, json("DELETE", &path, "")).await;
+    let cancelled: serde_json::Value = serde_json::from_slice(cancelled.body()).expect("json");
+    assert_eq!(cancelled["status"], "cancelled");
+    assert_eq!(
+        send(addr, json("GET", "/orders/999", "")).await.status(),
+        404
+    );
+    let _ = child.kill().await;
+}

@@ -1,0 +1,231 @@
+//! When the upstream fails, ficus answers for it: `502` for refused or reset connections,
+//! `504` for timeouts, each short, plain text, marked as ficus's own and counted by kind.
+//! A client that leaves cancels the upstream request.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::support::upstream::Body;
+use crate::support::{eventually, get, sample, send, send_streaming, Ficus, TestUpstream, WAIT};
+
+fn assert_ficus_error(resp: &http::Response<Bytes>, status: u16, kind: &str) {
+    assert_eq!(resp.status(), status);
+    assert_eq!(resp.headers()["x-ficus-error"], kind);
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .expect("ascii")
+        .starts_with("text/plain"));
+    let text = std::str::from_utf8(resp.body()).expect("utf-8");
+    assert!(
+        text.starts_with("ficus: ") && text.len() < 200,
+        "short reason: {text:?}"
+    );
+}
+
+async fn upstream_errors(ficus: &Ficus, kind: &str) -> f64 {
+    sample(
+        &ficus.metrics().await,
+        "ficus_upstream_errors_total",
+        &[("upstream", "monolith"), ("kind", kind)],
+    )
+    .expect("series exists")
+}
+
+fn get_req(path: &str) -> Request<Full<Bytes>> {
+    Request::get(path)
+        .header("host", "shop")
+        .body(Full::new(Bytes::new()))
+        .expect("request")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_connection_is_502_connect() {
+    // A port that was just free: nothing listens there.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let ficus = Ficus::start(port, "").await;
+    assert_eq!(upstream_errors(&ficus, "connect").await, 0.0);
+    let resp = send(ficus.addr, get_req("/orders")).await;
+    assert_ficus_error(&resp, 502, "connect");
+    assert_eq!(upstream_errors(&ficus, "connect").await, 1.0);
+    let metrics = ficus.metrics().await;
+    assert_eq!(
+        sample(
+            &metrics,
+            "ficus_requests_total",
+            &[("route", "default"), ("code", "502")]
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_before_response_is_502_reset() {
+    // An upstream that reads the request head and closes without answering.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = tcp.read(&mut buf).await;
+            let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+            drop(tcp);
+        }
+    });
+    let ficus = Ficus::start(addr, "").await;
+    let resp = send(ficus.addr, get_req("/orders")).await;
+    assert_ficus_error(&resp, 502, "reset");
+    assert_eq!(upstream_errors(&ficus, "reset").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_response_is_502_protocol() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = tcp.read(&mut buf).await;
+            let _ = tcp.write_all(b"SSH-2.0-OpenSSH_9.6\r\n\r\n").await;
+        }
+    });
+    let ficus = Ficus::start(addr, "").await;
+    let resp = send(ficus.addr, get_req("/")).await;
+    assert_ficus_error(&resp, 502, "protocol");
+    assert_eq!(upstream_errors(&ficus, "protocol").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_response_headers_within_timeout_is_504() {
+    let upstream = TestUpstream::with(|_req, _rec| async move {
+        std::future::pending::<()>().await;
+        unreachable!()
+    })
+    .await;
+    let ficus = Ficus::start(upstream.addr, "    timeout: 300ms\n").await;
+    let started = tokio::time::Instant::now();
+    let resp = send(ficus.addr, get_req("/slow")).await;
+    assert_ficus_error(&resp, 504, "timeout");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(upstream_errors(&ficus, "timeout").await, 1.0);
+    // The timed-out request's upstream connection is closed, not left running.
+    eventually(WAIT, "upstream connection closed", || async {
+        (upstream.recorder.closed() == 1).then_some(())
+    })
+    .await;
+}
+
+fn slow_stream(chunks: usize, gap: Duration, then_stall: bool) -> Body {
+    let stream = futures_util::stream::unfold(0usize, move |i| async move {
+        if i == chunks {
+            if then_stall {
+                std::future::pending::<()>().await;
+            }
+            return None;
+        }
+        if i > 0 {
+            tokio::time::sleep(gap).await;
+        }
+        let frame: Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>> =
+            Ok(Frame::data(Bytes::from(vec![b'x'; 1000])));
+        Some((frame, i + 1))
+    });
+    BodyExt::boxed(StreamBody::new(stream))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_download_is_not_cut_by_the_header_timeout() {
+    // Headers at once, then 6 chunks 150 ms apart: 750 ms in all, with timeout 300ms.
+    let upstream = TestUpstream::with(|_req, _rec| async move {
+        http::Response::new(slow_stream(6, Duration::from_millis(150), false))
+    })
+    .await;
+    let ficus = Ficus::start(upstream.addr, "    timeout: 300ms\n    idle_timeout: 2s\n").await;
+    let started = tokio::time::Instant::now();
+    let resp = send(ficus.addr, get_req("/download")).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.body().len(), 6000);
+    assert!(
+        started.elapsed() > Duration::from_millis(300),
+        "the download outlived the timeout"
+    );
+    assert_eq!(upstream_errors(&ficus, "timeout").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_download_is_cut_after_idle_timeout() {
+    let upstream = TestUpstream::with(|_req, _rec| async move {
+        http::Response::new(slow_stream(2, Duration::from_millis(10), true))
+    })
+    .await;
+    let ficus = Ficus::start(upstream.addr, "    idle_timeout: 400ms\n").await;
+    let started = tokio::time::Instant::now();
+    let resp = send_streaming(ficus.addr, get_req("/stall")).await;
+    assert_eq!(resp.status(), 200);
+    let result = tokio::time::timeout(WAIT, resp.into_body().collect()).await;
+    let err = result.expect("cut well before the test deadline");
+    assert!(
+        err.is_err(),
+        "the body must end in an error, not look complete"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    assert_eq!(upstream_errors(&ficus, "idle_timeout").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upload_is_cut_after_idle_timeout() {
+    let upstream = TestUpstream::echo().await;
+    let ficus = Ficus::start(upstream.addr, "    idle_timeout: 400ms\n").await;
+    let mut tcp = tokio::net::TcpStream::connect(ficus.addr)
+        .await
+        .expect("connect");
+    tcp.write_all(b"POST /up HTTP/1.1\r\nhost: a\r\ncontent-length: 100\r\n\r\n0123456789")
+        .await
+        .expect("write");
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut out))
+        .await
+        .expect("ficus answers and closes")
+        .expect("read");
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 504"), "{text}");
+    assert!(text.contains("x-ficus-error: idle_timeout"), "{text}");
+    assert_eq!(upstream_errors(&ficus, "idle_timeout").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_cancels_the_upstream_request() {
+    let upstream = TestUpstream::with(|_req, _rec| async move {
+        std::future::pending::<()>().await;
+        unreachable!()
+    })
+    .await;
+    let ficus = Ficus::start(upstream.addr, "").await;
+    let mut tcp = tokio::net::TcpStream::connect(ficus.addr)
+        .await
+        .expect("connect");
+    tcp.write_all(b"GET /forever HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .expect("write");
+    eventually(WAIT, "upstream got the request", || async {
+        (upstream.recorder.accepted() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(upstream.recorder.closed(), 0);
+    drop(tcp);
+    eventually(WAIT, "upstream saw its connection go away", || async {
+        (upstream.recorder.closed() == 1).then_some(())
+    })
+    .await;
+    let (status, _) = get(ficus.admin, "/healthz").await;
+    assert_eq!(status, 200, "ficus keeps running");
+}

@@ -1,0 +1,118 @@
+//! SIGTERM: `/readyz` turns 503, new connections are refused, the request in flight finishes,
+//! and the process exits 0.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use tokio::sync::Notify;
+
+use crate::support::upstream::{full, record};
+use crate::support::{config_yaml, eventually, get, send, FicusProcess, TestUpstream, WAIT};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_the_request_in_flight_then_exits_0() {
+    let release = Arc::new(Notify::new());
+    let gate = release.clone();
+    let upstream = TestUpstream::with(move |req, rec| {
+        let gate = gate.clone();
+        async move {
+            record(req, &rec).await;
+            gate.notified().await;
+            http::Response::new(full("finished"))
+        }
+    })
+    .await;
+    let mut proc = FicusProcess::start(&config_yaml(
+        upstream.addr,
+        "shutdown:\n  drain_timeout: 20s\n",
+    ))
+    .await;
+    let addr = proc.addr;
+    let admin = proc.admin;
+
+    let in_flight = tokio::spawn(async move {
+        let req = Request::get("/slow")
+            .header("host", "shop")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        send(addr, req).await
+    });
+    eventually(WAIT, "the slow request reached the upstream", || async {
+        (!upstream.requests().is_empty()).then_some(())
+    })
+    .await;
+
+    proc.signal("TERM");
+    eventually(WAIT, "/readyz says shutting down", || async {
+        let (status, body) = get(admin, "/readyz").await;
+        (status == 503 && body.contains("shutting down")).then_some(())
+    })
+    .await;
+    eventually(WAIT, "new connections refused", || async {
+        tokio::net::TcpStream::connect(addr)
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    assert!(
+        proc.child.try_wait().expect("wait").is_none(),
+        "still draining"
+    );
+
+    release.notify_one();
+    let resp = tokio::time::timeout(WAIT, in_flight)
+        .await
+        .expect("in-flight request completes")
+        .expect("join");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.body(), "finished");
+    let status = tokio::time::timeout(WAIT, proc.child.wait())
+        .await
+        .expect("exits after draining")
+        .expect("status");
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_timeout_bounds_the_wait() {
+    let upstream = TestUpstream::with(|req, rec| async move {
+        record(req, &rec).await;
+        std::future::pending::<()>().await;
+        unreachable!()
+    })
+    .await;
+    let mut proc = FicusProcess::start(&config_yaml(
+        upstream.addr,
+        "shutdown:\n  drain_timeout: 500ms\n",
+    ))
+    .await;
+    let addr = proc.addr;
+    let _in_flight = tokio::spawn(async move {
+        let req = Request::get("/forever")
+            .header("host", "shop")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .expect("handshake");
+        tokio::spawn(conn);
+        let _ = sender.send_request(req).await;
+    });
+    eventually(WAIT, "request in flight", || async {
+        (!upstream.requests().is_empty()).then_some(())
+    })
+    .await;
+    let started = tokio::time::Instant::now();
+    proc.signal("INT");
+    let status = tokio::time::timeout(WAIT, proc.child.wait())
+        .await
+        .expect("exits after the drain timeout")
+        .expect("status");
+    assert_eq!(status.code(), Some(0));
+    assert!(started.elapsed() >= std::time::Duration::from_millis(450));
+}

@@ -1,0 +1,104 @@
+//! Request heads that are too large or too slow, and bodies whose length is ambiguous, are
+//! refused at ficus and never reach the upstream.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::{raw_exchange, Ficus, TestUpstream, WAIT};
+
+fn head_with(header_bytes: usize) -> Vec<u8> {
+    format!(
+        "GET /big HTTP/1.1\r\nhost: a\r\nx-big: {}\r\nconnection: close\r\n\r\n",
+        "v".repeat(header_bytes)
+    )
+    .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_request_head_is_431() {
+    let upstream = TestUpstream::echo().await;
+    let ficus = Ficus::start(upstream.addr, "limits:\n  max_header_bytes: 16KiB\n").await;
+    let ok = raw_exchange(ficus.addr, &head_with(12 * 1024)).await;
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    let refused = raw_exchange(ficus.addr, &head_with(20 * 1024)).await;
+    assert!(refused.starts_with("HTTP/1.1 431"), "{refused}");
+    assert_eq!(
+        upstream.requests().len(),
+        1,
+        "only the small head was forwarded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_that_never_finishes_is_closed_after_header_read_timeout() {
+    let upstream = TestUpstream::echo().await;
+    let ficus = Ficus::start(upstream.addr, "limits:\n  header_read_timeout: 300ms\n").await;
+
+    let mut tcp = TcpStream::connect(ficus.addr).await.expect("connect");
+    tcp.write_all(b"GET / HTTP/1.1\r\nhost: a\r\nx-slow: ")
+        .await
+        .expect("write");
+    let started = tokio::time::Instant::now();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut out))
+        .await
+        .expect("closed by ficus, not by the test deadline")
+        .ok();
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    assert!(!String::from_utf8_lossy(&out).contains("200 OK"));
+
+    // A client that connects and sends nothing at all is closed the same way.
+    let mut silent = TcpStream::connect(ficus.addr).await.expect("connect");
+    let n = tokio::time::timeout(WAIT, silent.read(&mut [0u8; 64]))
+        .await
+        .expect("closed by ficus")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(upstream.requests().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_length_with_transfer_encoding_is_400_and_not_forwarded() {
+    let upstream = TestUpstream::echo().await;
+    let ficus = Ficus::start(upstream.addr, "").await;
+    let smuggle = b"POST /orders HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\nhost: a\r\n\r\n";
+    let response = raw_exchange(ficus.addr, smuggle).await;
+    assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+    assert_eq!(
+        response.matches("HTTP/1.1").count(),
+        1,
+        "one answer, then closed: {response}"
+    );
+    assert_eq!(
+        upstream.recorder.accepted(),
+        0,
+        "nothing reached the upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicting_content_lengths_are_400_and_not_forwarded() {
+    let upstream = TestUpstream::echo().await;
+    let ficus = Ficus::start(upstream.addr, "").await;
+    for raw in [
+        &b"POST /orders HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!"[..],
+        &b"POST /orders HTTP/1.1\r\nhost: a\r\ncontent-length: 5, 6\r\n\r\nhello!"[..],
+    ] {
+        let response = raw_exchange(ficus.addr, raw).await;
+        assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+    }
+    assert_eq!(
+        upstream.recorder.accepted(),
+        0,
+        "nothing reached the upstream"
+    );
+    // Equal repeated lengths are one length, and fine.
+    let ok = raw_exchange(
+        ficus.addr,
+        b"POST /orders HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello",
+    )
+    .await;
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+}
