@@ -10,6 +10,7 @@
 //! - `cli`: `ficus check`/`run` exit codes and messages, example configs, access log, demo
 //! - `lifecycle`: SIGTERM drain
 //! - `large`: 100 MiB bodies streamed both ways with flat memory
+//! - `upstream_tls`: https upstreams with a configured CA and mTLS
 
 mod admin;
 mod cli;
@@ -21,3 +22,4 @@ mod limits;
 mod pool;
 mod protocols;
 mod support;
+mod upstream_tls;

@@ -203,6 +203,9 @@ fn tls_connector(
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    // Every connection is a full handshake: a resumed session would report the certificate
+    // of the session it resumes, not the one ficus serves now.
+    config.resumption = rustls::client::Resumption::disabled();
     tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
@@ -618,6 +621,11 @@ async fn expect_100_continue_passes_through() {
     assert_eq!(seen[0].uri, "/upload");
     assert_eq!(seen[0].body, b"hello world");
     assert_eq!(seen[0].header("content-length").as_deref(), Some("11"));
+    assert_eq!(
+        seen[0].header("expect").as_deref(),
+        Some("100-continue"),
+        "the expectation is forwarded, not swallowed"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
