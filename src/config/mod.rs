@@ -482,8 +482,14 @@ fn decode_default_upstream(
         Some(n) => {
             let name = d.string(n, "default_upstream")?;
             let found = upstreams.iter().position(|u| u.name == name);
-            if found.is_none() {
-                let known: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
+            // Named in the file counts as known even when its own settings are invalid (and
+            // already reported): the reference itself is fine.
+            let declared: Vec<&str> = match top.get("upstreams").map(|n| &n.value) {
+                Some(Value::Map(entries)) => entries.iter().map(|(k, _)| k.name.as_str()).collect(),
+                _ => Vec::new(),
+            };
+            if found.is_none() && !declared.contains(&name.as_str()) {
+                let known = declared;
                 d.error(
                     n.mark,
                     "default_upstream",
@@ -657,7 +663,7 @@ mod tests {
             "f.yaml:6:10: upstreams.monolith.url: expected an http:// or https:// URL",
             "f.yaml:7:14: upstreams.monolith.timeout: expected a duration",
             "f.yaml:9:10: upstreams.other.url: environment variable `UNSET_VAR` is not set",
-            "f.yaml:10:19: default_upstream: no upstream named `missing`",
+            "f.yaml:10:19: default_upstream: no upstream named `missing` (known: monolith, other)",
             "f.yaml:11:29: limits.max_header_bytes: must be between 8KiB and 16MiB",
             "f.yaml:12:16: log.format: expected `json` or `text`",
         ];

@@ -63,10 +63,9 @@ impl ReloadingCert {
                 true
             }
             Err(error) => {
+                // The stamp stays old, so the next poll tries again: a pair caught half-written
+                // (certificate replaced, key not yet) is picked up once it is whole.
                 tracing::error!(%error, "new TLS certificate refused; keeping the old one");
-                if let Ok(mut current) = self.current.write() {
-                    current.1 = stamp;
-                }
                 false
             }
         }
@@ -130,4 +129,52 @@ pub fn server_config(cert: Arc<ReloadingCert>) -> Result<rustls::ServerConfig, T
         .with_cert_resolver(cert);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(name: &str) -> (String, String) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec![name.to_string()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn served(cert: &ReloadingCert) -> Vec<u8> {
+        let current = cert.current.read().expect("lock");
+        current.0.cert[0].as_ref().to_vec()
+    }
+
+    #[test]
+    fn a_half_written_pair_is_retried_until_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = ServerTls {
+            cert: dir.path().join("tls.crt"),
+            key: dir.path().join("tls.key"),
+        };
+        let (cert1, key1) = pair("one.example");
+        std::fs::write(&files.cert, &cert1).expect("write");
+        std::fs::write(&files.key, &key1).expect("write");
+        let reloading = ReloadingCert::load(&files).expect("load");
+        let first = served(&reloading);
+        assert!(
+            !reloading.reload_if_changed(),
+            "unchanged files are not re-read"
+        );
+
+        let (cert2, key2) = pair("two.example");
+        std::fs::write(&files.cert, &cert2).expect("write");
+        assert!(!reloading.reload_if_changed(), "mismatched pair refused");
+        assert_eq!(served(&reloading), first, "old pair still served");
+        std::fs::write(&files.key, &key2).expect("write");
+        assert!(
+            reloading.reload_if_changed(),
+            "the completed pair is picked up"
+        );
+        assert_ne!(served(&reloading), first);
+    }
 }
