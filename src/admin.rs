@@ -1,19 +1,26 @@
-//! The admin listener: `/healthz`, `/readyz`, `/metrics`. Read-only, on its own port so that
-//! probes and scrapes never queue behind proxied traffic.
+//! The admin listener: `/healthz`, `/readyz`, `/metrics`, `/events/tail` (Server-Sent Events
+//! of derived events) and `/asyncapi`. Read-only, on its own port so that probes and scrapes
+//! never queue behind proxied traffic.
 
 use std::convert::Infallible;
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body::Frame;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use prometheus::Registry;
 use tokio::net::TcpListener;
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
+
+use crate::outbox::Outbox;
+use crate::proxy::events::EventPath;
 
 /// Why ficus is not ready, or ready. Read by `/readyz`, written at start and shutdown.
 #[derive(Debug)]
@@ -52,10 +59,16 @@ impl Readiness {
 pub struct Admin {
     pub registry: Registry,
     pub readiness: Arc<Readiness>,
+    pub outbox: Option<Outbox>,
+    pub events: Option<Arc<EventPath>>,
+    /// The AsyncAPI document of the rules, as served at `/asyncapi`.
+    pub asyncapi: String,
 }
 
+type AdminBody = BoxBody<Bytes, Infallible>;
+
 impl Admin {
-    fn respond(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    fn respond(&self, req: &Request<Incoming>) -> Response<AdminBody> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return text(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -64,28 +77,82 @@ impl Admin {
         }
         match req.uri().path() {
             "/healthz" => text(StatusCode::OK, "ok\n"),
-            "/readyz" => match self.readiness.reason() {
-                None => text(StatusCode::OK, "ready\n"),
-                Some(reason) => text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("not ready: {reason}\n"),
-                ),
-            },
+            "/readyz" => self.readyz(),
             "/metrics" => {
-                let mut response = Response::new(Full::new(Bytes::from(crate::metrics::render(
-                    &self.registry,
-                ))));
+                let mut response = Response::new(full(crate::metrics::render(&self.registry)));
                 response.headers_mut().insert(
                     header::CONTENT_TYPE,
                     header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
                 );
                 response
             }
+            "/asyncapi" => {
+                let mut response = Response::new(full(self.asyncapi.clone()));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("application/json"),
+                );
+                response
+            }
+            "/events/tail" => self.tail(),
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /healthz, /readyz or /metrics\n",
+                "not found: try /healthz, /readyz, /metrics, /events/tail or /asyncapi\n",
             ),
         }
+    }
+
+    fn readyz(&self) -> Response<AdminBody> {
+        if let Some(reason) = self.readiness.reason() {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {reason}\n"),
+            );
+        }
+        if let Some(reason) = self.outbox.as_ref().and_then(|o| o.health().err()) {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: outbox not writable: {reason}\n"),
+            );
+        }
+        text(StatusCode::OK, "ready\n")
+    }
+
+    /// Server-Sent Events of every event the rules derive from now on.
+    fn tail(&self) -> Response<AdminBody> {
+        let Some(events) = &self.events else {
+            return text(StatusCode::NOT_FOUND, "no event rules are configured\n");
+        };
+        let receiver = events.tail.subscribe();
+        let stream = futures_util::stream::unfold(receiver, |mut rx| async move {
+            let chunk = match rx.recv().await {
+                Ok(event) => {
+                    let json = String::from_utf8_lossy(&event.to_json()).into_owned();
+                    format!("event: {}\nid: {}\ndata: {json}\n\n", event.ty, event.id)
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    format!(": {n} events skipped (slow reader)\n\n")
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            };
+            Some((Ok::<_, Infallible>(Frame::data(Bytes::from(chunk))), rx))
+        });
+        // A comment line first, so that a client sees the stream open at once.
+        let hello = futures_util::stream::once(async {
+            Ok::<_, Infallible>(Frame::data(Bytes::from_static(b": ficus event tail\n\n")))
+        });
+        let body = StreamBody::new(futures_util::StreamExt::chain(hello, stream));
+        let mut response = Response::new(BodyExt::boxed(body));
+        let h = response.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("text/event-stream"),
+        );
+        h.insert(
+            header::CACHE_CONTROL,
+            header::HeaderValue::from_static("no-cache"),
+        );
+        response
     }
 
     /// Serves until `stop` is cancelled.
@@ -122,8 +189,12 @@ impl Admin {
     }
 }
 
-fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(body.into()));
+fn full(body: impl Into<Bytes>) -> AdminBody {
+    BodyExt::boxed(Full::new(body.into()))
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<AdminBody> {
+    let mut response = Response::new(full(body));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -10,12 +10,19 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{Admin, Readiness};
-use crate::config::Config;
+use crate::config::{Config, SinkKind};
+use crate::dispatch::Dispatcher;
 use crate::metrics::Metrics;
+use crate::outbox::{Outbox, OutboxError, OutboxMetrics, OutboxSettings};
 use crate::proxy::client::ClientError;
+use crate::proxy::events::EventPath;
 use crate::proxy::server::Server;
 use crate::proxy::tls::{self, ReloadingCert, TlsError};
 use crate::proxy::ProxyState;
+use crate::sinks::file::FileSink;
+use crate::sinks::http::HttpSink;
+use crate::sinks::stdout::StdoutSink;
+use crate::sinks::Sink;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -28,10 +35,27 @@ pub enum AppError {
     },
     #[error("listen.tls: {0}")]
     Tls(#[from] TlsError),
-    #[error(transparent)]
+    #[error("upstream {0}")]
     Upstream(#[from] ClientError),
     #[error("metrics registration failed: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("outbox: {0}")]
+    Outbox(#[from] OutboxError),
+    #[error("sink {0}")]
+    Sink(ClientError),
+}
+
+/// Events one delivery attempt sends at most.
+const DISPATCH_BATCH: usize = 100;
+
+fn build_sink(kind: &SinkKind) -> Result<Arc<dyn Sink>, AppError> {
+    Ok(match kind {
+        SinkKind::File { path } => Arc::new(FileSink::new(path.clone())),
+        SinkKind::Stdout => Arc::new(StdoutSink),
+        SinkKind::Http(settings) => {
+            Arc::new(HttpSink::new((**settings).clone()).map_err(AppError::Sink)?)
+        }
+    })
 }
 
 /// The bound sockets, so that a caller (a test) can bind port 0 and learn the ports before
@@ -74,9 +98,12 @@ impl Listeners {
 pub struct App {
     config: Config,
     registry: Registry,
+    metrics: Metrics,
     state: Arc<ProxyState>,
     readiness: Arc<Readiness>,
     tls: Option<Arc<ReloadingCert>>,
+    outbox: Option<Outbox>,
+    sinks: Vec<(String, Arc<dyn Sink>)>,
 }
 
 impl App {
@@ -84,7 +111,40 @@ impl App {
     /// material, metrics.
     pub fn new(config: Config, registry: Registry) -> Result<App, AppError> {
         let metrics = Metrics::new(&registry)?;
-        let state = Arc::new(ProxyState::new(&config, metrics)?);
+        let sinks = config
+            .sinks
+            .iter()
+            .map(|s| Ok((s.name.clone(), build_sink(&s.kind)?)))
+            .collect::<Result<Vec<_>, AppError>>()?;
+        // The outbox is opened whenever sinks exist: with no rules left, a backlog on disk
+        // still has to be delivered.
+        let outbox = if sinks.is_empty() && config.events.is_none() {
+            None
+        } else {
+            let mut settings = OutboxSettings::new(config.outbox.dir.clone());
+            settings.durability = config.outbox.durability;
+            settings.max_bytes = config.outbox.max_bytes;
+            settings.when_full = config.outbox.when_full;
+            let outbox_metrics = OutboxMetrics {
+                bytes: metrics.outbox_bytes.clone(),
+                unflushed: metrics.outbox_unflushed_events.clone(),
+            };
+            Some(Outbox::open(settings, outbox_metrics)?)
+        };
+        let events = match (&config.events, &outbox) {
+            (Some(events), Some(outbox)) if !events.rules.is_empty() => {
+                Some(Arc::new(EventPath::new(
+                    events.rules.clone(),
+                    outbox.clone(),
+                    &config.outbox,
+                    config.limits.capture_body,
+                    events.source.clone(),
+                    metrics.clone(),
+                )))
+            }
+            _ => None,
+        };
+        let state = Arc::new(ProxyState::new(&config, metrics.clone(), events)?);
         let tls = match &config.listen.tls {
             Some(files) => Some(ReloadingCert::load(files)?),
             None => None,
@@ -92,10 +152,18 @@ impl App {
         Ok(App {
             config,
             registry,
+            metrics,
             state,
             readiness: Readiness::new("starting"),
             tls,
+            outbox,
+            sinks,
         })
+    }
+
+    /// The event tap, for subscribers such as the demo's printout.
+    pub fn events(&self) -> Option<Arc<EventPath>> {
+        self.state.events.clone()
     }
 
     pub fn readiness(&self) -> Arc<Readiness> {
@@ -123,7 +191,31 @@ impl App {
         let admin = Arc::new(Admin {
             registry: self.registry.clone(),
             readiness: self.readiness.clone(),
+            outbox: self.outbox.clone(),
+            events: self.state.events.clone(),
+            asyncapi: crate::asyncapi::document(&self.config),
         });
+        let stop_delivery = CancellationToken::new();
+        let mut dispatchers = Vec::new();
+        if let Some(outbox) = &self.outbox {
+            for (name, sink) in &self.sinks {
+                let dispatcher = Dispatcher {
+                    name: name.clone(),
+                    sink: sink.clone(),
+                    outbox: outbox.clone(),
+                    retry: self.config.outbox.retry,
+                    metrics: self.metrics.for_sink(name),
+                    batch_size: DISPATCH_BATCH,
+                };
+                let stop = stop_delivery.clone();
+                let name = name.clone();
+                dispatchers.push(tokio::spawn(async move {
+                    if let Err(error) = dispatcher.run(stop).await {
+                        tracing::error!(sink = %name, %error, "delivery stopped; events stay on disk");
+                    }
+                }));
+            }
+        }
         let admin_task = tokio::spawn(admin.serve(listeners.admin, stop_admin.clone()));
         let server = Server::new(
             listeners.proxy,
@@ -152,6 +244,32 @@ impl App {
             .await;
         if left == 0 {
             tracing::info!("drained; stopping");
+        }
+        if let Some(outbox) = &self.outbox {
+            // Every accepted event on disk before anything else stops.
+            if let Err(error) = outbox.flush().await {
+                tracing::error!(%error, "outbox flush at shutdown failed");
+            }
+            let delivered = tokio::time::timeout(self.config.shutdown.delivery_timeout, async {
+                loop {
+                    let behind = self
+                        .sinks
+                        .iter()
+                        .any(|(name, _)| self.metrics.for_sink(name).pending.get() > 0);
+                    if !behind {
+                        return;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            })
+            .await;
+            if delivered.is_err() {
+                tracing::info!(timeout = ?self.config.shutdown.delivery_timeout, "undelivered events stay on disk for the next start");
+            }
+        }
+        stop_delivery.cancel();
+        for task in dispatchers {
+            let _ = task.await;
         }
         stop_admin.cancel();
         let _ = admin_task.await;

@@ -169,9 +169,36 @@ fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
     r
 }
 
+/// Prints each event the rules derive, as it is emitted.
+pub async fn print_events(
+    mut tail: tokio::sync::broadcast::Receiver<Arc<crate::events::CloudEvent>>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match tail.recv().await {
+            Ok(event) => {
+                let json = serde_json::to_string_pretty(&*event).unwrap_or_default();
+                println!(
+                    "event {} (subject {}):\n{json}",
+                    event.ty,
+                    event.subject.as_deref().unwrap_or("-")
+                );
+            }
+            Err(RecvError::Lagged(n)) => println!("({n} events not shown)"),
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
 /// What `ficus demo` prints once everything listens.
-pub fn banner(proxy: SocketAddr, admin: SocketAddr, shop: SocketAddr) -> String {
+pub fn banner(
+    proxy: SocketAddr,
+    admin: SocketAddr,
+    shop: SocketAddr,
+    dir: &std::path::Path,
+) -> String {
     let p = format!("http://{proxy}");
+    let events_file = dir.join("events.jsonl");
     format!(
         "ficus demo: a sample legacy shop is running at http://{shop}, ficus in front of it at {p}\n\
          \n\
@@ -180,8 +207,11 @@ pub fn banner(proxy: SocketAddr, admin: SocketAddr, shop: SocketAddr) -> String 
            curl -i {p}/orders/1\n  \
            curl -i -X PATCH {p}/orders/1 -H 'content-type: application/json' -d '{{\"total\": 120}}'\n  \
            curl -i -X DELETE {p}/orders/1\n  \
-           curl -s http://{admin}/metrics | grep ficus_requests_total\n\
+           curl -s http://{admin}/metrics | grep -E 'ficus_(requests|events)_'\n  \
+           curl -N http://{admin}/events/tail\n\
          \n\
-         Ctrl-C stops it.\n"
+         Each event is printed here as it is emitted, and delivered to {}.\n\
+         Ctrl-C stops it.\n",
+        events_file.display()
     )
 }

@@ -37,8 +37,45 @@ enum Command {
     Run(ConfigArg),
     /// Validate the config and print a summary; exit 2 when it is invalid.
     Check(ConfigArg),
-    /// Run a sample legacy shop on loopback with ficus in front of it.
+    /// Run a sample legacy shop on loopback with ficus in front of it, printing its events.
     Demo,
+    /// Print an AsyncAPI 3.0 document of every event the rules can emit.
+    Asyncapi(ConfigArg),
+    /// Tools for rule authors.
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
+    },
+    /// Inspect the outbox, or send dead letters back for delivery (works while ficus runs).
+    Outbox {
+        #[command(subcommand)]
+        command: OutboxCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum RulesCommand {
+    /// Run the rules over recorded request/response samples and print the events, or why none.
+    Test {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// A YAML or JSON file with a list of samples.
+        samples: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum OutboxCommand {
+    /// Pending and dead-lettered events per sink.
+    Status(ConfigArg),
+    /// Move dead letters back for delivery.
+    Replay {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only this sink's dead letters (default: every sink's).
+        #[arg(long)]
+        sink: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -56,6 +93,102 @@ fn main() -> ExitCode {
             Err(error) => config_error(&error),
         },
         Command::Demo => run_async(demo()),
+        Command::Asyncapi(arg) => match Config::load(&arg.config) {
+            Ok(config) => {
+                println!("{}", ficus::asyncapi::document(&config));
+                ExitCode::SUCCESS
+            }
+            Err(error) => config_error(&error),
+        },
+        Command::Rules {
+            command: RulesCommand::Test { config, samples },
+        } => rules_test(&config.config, &samples),
+        Command::Outbox { command } => outbox_command(command),
+    }
+}
+
+fn rules_test(config: &std::path::Path, samples: &std::path::Path) -> ExitCode {
+    let config = match Config::load(config) {
+        Ok(c) => c,
+        Err(error) => return config_error(&error),
+    };
+    let file = samples.display().to_string();
+    let text = match std::fs::read_to_string(samples) {
+        Ok(t) => t,
+        Err(error) => {
+            eprintln!("{file}: cannot read: {error}");
+            return ExitCode::from(EXIT_INVALID_CONFIG);
+        }
+    };
+    let data = match Config::data_file(&text, &file) {
+        Ok(d) => d,
+        Err(error) => return config_error(&error),
+    };
+    match ficus::samples::run(&config, &data) {
+        Ok((report, _)) => {
+            print!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("{file}: {error}");
+            ExitCode::from(EXIT_INVALID_CONFIG)
+        }
+    }
+}
+
+fn outbox_command(command: OutboxCommand) -> ExitCode {
+    let (arg, replay) = match command {
+        OutboxCommand::Status(arg) => (arg, None),
+        OutboxCommand::Replay { config, sink } => (config, Some(sink)),
+    };
+    let config = match Config::load(&arg.config) {
+        Ok(c) => c,
+        Err(error) => return config_error(&error),
+    };
+    let dir = &config.outbox.dir;
+    if let Some(sink) = replay {
+        return match ficus::outbox::replay(dir, sink.as_deref()) {
+            Ok(n) => {
+                println!("{n} dead letter(s) queued for delivery again");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("ficus outbox replay: {error}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    match ficus::outbox::status(dir) {
+        Ok(status) => {
+            println!(
+                "outbox {}: {} bytes in {} segment(s), events {}..{}",
+                status.dir.display(),
+                status.bytes,
+                status.segments,
+                status.first_seq,
+                status.end_seq
+            );
+            println!(
+                "{:<20} {:>10} {:>10} {:>12} {:>10}",
+                "sink", "cursor", "pending", "dead letters", "replaying"
+            );
+            for s in status.sinks {
+                let configured = if config.sinks.iter().any(|c| c.name == s.sink) {
+                    ""
+                } else {
+                    " (not in config)"
+                };
+                println!(
+                    "{:<20} {:>10} {:>10} {:>12} {:>10}{configured}",
+                    s.sink, s.cursor, s.pending, s.dead_letters, s.replaying
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("ficus outbox status: {error}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -140,8 +273,12 @@ async fn demo() -> anyhow::Result<()> {
         .context("binding the demo shop")?;
     let shop = shop_listener.local_addr()?;
     let shop_url = format!("http://{shop}");
+    // Each demo run gets its own outbox and events file, so runs never mix.
+    let demo_dir = std::env::temp_dir().join(format!("ficus-demo-{}", std::process::id()));
+    let demo_dir_text = demo_dir.display().to_string();
     let env = |name: &str| match name {
         "FICUS_DEMO_SHOP" => Some(shop_url.clone()),
+        "FICUS_DEMO_DIR" => Some(demo_dir_text.clone()),
         other => std::env::var(other).ok(),
     };
     let mut config = Config::from_str_with_env(ficus::demo::DEMO_CONFIG, "demo.yaml", &env)
@@ -160,9 +297,17 @@ async fn demo() -> anyhow::Result<()> {
     };
     let app = App::new(config, prometheus::Registry::new())?;
     tokio::spawn(ficus::demo::serve_shop(shop_listener, shutdown.clone()));
+    if let Some(events) = app.events() {
+        tokio::spawn(ficus::demo::print_events(events.tail.subscribe()));
+    }
     println!(
         "{}",
-        ficus::demo::banner(listeners.proxy_addr(), listeners.admin_addr(), shop)
+        ficus::demo::banner(
+            listeners.proxy_addr(),
+            listeners.admin_addr(),
+            shop,
+            &demo_dir
+        )
     );
     app.run(listeners, shutdown.cancelled_owned()).await?;
     Ok(())

@@ -49,6 +49,46 @@ pub struct Metrics {
     pub upstream_request_duration: HistogramVec,
     pub upstream_errors_total: IntCounterVec,
     pub build_info: IntGaugeVec,
+    pub events_emitted_total: IntCounterVec,
+    pub events_delivered_total: IntCounterVec,
+    pub event_delivery_failures_total: IntCounterVec,
+    pub events_dead_lettered_total: IntCounterVec,
+    pub events_dropped_total: IntCounterVec,
+    pub outbox_pending_events: IntGaugeVec,
+    pub outbox_bytes: prometheus::IntGauge,
+    pub outbox_unflushed_events: prometheus::IntGauge,
+    pub event_delivery_lag_seconds: prometheus::GaugeVec,
+}
+
+/// Why an event that a rule produced (or would have) did not reach the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// `when_full: drop` and the outbox had no room.
+    OutboxFull,
+    /// The outbox could not write (disk error).
+    OutboxError,
+    /// The rule's `if` failed to evaluate.
+    ConditionError,
+    /// The rule's `type` evaluated to nothing.
+    MissingType,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 4] = [
+        DropReason::OutboxFull,
+        DropReason::OutboxError,
+        DropReason::ConditionError,
+        DropReason::MissingType,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::OutboxFull => "outbox_full",
+            DropReason::OutboxError => "outbox_error",
+            DropReason::ConditionError => "condition_error",
+            DropReason::MissingType => "missing_type",
+        }
+    }
 }
 
 /// Latency buckets from 0.5 ms to about 65 s: a sidecar adds well under a millisecond, and an
@@ -100,17 +140,93 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        let events_emitted_total = IntCounterVec::new(
+            Opts::new(
+                "ficus_events_emitted_total",
+                "Events rules produced and the outbox accepted, by rule.",
+            ),
+            &["rule"],
+        )?;
+        let events_delivered_total = IntCounterVec::new(
+            Opts::new(
+                "ficus_events_delivered_total",
+                "Events a sink accepted, by sink.",
+            ),
+            &["sink"],
+        )?;
+        let event_delivery_failures_total = IntCounterVec::new(
+            Opts::new(
+                "ficus_event_delivery_failures_total",
+                "Failed delivery attempts, by sink.",
+            ),
+            &["sink"],
+        )?;
+        let events_dead_lettered_total = IntCounterVec::new(
+            Opts::new(
+                "ficus_events_dead_lettered_total",
+                "Events a sink refused for good, moved to its dead letters.",
+            ),
+            &["sink"],
+        )?;
+        let events_dropped_total = IntCounterVec::new(
+            Opts::new(
+                "ficus_events_dropped_total",
+                "Events not written to the outbox, by reason.",
+            ),
+            &["reason"],
+        )?;
+        for reason in DropReason::ALL {
+            events_dropped_total.with_label_values(&[reason.as_str()]);
+        }
+        let outbox_pending_events = IntGaugeVec::new(
+            Opts::new(
+                "ficus_outbox_pending_events",
+                "Events in the outbox not yet passed by the sink's cursor.",
+            ),
+            &["sink"],
+        )?;
+        let outbox_bytes =
+            prometheus::IntGauge::new("ficus_outbox_bytes", "Bytes of outbox segments on disk.")?;
+        let outbox_unflushed_events = prometheus::IntGauge::new(
+            "ficus_outbox_unflushed_events",
+            "Events accepted but not yet fsynced: what a crash now could lose in async durability.",
+        )?;
+        let event_delivery_lag_seconds = prometheus::GaugeVec::new(
+            Opts::new(
+                "ficus_event_delivery_lag_seconds",
+                "Age of the oldest event the sink has not yet taken.",
+            ),
+            &["sink"],
+        )?;
         registry.register(Box::new(requests_total.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
         registry.register(Box::new(upstream_request_duration.clone()))?;
         registry.register(Box::new(upstream_errors_total.clone()))?;
         registry.register(Box::new(build_info.clone()))?;
+        registry.register(Box::new(events_emitted_total.clone()))?;
+        registry.register(Box::new(events_delivered_total.clone()))?;
+        registry.register(Box::new(event_delivery_failures_total.clone()))?;
+        registry.register(Box::new(events_dead_lettered_total.clone()))?;
+        registry.register(Box::new(events_dropped_total.clone()))?;
+        registry.register(Box::new(outbox_pending_events.clone()))?;
+        registry.register(Box::new(outbox_bytes.clone()))?;
+        registry.register(Box::new(outbox_unflushed_events.clone()))?;
+        registry.register(Box::new(event_delivery_lag_seconds.clone()))?;
         Ok(Metrics {
             requests_total,
             request_duration,
             upstream_request_duration,
             upstream_errors_total,
             build_info,
+            events_emitted_total,
+            events_delivered_total,
+            event_delivery_failures_total,
+            events_dead_lettered_total,
+            events_dropped_total,
+            outbox_pending_events,
+            outbox_bytes,
+            outbox_unflushed_events,
+            event_delivery_lag_seconds,
         })
     }
 
@@ -126,6 +242,27 @@ impl Metrics {
                 .upstream_request_duration
                 .with_label_values(&[upstream]),
             errors,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn dropped(&self, reason: DropReason, n: u64) {
+        self.events_dropped_total
+            .with_label_values(&[reason.as_str()])
+            .inc_by(n);
+    }
+
+    /// A sink's series, resolved once and created at zero.
+    pub fn for_sink(&self, sink: &str) -> crate::dispatch::SinkMetrics {
+        crate::dispatch::SinkMetrics {
+            delivered: self.events_delivered_total.with_label_values(&[sink]),
+            failures: self
+                .event_delivery_failures_total
+                .with_label_values(&[sink]),
+            dead_lettered: self.events_dead_lettered_total.with_label_values(&[sink]),
+            pending: self.outbox_pending_events.with_label_values(&[sink]),
+            lag_seconds: self.event_delivery_lag_seconds.with_label_values(&[sink]),
         }
     }
 }

@@ -42,6 +42,8 @@ pub struct Key {
 pub struct Node {
     pub value: Value,
     pub mark: Mark,
+    /// A plain (unquoted) scalar: `42` may be a number, `"42"` is a string.
+    pub plain: bool,
 }
 
 impl Node {
@@ -95,7 +97,7 @@ pub fn parse(text: &str) -> Result<Node, SyntaxError> {
                 } else {
                     Value::Scalar(text.into_owned())
                 };
-                Some((Node { value, mark }, anchor))
+                Some((Node { value, mark, plain }, anchor))
             }
             Event::Alias(id) => {
                 let node = anchors.get(&id).cloned().ok_or_else(|| SyntaxError {
@@ -118,6 +120,7 @@ pub fn parse(text: &str) -> Result<Node, SyntaxError> {
                     Node {
                         value: Value::Seq(items),
                         mark: m,
+                        plain: false,
                     },
                     anchor,
                 )),
@@ -128,6 +131,7 @@ pub fn parse(text: &str) -> Result<Node, SyntaxError> {
                     Node {
                         value: Value::Map(entries),
                         mark: m,
+                        plain: false,
                     },
                     anchor,
                 )),
@@ -189,6 +193,7 @@ pub fn parse(text: &str) -> Result<Node, SyntaxError> {
     Ok(root.unwrap_or(Node {
         value: Value::Null,
         mark: Mark { line: 1, col: 1 },
+        plain: true,
     }))
 }
 

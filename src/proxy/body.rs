@@ -141,6 +141,8 @@ pin_project! {
     pub enum ProxyBody {
         Upstream { #[pin] body: Idle<hyper::body::Incoming> },
         Full { data: Option<Bytes> },
+        // Boxed: only responses some rule matches take this path.
+        Events { body: Box<super::events::EventBody> },
     }
 }
 
@@ -167,6 +169,7 @@ impl Body for ProxyBody {
         match self.project() {
             ProxyBodyProj::Upstream { body } => body.poll_frame(cx),
             ProxyBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ProxyBodyProj::Events { body } => Pin::new(body.as_mut()).poll_frame(cx),
         }
     }
 
@@ -174,6 +177,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Upstream { body } => body.is_end_stream(),
             ProxyBody::Full { data } => data.is_none(),
+            ProxyBody::Events { body } => body.is_end_stream(),
         }
     }
 
@@ -183,6 +187,7 @@ impl Body for ProxyBody {
             ProxyBody::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
+            ProxyBody::Events { body } => body.size_hint(),
         }
     }
 }

@@ -17,12 +17,12 @@ use super::body::Idle;
 use crate::config::{Upstream, UpstreamTls};
 use crate::metrics::{Metrics, UpstreamMetrics};
 
-pub type RequestBody = Idle<hyper::body::Incoming>;
+pub type RequestBody = Idle<super::events::Tee<hyper::body::Incoming>>;
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("upstream `{upstream}`: cannot read {what} `{path}`: {source}")]
+    #[error("`{upstream}`: cannot read {what} `{path}`: {source}")]
     Pem {
         upstream: String,
         what: &'static str,
@@ -30,13 +30,13 @@ pub enum ClientError {
         #[source]
         source: rustls_pki_types::pem::Error,
     },
-    #[error("upstream `{upstream}`: invalid TLS settings: {source}")]
+    #[error("`{upstream}`: invalid TLS settings: {source}")]
     Tls {
         upstream: String,
         #[source]
         source: rustls::Error,
     },
-    #[error("upstream `{upstream}`: no system root certificates could be loaded: {detail}")]
+    #[error("`{upstream}`: no system root certificates could be loaded: {detail}")]
     Roots { upstream: String, detail: String },
 }
 
@@ -62,7 +62,11 @@ impl UpstreamClient {
         http.set_connect_timeout(Some(upstream.connect_timeout));
         http.set_nodelay(true);
         http.enforce_http(false);
-        let tls = tls_config(upstream)?;
+        let tls = tls_config(
+            &upstream.name,
+            upstream.scheme == Scheme::HTTPS,
+            &upstream.tls.clone().unwrap_or_default(),
+        )?;
         let connector = HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
@@ -85,26 +89,29 @@ impl UpstreamClient {
     }
 }
 
-fn tls_config(upstream: &Upstream) -> Result<rustls::ClientConfig, ClientError> {
+/// rustls settings for a client of `name` (an upstream or an HTTP sink): the configured CA or
+/// the system roots, and a client certificate when one is configured.
+pub fn tls_config(
+    name: &str,
+    https: bool,
+    settings: &UpstreamTls,
+) -> Result<rustls::ClientConfig, ClientError> {
+    let tls_error = |source| ClientError::Tls {
+        upstream: name.to_string(),
+        source,
+    };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|source| ClientError::Tls {
-            upstream: upstream.name.clone(),
-            source,
-        })?;
-    let settings = upstream.tls.clone().unwrap_or_default();
+        .map_err(tls_error)?;
     let mut roots = rustls::RootCertStore::empty();
-    // http:// upstreams never use the roots; loading the system store for them would only
-    // cost start-up time and fail on minimal images.
-    if upstream.scheme == Scheme::HTTPS {
+    // http:// peers never use the roots; loading the system store for them would only cost
+    // start-up time and fail on minimal images.
+    if https {
         match &settings.ca {
             Some(ca) => {
-                for cert in read_certs(upstream, ca, "CA")? {
-                    roots.add(cert).map_err(|source| ClientError::Tls {
-                        upstream: upstream.name.clone(),
-                        source,
-                    })?;
+                for cert in read_certs(name, ca, "CA")? {
+                    roots.add(cert).map_err(tls_error)?;
                 }
             }
             None => {
@@ -115,7 +122,7 @@ fn tls_config(upstream: &Upstream) -> Result<rustls::ClientConfig, ClientError> 
                 }
                 if roots.is_empty() {
                     return Err(ClientError::Roots {
-                        upstream: upstream.name.clone(),
+                        upstream: name.to_string(),
                         detail: format!("{:?}", found.errors),
                     });
                 }
@@ -123,13 +130,10 @@ fn tls_config(upstream: &Upstream) -> Result<rustls::ClientConfig, ClientError> 
         }
     }
     let builder = builder.with_root_certificates(roots);
-    let config = match client_identity(upstream, &settings)? {
+    let config = match client_identity(name, settings)? {
         Some((certs, key)) => builder
             .with_client_auth_cert(certs, key)
-            .map_err(|source| ClientError::Tls {
-                upstream: upstream.name.clone(),
-                source,
-            })?,
+            .map_err(tls_error)?,
         None => builder.with_no_client_auth(),
     };
     Ok(config)
@@ -137,16 +141,13 @@ fn tls_config(upstream: &Upstream) -> Result<rustls::ClientConfig, ClientError> 
 
 type Identity = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
 
-fn client_identity(
-    upstream: &Upstream,
-    tls: &UpstreamTls,
-) -> Result<Option<Identity>, ClientError> {
+fn client_identity(name: &str, tls: &UpstreamTls) -> Result<Option<Identity>, ClientError> {
     let (Some(cert), Some(key)) = (&tls.cert, &tls.key) else {
         return Ok(None);
     };
-    let certs = read_certs(upstream, cert, "certificate")?;
+    let certs = read_certs(name, cert, "certificate")?;
     let key = PrivateKeyDer::from_pem_file(key).map_err(|source| ClientError::Pem {
-        upstream: upstream.name.clone(),
+        upstream: name.to_string(),
         what: "private key",
         path: key.display().to_string(),
         source,
@@ -155,12 +156,12 @@ fn client_identity(
 }
 
 fn read_certs(
-    upstream: &Upstream,
+    name: &str,
     path: &std::path::Path,
     what: &'static str,
 ) -> Result<Vec<CertificateDer<'static>>, ClientError> {
     let pem_error = |source| ClientError::Pem {
-        upstream: upstream.name.clone(),
+        upstream: name.to_string(),
         what,
         path: path.display().to_string(),
         source,

@@ -14,6 +14,7 @@ use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
 use super::body::{Activity, Idle, IdleTimeout, ProxyBody};
+use super::events::Tee;
 use super::headers;
 use super::{ConnInfo, ProxyState, Routed};
 use crate::metrics::UpstreamErrorKind;
@@ -96,6 +97,10 @@ async fn forward(state: &ProxyState, conn: &ConnInfo, routed: Routed) -> Respons
         upstream.idle_timeout,
         Some(upstream.metrics.counter(UpstreamErrorKind::Idle).clone()),
     );
+    let body = match routed.capture {
+        Some(capture) => Tee::capturing(body, capture),
+        None => Tee::plain(body),
+    };
     let request = Request::from_parts(parts, Idle::new(body, activity.clone()));
     let started = Instant::now();
     let result = tokio::time::timeout(upstream.timeout, upstream.client.request(request)).await;

@@ -4,6 +4,7 @@
 
 pub mod body;
 pub mod client;
+pub mod events;
 pub mod forward;
 pub mod framing;
 pub mod headers;
@@ -32,10 +33,16 @@ pub struct ProxyState {
     pub metrics: Metrics,
     pub trust_forwarded_headers: bool,
     pub access_log: bool,
+    /// The event tap; `None` without rules.
+    pub events: Option<Arc<events::EventPath>>,
 }
 
 impl ProxyState {
-    pub fn new(config: &Config, metrics: Metrics) -> Result<ProxyState, ClientError> {
+    pub fn new(
+        config: &Config,
+        metrics: Metrics,
+        events: Option<Arc<events::EventPath>>,
+    ) -> Result<ProxyState, ClientError> {
         let upstreams = config
             .upstreams
             .iter()
@@ -47,6 +54,7 @@ impl ProxyState {
             metrics,
             trust_forwarded_headers: config.listen.trust_forwarded_headers,
             access_log: config.log.access,
+            events,
         })
     }
 }
@@ -80,4 +88,6 @@ impl ConnInfo {
 pub struct Routed {
     pub target: Target,
     pub request: Request<Incoming>,
+    /// Where the request body is teed for the rules, and how many bytes at most.
+    pub capture: Option<(Arc<events::CaptureSlot>, usize)>,
 }

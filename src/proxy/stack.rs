@@ -8,13 +8,14 @@ use http::Request;
 use hyper::body::Incoming;
 use tower::{Layer, Service, ServiceBuilder};
 
+use super::events::Events;
 use super::forward::Forward;
 use super::framing::Framing;
 use super::telemetry::Telemetry;
 use super::{ConnInfo, ProxyState, Routed};
 
 /// The whole request path as one type, so that hyper can see it is `Send`.
-pub type ProxyStack = Route<Telemetry<Framing<Forward>>>;
+pub type ProxyStack = Route<Telemetry<Framing<Events<Forward>>>>;
 
 /// Builds the stack for one client connection.
 pub fn stack(state: Arc<ProxyState>, conn: Arc<ConnInfo>) -> ProxyStack {
@@ -32,6 +33,11 @@ pub fn stack(state: Arc<ProxyState>, conn: Arc<ConnInfo>) -> ProxyStack {
         // Framing checks sit right above forwarding: an ambiguous request must never reach
         // the upstream, and nothing below them may have read its body.
         .layer(FramingLayer { conn: conn.clone() })
+        // The event tap right above forwarding: it sees exactly what the upstream sees and
+        // answers, after framing checks refused what must not be forwarded at all.
+        .layer(EventsLayer {
+            state: state.clone(),
+        })
         .service(Forward::new(state, conn))
 }
 
@@ -71,7 +77,11 @@ where
 
     fn call(&mut self, request: Request<Incoming>) -> S::Future {
         let target = self.state.router.route(request.method(), request.uri());
-        self.inner.call(Routed { target, request })
+        self.inner.call(Routed {
+            target,
+            request,
+            capture: None,
+        })
     }
 }
 
@@ -96,5 +106,17 @@ impl<S> Layer<S> for FramingLayer {
     type Service = Framing<S>;
     fn layer(&self, inner: S) -> Framing<S> {
         Framing::new(inner, self.conn.clone())
+    }
+}
+
+#[derive(Clone)]
+struct EventsLayer {
+    state: Arc<ProxyState>,
+}
+
+impl<S> Layer<S> for EventsLayer {
+    type Service = Events<S>;
+    fn layer(&self, inner: S) -> Events<S> {
+        Events::new(inner, self.state.clone())
     }
 }

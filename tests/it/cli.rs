@@ -216,6 +216,18 @@ async fn demo_runs_a_shop_behind_ficus() {
     assert_eq!(created.status(), 201);
     let order: serde_json::Value = serde_json::from_slice(created.body()).expect("json");
     let id = order["id"].as_u64().expect("id");
+    // The demo prints each event as it is emitted.
+    let printed = tokio::time::timeout(WAIT, async {
+        while let Some(line) = lines.next_line().await.expect("read") {
+            if line.starts_with("event shop.order.created") {
+                return line;
+            }
+        }
+        panic!("demo printed no event")
+    })
+    .await
+    .expect("event printed in time");
+    assert_eq!(printed, format!("event shop.order.created (subject {id}):"));
     let path = format!("/orders/{id}");
     let read = send(addr, json("GET", &path, "")).await;
     assert_eq!(read.status(), 200);

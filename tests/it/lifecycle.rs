@@ -116,3 +116,42 @@ async fn drain_timeout_bounds_the_wait() {
     assert_eq!(status.code(), Some(0));
     assert!(started.elapsed() >= std::time::Duration::from_millis(450));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_keeps_undelivered_events_on_disk_for_the_next_start() {
+    let upstream = crate::events::shop().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let outbox = dir.path().join("outbox");
+    // A sink that is down: nothing can be delivered before shutdown.
+    let port = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let yaml = config_yaml(
+        upstream.addr,
+        &format!(
+            "events:\n  rules:\n    - name: created\n      match: {{ method: POST, path: /orders }}\n      type: shop.order.created\n      subject: \"{{response.body.id}}\"\nsinks:\n  broker: {{ type: http, url: \"http://{port}/\" }}\noutbox:\n  dir: {}\nshutdown:\n  delivery_timeout: 300ms\n",
+            outbox.display()
+        ),
+    );
+    let mut proc = FicusProcess::start(&yaml).await;
+    for id in ["x", "y"] {
+        let req = Request::post("/orders")
+            .header("host", "shop")
+            .header("x-order-id", id)
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .expect("request");
+        assert_eq!(send(proc.addr, req).await.status(), 201);
+    }
+    proc.signal("TERM");
+    let status = tokio::time::timeout(WAIT, proc.child.wait())
+        .await
+        .expect("exits once delivery_timeout passed")
+        .expect("status");
+    assert_eq!(status.code(), Some(0));
+    let status = ficus::outbox::status(&outbox).expect("status");
+    let broker = status.sinks.iter().find(|s| s.sink == "broker");
+    let pending = broker.map_or(status.end_seq - status.first_seq, |b| b.pending);
+    assert_eq!(pending, 2, "both events wait on disk: {status:?}");
+}

@@ -11,14 +11,21 @@
 //! - `lifecycle`: SIGTERM drain
 //! - `large`: 100 MiB bodies streamed both ways with flat memory
 //! - `upstream_tls`: https upstreams with a configured CA and mTLS
+//! - `events`: rules, CloudEvents (checked with the SDK), outbox, file and HTTP sinks
+//! - `crash`: `kill -9` under load with sync durability loses nothing a client saw
+//! - `disk_full`: a real full disk (tmpfs) under the outbox
 
 mod admin;
 mod cli;
+mod crash;
+mod disk_full;
+mod events;
 mod failures;
 mod forwarding;
 mod large;
 mod lifecycle;
 mod limits;
+mod outbox;
 mod pool;
 mod protocols;
 mod support;

@@ -1,0 +1,233 @@
+//! One delivery loop per sink: read a batch at the sink's cursor, send it, and commit the
+//! cursor past what was delivered (or dead-lettered). While the sink fails, the same events
+//! are retried with exponential backoff and full jitter, for as long as it takes: the outbox
+//! holds them. Delivery is in outbox order, so order per partition key is kept.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use prometheus::{IntCounter, IntGauge};
+use tokio_util::sync::CancellationToken;
+
+use crate::events::{CloudEvent, Envelope};
+use crate::outbox::{Outbox, OutboxError, Record};
+use crate::sinks::Sink;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Retry {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+impl Retry {
+    /// Full jitter: uniformly random in [0, min(max, initial * 2^attempt)], at least 1 ms so a
+    /// dead sink is not hammered.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let ceiling = self
+            .initial
+            .saturating_mul(2u32.saturating_pow(attempt.min(30)))
+            .min(self.max);
+        let ms = u64::try_from(ceiling.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        Duration::from_millis(fastrand::u64(1..=ms))
+    }
+}
+
+/// The per-sink series, resolved once.
+#[derive(Clone)]
+pub struct SinkMetrics {
+    pub delivered: IntCounter,
+    pub failures: IntCounter,
+    pub dead_lettered: IntCounter,
+    pub pending: IntGauge,
+    /// Age in seconds of the oldest event not yet delivered (0 when caught up).
+    pub lag_seconds: prometheus::Gauge,
+}
+
+pub struct Dispatcher {
+    pub name: String,
+    pub sink: Arc<dyn Sink>,
+    pub outbox: Outbox,
+    pub retry: Retry,
+    pub metrics: SinkMetrics,
+    pub batch_size: usize,
+}
+
+const MAX_BATCH_BYTES: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    #[error("sink `{sink}`: {source}")]
+    Outbox {
+        sink: String,
+        #[source]
+        source: OutboxError,
+    },
+}
+
+impl Dispatcher {
+    /// Delivers until `stop` is cancelled. Returns on stop, or on an outbox error it cannot
+    /// get past (logged; the events stay on disk).
+    pub async fn run(self, stop: CancellationToken) -> Result<(), DispatchError> {
+        let wrap = |source| DispatchError::Outbox {
+            sink: self.name.clone(),
+            source,
+        };
+        let mut reader = self.outbox.reader(&self.name).map_err(wrap)?;
+        let mut committed = reader.position();
+        loop {
+            if stop.is_cancelled() {
+                return Ok(());
+            }
+            // Replayed dead letters first: an operator asked for them.
+            if let Some((path, records)) = self.outbox.pending_replay(&self.name).map_err(wrap)? {
+                if !self
+                    .deliver(&records, committed, &stop)
+                    .await
+                    .map_err(wrap)?
+                {
+                    return Ok(());
+                }
+                self.outbox.finish_replay(&path).map_err(wrap)?;
+                tracing::info!(sink = %self.name, events = records.len(), "replayed dead letters");
+                continue;
+            }
+            self.update_pending(committed);
+            let records = tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                next = reader.next(self.batch_size, MAX_BATCH_BYTES) => next.map_err(wrap)?,
+                // A replay file may appear while no new event does.
+                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+            };
+            let Some(last) = records.last().map(|r| r.seq) else {
+                continue;
+            };
+            if !self
+                .deliver(&records, committed, &stop)
+                .await
+                .map_err(wrap)?
+            {
+                return Ok(());
+            }
+            self.commit(last + 1).await.map_err(wrap)?;
+            committed = last + 1;
+            self.metrics.lag_seconds.set(0.0);
+        }
+    }
+
+    /// Persists the cursor (an fsync or two) off the async workers.
+    async fn commit(&self, next: u64) -> Result<(), OutboxError> {
+        let outbox = self.outbox.clone();
+        let name = self.name.clone();
+        match tokio::task::spawn_blocking(move || outbox.commit(&name, next)).await {
+            Ok(result) => result,
+            // The blocking pool only fails a task when the runtime shuts down; the cursor
+            // stays where it was and the batch is delivered again at the next start.
+            Err(_) => Err(OutboxError::Closed),
+        }
+    }
+
+    fn update_pending(&self, position: u64) {
+        let end = self.outbox.durable_end();
+        self.metrics
+            .pending
+            .set(i64::try_from(end.saturating_sub(position)).unwrap_or(i64::MAX));
+    }
+
+    /// Delivers `records` in order (those for this sink), retrying failures and dead-lettering
+    /// permanent ones. Returns false when stopped before finishing.
+    async fn deliver(
+        &self,
+        records: &[Record],
+        committed: u64,
+        stop: &CancellationToken,
+    ) -> Result<bool, OutboxError> {
+        let mut events: Vec<CloudEvent> = Vec::with_capacity(records.len());
+        let mut sources: Vec<&Record> = Vec::with_capacity(records.len());
+        for record in records {
+            match Envelope::decode(&record.payload) {
+                Ok(envelope) if envelope.is_for(&self.name) => {
+                    events.push(envelope.event);
+                    sources.push(record);
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    // Unreadable payloads cannot be sent; they are kept as dead letters.
+                    tracing::error!(sink = %self.name, seq = record.seq, %error, "undecodable event moved to dead letters");
+                    self.outbox
+                        .dead_letter(&self.name, std::slice::from_ref(record))?;
+                    self.metrics.dead_lettered.inc();
+                }
+            }
+        }
+        let mut next = 0;
+        let mut attempt = 0u32;
+        while next < events.len() {
+            self.metrics.lag_seconds.set(age_seconds(&events[next]));
+            let result = self.sink.send(&events[next..]).await;
+            let delivered = result.delivered.min(events.len() - next);
+            self.metrics.delivered.inc_by(delivered as u64);
+            next += delivered;
+            let Some(failure) = result.failure else {
+                attempt = 0;
+                continue;
+            };
+            self.metrics.failures.inc();
+            if failure.permanent {
+                if let Some(record) = sources.get(next) {
+                    tracing::warn!(sink = %self.name, id = %events[next].id, reason = %failure.message, "sink refused event; moved to dead letters");
+                    self.outbox
+                        .dead_letter(&self.name, std::slice::from_ref(*record))?;
+                    self.metrics.dead_lettered.inc();
+                }
+                next += 1;
+                attempt = 0;
+                continue;
+            }
+            // While stuck here, new events keep arriving behind this batch.
+            self.update_pending(committed);
+            let delay = self.retry.delay(attempt);
+            attempt = attempt.saturating_add(1);
+            tracing::warn!(sink = %self.name, attempt, retry_in = ?delay, reason = %failure.message, "delivery failed; will retry");
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(false),
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+        Ok(true)
+    }
+}
+
+fn age_seconds(event: &CloudEvent) -> f64 {
+    humantime::parse_rfc3339(&event.time)
+        .ok()
+        .and_then(|t| SystemTime::now().duration_since(t).ok())
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_ceiling_with_jitter() {
+        let retry = Retry {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(2),
+        };
+        for attempt in 0..40 {
+            let ceiling =
+                Duration::from_millis(100 * 2u64.pow(attempt.min(20))).min(Duration::from_secs(2));
+            for _ in 0..50 {
+                let d = retry.delay(attempt);
+                assert!(
+                    d <= ceiling && d >= Duration::from_millis(1),
+                    "{attempt}: {d:?}"
+                );
+            }
+        }
+        let spread: std::collections::HashSet<_> = (0..50).map(|_| retry.delay(5)).collect();
+        assert!(spread.len() > 10, "jittered");
+    }
+}

@@ -1,0 +1,973 @@
+//! # The outbox: a crash-safe, segmented, append-only log of events
+//!
+//! Every event goes here before any sink sees it (SPEC §4). The outbox must never lose an
+//! event it said was durable, must never hand a sink an event that is not durable, and must
+//! keep each event until every sink that may want it is done with it.
+//!
+//! ## Files
+//!
+//! ```text
+//! <dir>/segments/<first_seq:020>.seg    the log, split in segments named by their first seq
+//! <dir>/cursors/<sink>.cursor           per sink: every record below this seq is done
+//! <dir>/dead/<sink>.log                 per sink: records the sink refused for good
+//! <dir>/dead/<sink>.replay-<unix_nanos> dead letters an operator sent back for delivery
+//! ```
+//!
+//! Sink names are restricted to letters, digits, `-` and `_` (as in the config), so a name
+//! is always a safe file name.
+//!
+//! ## On-disk format (all integers little-endian; see [`format`](mod@format))
+//!
+//! A segment (and a dead-letter file, with magic `FICUSDLQ`) starts with a 24-byte header:
+//! `magic "FICUSSEG" | version u32 = 1 | first_seq u64 | crc32 u32` (crc over the 20 bytes
+//! before it). Then records, back to back, each
+//!
+//! ```text
+//! len u32 | crc32 u32 | seq u64 | payload [len]      crc32 over len, seq and payload
+//! ```
+//!
+//! A record never spans two segments. Seqs are consecutive across the whole log: a segment's
+//! records are `first_seq, first_seq + 1, ...` and end where the next segment begins. A
+//! cursor file is 24 bytes: `magic "FICUSCUR" | version u32 | next u64 | crc32 u32`.
+//!
+//! ## Writing: one writer, group commit
+//!
+//! [`Outbox::append`] gives the payloads consecutive seqs under a short lock and queues them;
+//! it never blocks on IO. A single writer thread (`ficus-outbox`) takes everything queued (up
+//! to 4 MiB), writes it with one `write` per segment touched, calls `fdatasync` once, then
+//! resolves the batch's [`Ticket`]s and publishes the new durable end on a watch channel. So
+//! many concurrent requests share one fsync. The writer is a dedicated OS thread rather than
+//! a tokio task because it spends its life in blocking `write`/`fdatasync` calls, which would
+//! otherwise stall a runtime worker; nothing holds a lock across an `.await`.
+//!
+//! With `durability: sync` the proxy awaits the ticket before releasing the response; with
+//! `async` it does not, and `ficus_outbox_unflushed_events` counts the records appended but
+//! not yet fsynced. The writer does the same in both modes.
+//!
+//! When the active segment would pass `segment_bytes`, it is fsynced, the next segment is
+//! created (header written and fsynced, then the directory fsynced) and writing goes on there.
+//!
+//! ## Invariants
+//!
+//! 1. A record is durable (its ticket resolves `Ok`, it counts in [`Outbox::durable_end`])
+//!    only after an `fdatasync` that covered it returned success.
+//! 2. Readers see only records below the durable end, so a sink never delivers an event a
+//!    crash could take back.
+//! 3. Every segment but the last is complete and fsynced; only the last can have a torn tail.
+//! 4. Seqs are consecutive; recovery, readers and the writer all check it.
+//! 5. A segment is deleted only when every cursor file in `cursors/` is at or past the next
+//!    segment's first seq. A sink removed from the config keeps its cursor file, so its
+//!    backlog stays until it returns (or an operator deletes the cursor file).
+//! 6. A sink gets a cursor file the first time it opens a reader ([`Outbox::reader`]), at the
+//!    oldest retained record, so its backlog is kept from then on even before it commits.
+//!
+//! ## Recovery (at [`Outbox::open`])
+//!
+//! - The headers of all segments are checked (magic, version, crc, first seq = file name).
+//!   A bad header on any but the last segment is [`OutboxError::Corrupt`]: refuse to start.
+//! - The last segment is scanned record by record. At the first short record, bad crc, or
+//!   seq out of order, the file is truncated to the last good record, logged with
+//!   `tracing::warn!` (bytes cut). Everything before it is fsynced again: what a reader is
+//!   handed after a restart is on disk. A last segment whose header is torn and that holds
+//!   nothing else (a crash while it was created) gets its header rewritten; a bad header with
+//!   records after it is damage, not a crash, and is refused.
+//! - Cursor files are read; a damaged one is an error naming it (never "start from 0"). A
+//!   cursor below the oldest segment is treated as the oldest record; one past the end (its
+//!   records were cut as damaged) is moved back to the end, so the sink takes the new records
+//!   that will reuse those seqs. Leftover `*.cursor.tmp` files are removed.
+//! - With no segments at all, seqs start at the highest cursor (0 for a new outbox).
+//! - Segments every cursor has passed are deleted (a crash between a commit and its deletes).
+//!
+//! Earlier segments are trusted at open; readers still check every record's crc and seq and
+//! return [`OutboxError::Corrupt`] rather than garbage.
+//!
+//! ## Write failures
+//!
+//! When a write or fsync fails, the batch's tickets fail with the error, [`Outbox::health`]
+//! reports it (so `/readyz` turns 503), and the disk is put back to the last successful sync
+//! (segments created since are deleted, the active one is truncated): after an fsync error
+//! the kernel may have dropped the dirty pages, so nothing after that point is trusted. The
+//! batch stays in memory and the writer retries it, with backoff, before anything newer, so
+//! seqs stay consecutive and nothing is silently lost; a failed ticket therefore means "not
+//! known durable", and the event may still be delivered later (at least once). The queue stays
+//! bounded by `max_bytes`. The first successful write clears the health error.
+//!
+//! ## Reading, cursors, deletion
+//!
+//! A [`Reader`] starts at its sink's cursor, returns batches of durable records, and can
+//! [`Reader::seek`] back to retry a batch. [`Outbox::commit`] persists a sink's cursor
+//! atomically (write a temporary file, fsync, rename, fsync the directory) and then deletes
+//! the segments every cursor has passed; only whole segments are deleted, never the active
+//! one. `max_bytes` counts segment bytes on disk plus bytes queued: an append that would pass
+//! it fails with [`OutboxError::Full`] and queues nothing. So that commits can always free
+//! space, segments are at most a quarter of `max_bytes`.
+//!
+//! ## Dead letters and replay
+//!
+//! [`Outbox::dead_letter`] appends records, with their seqs and payloads, to
+//! `dead/<sink>.log` (one write, one fsync). [`replay`] (the `ficus outbox replay` command)
+//! renames that file to `dead/<sink>.replay-<unix_nanos>`; the running dispatcher picks it up
+//! with [`Outbox::pending_replay`], delivers it, and deletes it with
+//! [`Outbox::finish_replay`]. A stopped ficus picks it up at its next start. The `.log` is
+//! opened by name for every append and never kept open, so a rename by the CLI cannot send
+//! later dead letters into a file that was already replayed; see the `dead` module.
+//!
+//! ## Offline tools
+//!
+//! [`status`] and [`replay`] work on the directory of a running ficus: `status` only reads
+//! (it ignores a torn tail rather than cutting it), `replay` only renames dead-letter files.
+//! Two ficus processes must not open the same directory (nothing stops them yet).
+
+mod cursor;
+mod dead;
+pub mod format;
+pub mod log;
+
+use std::collections::{BTreeSet, VecDeque};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use prometheus::IntGauge;
+use tokio::sync::{oneshot, watch};
+
+pub use log::MIN_SEGMENT_BYTES;
+
+/// When the proxy releases a response whose event is in the outbox (SPEC §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// After the event is fsynced.
+    Sync,
+    /// At once; the event is fsynced within milliseconds.
+    Async,
+}
+
+/// What the proxy does with a request that may emit an event while the outbox is full.
+/// The outbox itself answers [`OutboxError::Full`] either way; the proxy decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFull {
+    Reject,
+    Drop,
+}
+
+#[derive(Debug, Clone)]
+pub struct OutboxSettings {
+    pub dir: PathBuf,
+    pub durability: Durability,
+    /// Segment bytes on disk plus bytes queued, at most.
+    pub max_bytes: u64,
+    pub when_full: WhenFull,
+    /// Size a segment grows to before the next one starts (at most `max_bytes / 4`).
+    pub segment_bytes: u64,
+}
+
+impl OutboxSettings {
+    /// Defaults: `Sync`, 1 GiB, `Reject`, 64 MiB segments.
+    pub fn new(dir: impl Into<PathBuf>) -> OutboxSettings {
+        OutboxSettings {
+            dir: dir.into(),
+            durability: Durability::Sync,
+            max_bytes: 1 << 30,
+            when_full: WhenFull::Reject,
+            segment_bytes: 64 << 20,
+        }
+    }
+}
+
+/// The outbox's gauges, owned by the crate's `Metrics` (`ficus_outbox_bytes`,
+/// `ficus_outbox_unflushed_events`).
+#[derive(Clone)]
+pub struct OutboxMetrics {
+    pub bytes: IntGauge,
+    pub unflushed: IntGauge,
+}
+
+impl OutboxMetrics {
+    /// Plain gauges registered nowhere, for tests and tools.
+    pub fn unregistered() -> OutboxMetrics {
+        OutboxMetrics {
+            bytes: IntGauge::new(
+                "ficus_outbox_bytes",
+                "Bytes of outbox segment files on disk.",
+            )
+            .expect("a constant, valid metric name"),
+            unflushed: IntGauge::new(
+                "ficus_outbox_unflushed_events",
+                "Events appended to the outbox but not yet fsynced.",
+            )
+            .expect("a constant, valid metric name"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error("outbox: cannot {action} {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        /// What was being done, e.g. "fsync segment".
+        action: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("outbox full: max_bytes ({max_bytes} bytes) reached")]
+    Full { max_bytes: u64 },
+    #[error("outbox closed")]
+    Closed,
+    #[error("outbox: {} is damaged at byte {offset}: {reason}", path.display())]
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+    #[error("outbox: a payload of {size} bytes is larger than a record can be ({max} bytes)")]
+    TooLarge { size: usize, max: u64 },
+    #[error("outbox: `{0}` is not a valid sink name (letters, digits, `-` and `_`)")]
+    InvalidSink(String),
+    #[error("outbox: cursor {next} for sink `{sink}` is past the durable end {end}")]
+    CursorBeyondEnd { sink: String, next: u64, end: u64 },
+    #[error("outbox: {} is not a replay file of this outbox", .0.display())]
+    NotReplayFile(PathBuf),
+    #[error("outbox settings: {0}")]
+    Settings(String),
+}
+
+impl OutboxError {
+    /// A copy for each waiter of a failed batch (`io::Error` is not `Clone`; its kind and
+    /// message are kept).
+    fn duplicate(&self) -> OutboxError {
+        match self {
+            OutboxError::Io {
+                path,
+                action,
+                source,
+            } => OutboxError::Io {
+                path: path.clone(),
+                action,
+                source: io::Error::new(source.kind(), source.to_string()),
+            },
+            OutboxError::Full { max_bytes } => OutboxError::Full {
+                max_bytes: *max_bytes,
+            },
+            OutboxError::Closed => OutboxError::Closed,
+            OutboxError::Corrupt {
+                path,
+                offset,
+                reason,
+            } => OutboxError::Corrupt {
+                path: path.clone(),
+                offset: *offset,
+                reason: reason.clone(),
+            },
+            OutboxError::TooLarge { size, max } => OutboxError::TooLarge {
+                size: *size,
+                max: *max,
+            },
+            OutboxError::InvalidSink(s) => OutboxError::InvalidSink(s.clone()),
+            OutboxError::CursorBeyondEnd { sink, next, end } => OutboxError::CursorBeyondEnd {
+                sink: sink.clone(),
+                next: *next,
+                end: *end,
+            },
+            OutboxError::NotReplayFile(p) => OutboxError::NotReplayFile(p.clone()),
+            OutboxError::Settings(s) => OutboxError::Settings(s.clone()),
+        }
+    }
+}
+
+/// Maps an `io::Error` to [`OutboxError::Io`] naming the file and the action.
+pub(crate) fn io_err(path: &Path, action: &'static str) -> impl FnOnce(io::Error) -> OutboxError {
+    let path = path.to_path_buf();
+    move |source| OutboxError::Io {
+        path,
+        action,
+        source,
+    }
+}
+
+/// One event in the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub seq: u64,
+    pub payload: Bytes,
+}
+
+/// Most bytes the writer takes into one batch (one write, one fsync).
+const MAX_BATCH_BYTES: u64 = 4 << 20;
+/// [`Outbox::is_full`] is true when not even a record of this size fits.
+pub const SMALL_RECORD_BYTES: usize = 1024;
+
+/// Queued payloads of one `append` call and the ticket to resolve.
+struct Entry {
+    first_seq: u64,
+    payloads: Vec<Bytes>,
+    bytes: u64,
+    ticket: Option<oneshot::Sender<Result<(), OutboxError>>>,
+}
+
+struct Queue {
+    /// The seq the next appended record gets.
+    next_seq: u64,
+    entries: VecDeque<Entry>,
+    /// Framed bytes appended but not yet written (including a failed batch being retried).
+    bytes: u64,
+    closed: bool,
+    /// The writer sleeps on the condvar: only then does an append pay for a wake-up.
+    writer_waiting: bool,
+}
+
+/// The last write failure, until a write succeeds again.
+struct Failure {
+    first_seq: u64,
+    error: OutboxError,
+}
+
+struct Shared {
+    settings: OutboxSettings,
+    metrics: OutboxMetrics,
+    store: log::Store,
+    dead: dead::DeadLetters,
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    /// `queue.bytes`, readable without the lock (for `is_full`).
+    queued_bytes: AtomicU64,
+    durable: watch::Receiver<u64>,
+    failure: Mutex<Option<Failure>>,
+    /// Failed write attempts since open: `flush` fails on one that happens while it waits.
+    failed_attempts: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Critical sections here never leave data half-updated, so a poisoned lock is usable.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    fn close_queue(&self) {
+        lock(&self.queue).closed = true;
+        self.wake.notify_all();
+    }
+}
+
+/// Stops the writer when the last [`Outbox`] handle goes (after it wrote what was queued).
+struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.shared.close_queue();
+    }
+}
+
+/// The outbox of a running ficus: cheap to clone, shared by the proxy and the dispatchers.
+#[derive(Clone)]
+pub struct Outbox {
+    handle: Arc<Handle>,
+}
+
+/// Resolves when an appended batch is durable (or its write failed).
+#[derive(Debug)]
+pub struct Ticket {
+    first_seq: u64,
+    len: usize,
+    rx: Option<oneshot::Receiver<Result<(), OutboxError>>>,
+}
+
+impl Ticket {
+    /// The seq of the first appended payload; the others follow.
+    pub fn first_seq(&self) -> u64 {
+        self.first_seq
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Waits until every payload of the append is on disk.
+    pub async fn durable(self) -> Result<(), OutboxError> {
+        match self.rx {
+            None => Ok(()),
+            Some(rx) => rx.await.unwrap_or(Err(OutboxError::Closed)),
+        }
+    }
+}
+
+impl Outbox {
+    /// Creates the directory (and its subdirectories) if needed, recovers it, and starts the
+    /// writer thread.
+    pub fn open(settings: OutboxSettings, metrics: OutboxMetrics) -> Result<Outbox, OutboxError> {
+        if settings.max_bytes < 4 * MIN_SEGMENT_BYTES {
+            return Err(OutboxError::Settings(format!(
+                "max_bytes is {}, at least {} is needed",
+                settings.max_bytes,
+                4 * MIN_SEGMENT_BYTES
+            )));
+        }
+        let mut settings = settings;
+        // Only whole, finished segments are deleted: with segments larger than a quarter of
+        // max_bytes, a full outbox could have nothing to delete even with every sink done.
+        settings.segment_bytes = settings
+            .segment_bytes
+            .clamp(MIN_SEGMENT_BYTES, settings.max_bytes / 4);
+        let (writer, store, recovery) = log::open(&settings.dir, settings.segment_bytes)?;
+        tracing::info!(
+            dir = %settings.dir.display(),
+            first_seq = store.first_seq(),
+            end_seq = store.durable_end(),
+            bytes = store.bytes(),
+            truncated_bytes = recovery.truncated_bytes,
+            deleted_segments = recovery.deleted_segments,
+            "outbox opened"
+        );
+        let (tx, rx) = watch::channel(store.durable_end());
+        metrics.bytes.set(gauge(store.bytes()));
+        metrics.unflushed.set(0);
+        let dead = dead::DeadLetters::new(store.layout().dead.clone());
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue {
+                next_seq: writer.next_seq(),
+                entries: VecDeque::new(),
+                bytes: 0,
+                closed: false,
+                writer_waiting: false,
+            }),
+            settings,
+            metrics,
+            store,
+            dead,
+            wake: Condvar::new(),
+            queued_bytes: AtomicU64::new(0),
+            durable: rx,
+            failure: Mutex::new(None),
+            failed_attempts: AtomicU64::new(0),
+        });
+        let for_writer = shared.clone();
+        std::thread::Builder::new()
+            .name("ficus-outbox".into())
+            .spawn(move || write_loop(&for_writer, writer, tx))
+            .map_err(io_err(
+                &shared.settings.dir,
+                "start the outbox writer thread",
+            ))?;
+        Ok(Outbox {
+            handle: Arc::new(Handle { shared }),
+        })
+    }
+
+    fn shared(&self) -> &Shared {
+        &self.handle.shared
+    }
+
+    /// Queues payloads, in order, with consecutive seqs, for the writer. Fails with
+    /// [`OutboxError::Full`], queueing nothing, when segment bytes on disk plus bytes queued
+    /// plus these would pass `max_bytes`. Never blocks on IO.
+    pub fn append(&self, payloads: Vec<Bytes>) -> Result<Ticket, OutboxError> {
+        let shared = self.shared();
+        let max = shared.store.max_payload();
+        let mut bytes = 0u64;
+        for p in &payloads {
+            if p.len() as u64 > max {
+                return Err(OutboxError::TooLarge { size: p.len(), max });
+            }
+            bytes += format::frame_len(p.len());
+        }
+        let n = payloads.len();
+        let (tx, rx) = if n == 0 {
+            (None, None)
+        } else {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        };
+        let mut q = lock(&shared.queue);
+        if q.closed {
+            return Err(OutboxError::Closed);
+        }
+        let first_seq = q.next_seq;
+        if n == 0 {
+            return Ok(Ticket {
+                first_seq,
+                len: 0,
+                rx: None,
+            });
+        }
+        let max_bytes = shared.settings.max_bytes;
+        if shared
+            .store
+            .bytes()
+            .saturating_add(q.bytes)
+            .saturating_add(bytes)
+            > max_bytes
+        {
+            return Err(OutboxError::Full { max_bytes });
+        }
+        q.next_seq += n as u64;
+        q.bytes += bytes;
+        shared.queued_bytes.store(q.bytes, Ordering::Relaxed);
+        q.entries.push_back(Entry {
+            first_seq,
+            payloads,
+            bytes,
+            ticket: tx,
+        });
+        // Under the lock, so that the writer's decrement can never come first.
+        shared.metrics.unflushed.add(gauge(n as u64));
+        let wake = q.writer_waiting;
+        drop(q);
+        if wake {
+            shared.wake.notify_one();
+        }
+        Ok(Ticket {
+            first_seq,
+            len: n,
+            rx,
+        })
+    }
+
+    /// True when not even a [`SMALL_RECORD_BYTES`] record fits (two atomic loads).
+    pub fn is_full(&self) -> bool {
+        let shared = self.shared();
+        shared
+            .store
+            .bytes()
+            .saturating_add(shared.queued_bytes.load(Ordering::Relaxed))
+            .saturating_add(format::frame_len(SMALL_RECORD_BYTES))
+            > shared.settings.max_bytes
+    }
+
+    /// Whether a payload of `bytes` would fit now (on disk plus queued). The proxy asks this
+    /// before forwarding with `when_full: reject`, with the largest event seen so far.
+    pub fn has_room(&self, bytes: u64) -> bool {
+        let shared = self.shared();
+        let payload = usize::try_from(bytes)
+            .unwrap_or(usize::MAX)
+            .max(SMALL_RECORD_BYTES);
+        shared
+            .store
+            .bytes()
+            .saturating_add(shared.queued_bytes.load(Ordering::Relaxed))
+            .saturating_add(format::frame_len(payload))
+            <= shared.settings.max_bytes
+    }
+
+    /// `Err(reason)` while the last write or fsync failed (for `/readyz`); `Ok` again after
+    /// a write succeeds.
+    pub fn health(&self) -> Result<(), String> {
+        match &*lock(&self.shared().failure) {
+            Some(f) => Err(format!("outbox write failing: {}", f.error)),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until everything appended so far is durable (used at shutdown). Fails when a
+    /// write attempt of those records fails while it waits: while the disk fails, a flush
+    /// returns within one retry interval (at most 5 s) instead of hanging.
+    pub async fn flush(&self) -> Result<(), OutboxError> {
+        let shared = self.shared();
+        let target = lock(&shared.queue).next_seq;
+        let failed_before = shared.failed_attempts.load(Ordering::Acquire);
+        let mut rx = shared.durable.clone();
+        loop {
+            if *rx.borrow_and_update() >= target {
+                return Ok(());
+            }
+            if shared.failed_attempts.load(Ordering::Acquire) > failed_before {
+                if let Some(f) = &*lock(&shared.failure) {
+                    if f.first_seq < target {
+                        return Err(f.error.duplicate());
+                    }
+                }
+            }
+            if rx.changed().await.is_err() {
+                // The writer stopped; it published its last durable end before that.
+                return if *rx.borrow() >= target {
+                    Ok(())
+                } else {
+                    Err(OutboxError::Closed)
+                };
+            }
+        }
+    }
+
+    /// Flushes, then stops the writer and waits for it to finish (appends fail with
+    /// [`OutboxError::Closed`] from then on, on every clone). Readers can still read what is
+    /// durable. Dropping the last handle also stops the writer, without waiting.
+    pub async fn close(&self) -> Result<(), OutboxError> {
+        let flushed = self.flush().await;
+        self.shared().close_queue();
+        let mut rx = self.shared().durable.clone();
+        while rx.changed().await.is_ok() {}
+        flushed
+    }
+
+    /// The seq one past the last durable record.
+    pub fn durable_end(&self) -> u64 {
+        self.shared().store.durable_end()
+    }
+
+    /// The oldest retained seq.
+    pub fn first_seq(&self) -> u64 {
+        self.shared().store.first_seq()
+    }
+
+    /// Updates of [`Outbox::durable_end`].
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.shared().durable.clone()
+    }
+
+    /// A reader at `sink`'s persisted cursor. A sink without one gets one at the oldest
+    /// retained record, persisted now, so that its backlog is kept from here on.
+    pub fn reader(&self, sink: &str) -> Result<Reader, OutboxError> {
+        let shared = self.handle.shared.clone();
+        let position = shared.store.register(sink)?;
+        let durable = shared.durable.clone();
+        Ok(Reader {
+            store: shared.store.clone(),
+            durable,
+            position,
+            inner: None,
+        })
+    }
+
+    /// Persists `sink`'s cursor atomically (every record below `next` is done), then deletes
+    /// every segment whose records are all below every cursor file in the directory. Blocks
+    /// on an fsync or two; call it from a task that may block briefly.
+    pub fn commit(&self, sink: &str, next: u64) -> Result<(), OutboxError> {
+        let shared = self.shared();
+        let result = shared.store.commit(sink, next);
+        shared.metrics.bytes.set(gauge(shared.store.bytes()));
+        result
+    }
+
+    /// Appends records (same framing, seqs and payloads kept) to `dead/<sink>.log`, fsynced.
+    pub fn dead_letter(&self, sink: &str, records: &[Record]) -> Result<(), OutboxError> {
+        self.shared().dead.append(sink, records)
+    }
+
+    /// The oldest replay file waiting for `sink`, and its records in order.
+    pub fn pending_replay(
+        &self,
+        sink: &str,
+    ) -> Result<Option<(PathBuf, Vec<Record>)>, OutboxError> {
+        self.shared().dead.pending_replay(sink)
+    }
+
+    /// Deletes a replay file once its records were delivered (or dead-lettered again).
+    pub fn finish_replay(&self, path: &Path) -> Result<(), OutboxError> {
+        self.shared().dead.finish_replay(path)
+    }
+
+    /// Bytes of segment files on disk.
+    pub fn bytes(&self) -> u64 {
+        self.shared().store.bytes()
+    }
+
+    /// fdatasync calls on segment files since open (group commit makes this far fewer than
+    /// appends).
+    pub fn sync_count(&self) -> u64 {
+        self.shared().store.sync_count()
+    }
+
+    /// The largest payload an append accepts.
+    pub fn max_payload(&self) -> u64 {
+        self.shared().store.max_payload()
+    }
+
+    /// The settings in force (`segment_bytes` as clamped).
+    pub fn settings(&self) -> &OutboxSettings {
+        &self.shared().settings
+    }
+
+    #[cfg(test)]
+    fn inject_faults(&self, n: u32) {
+        self.shared().store.inject_faults(n);
+    }
+}
+
+fn gauge(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The writer thread: batches, writes, fsyncs, resolves. See "Writing" and "Write failures"
+/// in the module docs.
+fn write_loop(shared: &Shared, mut writer: log::SegmentWriter, durable: watch::Sender<u64>) {
+    let mut retry: Vec<Entry> = Vec::new();
+    let mut backoff = Duration::from_millis(10);
+    let mut attempts_after_close = 0;
+    let mut payloads: Vec<Bytes> = Vec::new();
+    loop {
+        let mut batch = std::mem::take(&mut retry);
+        let closed = {
+            let mut q = lock(&shared.queue);
+            while batch.is_empty() && q.entries.is_empty() && !q.closed {
+                q.writer_waiting = true;
+                q = shared.wake.wait(q).unwrap_or_else(PoisonError::into_inner);
+                q.writer_waiting = false;
+            }
+            let mut bytes: u64 = batch.iter().map(|e| e.bytes).sum();
+            while let Some(e) = q.entries.front() {
+                if !batch.is_empty() && bytes + e.bytes > MAX_BATCH_BYTES {
+                    break;
+                }
+                bytes += e.bytes;
+                if let Some(e) = q.entries.pop_front() {
+                    batch.push(e);
+                }
+            }
+            q.closed
+        };
+        if batch.is_empty() {
+            break;
+        }
+        payloads.clear();
+        payloads.extend(batch.iter().flat_map(|e| e.payloads.iter().cloned()));
+        let records = payloads.len() as u64;
+        let bytes: u64 = batch.iter().map(|e| e.bytes).sum();
+        let first = batch.first().map_or(0, |e| e.first_seq);
+        let result = writer.write_batch(&payloads).and_then(|range| {
+            // The queue numbered these records; the log must agree, or seqs would lie.
+            if range.start == first {
+                Ok(range)
+            } else {
+                Err(OutboxError::Corrupt {
+                    path: shared.settings.dir.clone(),
+                    offset: 0,
+                    reason: format!(
+                        "writer at seq {} but the batch starts at seq {first}",
+                        range.start
+                    ),
+                })
+            }
+        });
+        match result {
+            Ok(range) => {
+                {
+                    let mut q = lock(&shared.queue);
+                    q.bytes -= bytes;
+                    shared.queued_bytes.store(q.bytes, Ordering::Relaxed);
+                }
+                shared.metrics.unflushed.sub(gauge(records));
+                shared.metrics.bytes.set(gauge(shared.store.bytes()));
+                if lock(&shared.failure).take().is_some() {
+                    tracing::info!("outbox writes succeed again");
+                }
+                backoff = Duration::from_millis(10);
+                durable.send_replace(range.end);
+                for e in &mut batch {
+                    if let Some(t) = e.ticket.take() {
+                        let _ = t.send(Ok(()));
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, records, first_seq = first, "outbox write failed; the batch is kept in memory and retried");
+                // Health first: whoever sees a failed ticket also sees an unhealthy outbox.
+                let copies: Vec<OutboxError> = batch.iter().map(|_| error.duplicate()).collect();
+                *lock(&shared.failure) = Some(Failure {
+                    first_seq: first,
+                    error,
+                });
+                shared.failed_attempts.fetch_add(1, Ordering::Release);
+                for (e, copy) in batch.iter_mut().zip(copies) {
+                    if let Some(t) = e.ticket.take() {
+                        let _ = t.send(Err(copy));
+                    }
+                }
+                // Wakes `flush` callers so they see the failure.
+                durable.send_modify(|_| {});
+                retry = batch;
+                if closed {
+                    // Shutting down: a few quick tries, then give up loudly.
+                    attempts_after_close += 1;
+                    if attempts_after_close > 3 {
+                        let lost: usize = retry.iter().map(|e| e.payloads.len()).sum();
+                        tracing::error!(
+                            events = lost,
+                            "outbox closed while writes fail: these events are lost"
+                        );
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+                // Back off before retrying; a close cuts the wait short.
+                let q = lock(&shared.queue);
+                drop(shared.wake.wait_timeout_while(q, backoff, |q| !q.closed));
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    tracing::debug!("outbox writer stopped");
+}
+
+/// Reads one sink's records in order, from its cursor. See [`Outbox::reader`].
+pub struct Reader {
+    store: log::Store,
+    durable: watch::Receiver<u64>,
+    position: u64,
+    /// Taken while a read runs on the blocking pool; rebuilt at `position` if that read was
+    /// cancelled.
+    inner: Option<log::LogReader>,
+}
+
+impl Reader {
+    /// The seq of the next record [`Reader::next`] returns.
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+
+    /// Waits until a durable record at or after the position exists, then returns up to
+    /// `max_records` consecutive records (about `max_bytes` of payload, at least one) and
+    /// moves past them. Never returns a record that is not durable. Cancel-safe: if the
+    /// future is dropped, the position is unchanged.
+    pub async fn next(
+        &mut self,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Record>, OutboxError> {
+        loop {
+            loop {
+                if self.position < *self.durable.borrow_and_update() {
+                    break;
+                }
+                if self.durable.changed().await.is_err() {
+                    if self.position < *self.durable.borrow() {
+                        break;
+                    }
+                    return Err(OutboxError::Closed);
+                }
+            }
+            let mut inner = match self.inner.take() {
+                Some(r) => r,
+                None => self.store.reader(self.position),
+            };
+            inner.seek(self.position);
+            let (inner, result) = tokio::task::spawn_blocking(move || {
+                let result = inner.read(max_records, max_bytes);
+                (inner, result)
+            })
+            .await
+            .map_err(|_| OutboxError::Closed)?;
+            let records = result?;
+            self.position = inner.position();
+            self.inner = Some(inner);
+            if !records.is_empty() {
+                return Ok(records);
+            }
+            // The position was below the oldest retained record and moved up: wait again.
+        }
+    }
+
+    /// Moves the position, e.g. back to the committed cursor to retry a batch.
+    pub fn seek(&mut self, seq: u64) {
+        self.position = seq;
+    }
+}
+
+/// One sink in [`Status`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinkStatus {
+    pub sink: String,
+    /// Its persisted cursor (the oldest retained record when it has none).
+    pub cursor: u64,
+    /// Records at or after the cursor.
+    pub pending: u64,
+    /// Records in `dead/<sink>.log`.
+    pub dead_letters: u64,
+    /// Records in its replay files, waiting for delivery.
+    pub replaying: u64,
+}
+
+/// What `ficus outbox status` shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub dir: PathBuf,
+    /// Bytes of segment files.
+    pub bytes: u64,
+    pub segments: usize,
+    pub first_seq: u64,
+    pub end_seq: u64,
+    pub sinks: Vec<SinkStatus>,
+}
+
+/// Reads the state of an outbox directory without changing anything; safe while ficus runs
+/// on it (a record being written is not counted yet).
+pub fn status(dir: &Path) -> Result<Status, OutboxError> {
+    if !dir.is_dir() {
+        return Err(io_err(dir, "open outbox directory")(io::Error::from(
+            io::ErrorKind::NotFound,
+        )));
+    }
+    let layout = log::Layout::new(dir);
+    let cursors = cursor::load_all(&layout.cursors, false)?;
+    let summary = if layout.segments.is_dir() {
+        log::summarize(&layout.segments)?
+    } else {
+        log::SegmentSummary {
+            bytes: 0,
+            segments: 0,
+            first_seq: None,
+            end_seq: None,
+        }
+    };
+    let first_seq = summary
+        .first_seq
+        .unwrap_or_else(|| cursors.values().copied().max().unwrap_or(0));
+    let end_seq = summary.end_seq.unwrap_or(first_seq).max(first_seq);
+    let listing = dead::list(&layout.dead)?;
+    let mut names: BTreeSet<String> = cursors.keys().cloned().collect();
+    names.extend(listing.logs.iter().cloned());
+    names.extend(listing.replays.iter().map(|(s, _, _)| s.clone()));
+    let mut sinks = Vec::new();
+    for sink in names {
+        let cursor = cursors
+            .get(&sink)
+            .map_or(first_seq, |c| (*c).clamp(first_seq, end_seq));
+        let dead_letters = count_if_present(&dead::log_path(&layout.dead, &sink))?;
+        let mut replaying = 0;
+        for (_, _, path) in listing.replays.iter().filter(|(s, _, _)| *s == sink) {
+            replaying += count_if_present(path)?;
+        }
+        sinks.push(SinkStatus {
+            pending: end_seq - cursor,
+            sink,
+            cursor,
+            dead_letters,
+            replaying,
+        });
+    }
+    Ok(Status {
+        dir: dir.to_path_buf(),
+        bytes: summary.bytes,
+        segments: summary.segments,
+        first_seq,
+        end_seq,
+        sinks,
+    })
+}
+
+/// Records in a dead-letter or replay file; 0 when it is gone (replayed or finished just now).
+fn count_if_present(path: &Path) -> Result<u64, OutboxError> {
+    match dead::read_file(path, false) {
+        Ok((_, n)) => Ok(n),
+        Err(OutboxError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+/// Moves `dead/<sink>.log` (every sink's when `None`) to `dead/<sink>.replay-<unix_nanos>`
+/// with an atomic rename; returns the records moved. A running ficus's dispatcher picks the
+/// files up through [`Outbox::pending_replay`], a stopped one at its next start.
+pub fn replay(dir: &Path, sink: Option<&str>) -> Result<u64, OutboxError> {
+    dead::replay(&log::Layout::new(dir).dead, sink)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,651 @@
+//! Unit tests of recovery, cursors, deletion and write failures. The model-based property
+//! test, corruption sweep and group-commit tests are in `tests/it/outbox.rs`.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+
+use super::format::{FILE_HEADER_LEN, RECORD_HEADER_LEN};
+use super::*;
+
+fn payload(i: u64, len: usize) -> Bytes {
+    let mut v = Vec::with_capacity(len);
+    let mut x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.push(x as u8);
+    }
+    Bytes::from(v)
+}
+
+fn payloads(range: std::ops::Range<u64>, len: usize) -> Vec<Bytes> {
+    range.map(|i| payload(i, len)).collect()
+}
+
+fn read_all(store: &log::Store, from: u64) -> Vec<Record> {
+    let mut r = store.reader(from);
+    let mut out = Vec::new();
+    loop {
+        let got = r.read(1000, 1 << 20).expect("read");
+        if got.is_empty() {
+            return out;
+        }
+        out.extend(got);
+    }
+}
+
+fn seqs(records: &[Record]) -> Vec<u64> {
+    records.iter().map(|r| r.seq).collect()
+}
+
+fn segment_files(dir: &Path) -> Vec<u64> {
+    let mut v: Vec<u64> = fs::read_dir(dir.join("segments"))
+        .expect("list segments")
+        .filter_map(|e| format::parse_segment_file_name(e.ok()?.file_name().to_str()?))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Opens the core, appends `n` records of `len` bytes, syncs; returns the last segment's path.
+fn fill(dir: &Path, segment_bytes: u64, n: u64, len: usize) -> PathBuf {
+    let (mut w, store, _) = log::open(dir, segment_bytes).expect("open");
+    w.write_batch(&payloads(0..n, len)).expect("write");
+    store.segments().last().expect("a segment").1.clone()
+}
+
+#[test]
+fn records_survive_reopen_with_their_seqs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut w, store, _) = log::open(dir.path(), 4096).expect("open");
+    assert_eq!(w.write_batch(&payloads(0..3, 10)).expect("write"), 0..3);
+    assert_eq!(
+        w.write_batch(&payloads(3..200, 100)).expect("write"),
+        3..200
+    );
+    assert!(store.segments().len() > 3, "small segments roll over");
+    drop((w, store));
+    let (w, store, recovery) = log::open(dir.path(), 4096).expect("reopen");
+    assert_eq!(recovery, log::Recovery::default());
+    assert_eq!(w.next_seq(), 200);
+    let all = read_all(&store, 0);
+    assert_eq!(seqs(&all), (0..200).collect::<Vec<_>>());
+    for r in &all {
+        let len = if r.seq < 3 { 10 } else { 100 };
+        assert_eq!(r.payload, payload(r.seq, len), "seq {}", r.seq);
+    }
+}
+
+#[test]
+fn a_torn_tail_is_cut_at_the_last_whole_record() {
+    for cut in [1u64, 5, RECORD_HEADER_LEN, RECORD_HEADER_LEN + 7] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let last = fill(dir.path(), 1 << 20, 10, 20);
+        let whole = fs::metadata(&last).expect("stat").len();
+        // Half of an 11th record, as a crash in the middle of a write leaves it.
+        let mut extra = Vec::new();
+        format::encode_record(&mut extra, 10, &payload(10, 20));
+        let keep = usize::try_from(cut).expect("small");
+        OpenOptions::new()
+            .append(true)
+            .open(&last)
+            .and_then(|mut f| f.write_all(&extra[..keep]))
+            .expect("tear");
+        let (mut w, store, recovery) = log::open(dir.path(), 1 << 20).expect("reopen");
+        assert_eq!(recovery.truncated_bytes, cut);
+        assert_eq!(fs::metadata(&last).expect("stat").len(), whole);
+        assert_eq!(w.next_seq(), 10);
+        assert_eq!(
+            w.write_batch(&[payload(99, 3)]).expect("append after"),
+            10..11
+        );
+        assert_eq!(read_all(&store, 0).len(), 11);
+    }
+}
+
+#[test]
+fn a_bad_crc_a_bad_length_and_a_seq_gap_each_end_the_log() {
+    let frame = format::frame_len(20);
+    // (byte offset in the 4th record, xor): crc field, length field, seq field, payload.
+    for (at, flip) in [
+        (4u64, 0x01u8),
+        (0, 0x40),
+        (8, 0x02),
+        (RECORD_HEADER_LEN + 3, 0x80),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let last = fill(dir.path(), 1 << 20, 10, 20);
+        let offset = FILE_HEADER_LEN + 3 * frame + at;
+        let mut bytes = fs::read(&last).expect("read");
+        bytes[usize::try_from(offset).expect("small")] ^= flip;
+        fs::write(&last, &bytes).expect("damage");
+        let (w, store, recovery) = log::open(dir.path(), 1 << 20).expect("reopen");
+        assert_eq!(w.next_seq(), 3, "damage at +{at}");
+        assert_eq!(recovery.truncated_bytes, 7 * frame);
+        assert_eq!(seqs(&read_all(&store, 0)), vec![0, 1, 2]);
+    }
+    // A record that is valid in itself but has the wrong seq (e.g. from an old file).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let last = fill(dir.path(), 1 << 20, 3, 20);
+    let mut rogue = Vec::new();
+    format::encode_record(&mut rogue, 7, b"out of order");
+    OpenOptions::new()
+        .append(true)
+        .open(&last)
+        .and_then(|mut f| f.write_all(&rogue))
+        .expect("append rogue record");
+    let (w, _, recovery) = log::open(dir.path(), 1 << 20).expect("reopen");
+    assert_eq!(w.next_seq(), 3);
+    assert_eq!(recovery.truncated_bytes, rogue.len() as u64);
+}
+
+#[test]
+fn a_segment_torn_while_being_created_is_rewritten_but_a_damaged_header_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fill(dir.path(), 1 << 20, 5, 8);
+    // The next segment, created just before a crash: half its header made it.
+    let next = dir
+        .path()
+        .join("segments")
+        .join(format::segment_file_name(5));
+    fs::write(&next, &format::encode_header(format::SEGMENT_MAGIC, 5)[..9]).expect("tear");
+    let (mut w, store, _) = log::open(dir.path(), 1 << 20).expect("reopen");
+    assert_eq!(fs::metadata(&next).expect("stat").len(), FILE_HEADER_LEN);
+    assert_eq!(w.write_batch(&payloads(5..7, 8)).expect("write"), 5..7);
+    assert_eq!(seqs(&read_all(&store, 0)), (0..7).collect::<Vec<_>>());
+    drop((w, store));
+
+    // Damage the header of a segment that holds records: not a crash, so no guessing.
+    let mut bytes = fs::read(&next).expect("read");
+    bytes[2] ^= 0xff;
+    fs::write(&next, &bytes).expect("damage");
+    let err = log::open(dir.path(), 1 << 20).err().expect("refused");
+    assert!(matches!(err, OutboxError::Corrupt { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains(&format::segment_file_name(5)),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_damaged_earlier_segment_is_an_error_for_its_reader_never_garbage() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut w, store, _) = log::open(dir.path(), 2048).expect("open");
+    w.write_batch(&payloads(0..40, 100)).expect("write");
+    let (first_seq, first_path) = store.segments()[0].clone();
+    assert_eq!(first_seq, 0);
+    let mut bytes = fs::read(&first_path).expect("read");
+    let at = usize::try_from(FILE_HEADER_LEN + 2 * format::frame_len(100) + 20).expect("small");
+    bytes[at] ^= 0x01;
+    fs::write(&first_path, &bytes).expect("damage");
+    let mut r = store.reader(0);
+    let got = r.read(10, 1 << 20).expect("the first two records are fine");
+    assert_eq!(seqs(&got), vec![0, 1], "returned before the damaged one");
+    let err = r.read(10, 1 << 20).expect_err("record 2 is damaged");
+    match &err {
+        OutboxError::Corrupt { path, offset, .. } => {
+            assert_eq!(path, &first_path);
+            assert_eq!(*offset, FILE_HEADER_LEN + 2 * format::frame_len(100));
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    // Later segments are still readable.
+    let second = store.segments()[1].0;
+    assert_eq!(
+        store.reader(second).read(1, 1 << 20).expect("read")[0].seq,
+        second
+    );
+}
+
+#[test]
+fn readers_seek_back_and_cross_segments_and_read_records_larger_than_a_chunk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut w, store, _) = log::open(dir.path(), 8 << 20).expect("open");
+    let big = payload(1, 3 << 20);
+    w.write_batch(&[payload(0, 5), big.clone(), payload(2, 5)])
+        .expect("write");
+    w.write_batch(&payloads(3..50, 200_000)).expect("write");
+    assert!(store.segments().len() > 1);
+    let mut r = store.reader(0);
+    let got = r.read(10, 1).expect("read");
+    assert_eq!(
+        seqs(&got),
+        vec![0],
+        "max_bytes bounds a batch, at least one record"
+    );
+    let got = r.read(10, 1).expect("read");
+    assert_eq!(got[0].payload, big);
+    r.seek(1);
+    assert_eq!(r.read(1, 1).expect("read again")[0].payload, big);
+    let rest = r.read(usize::MAX, usize::MAX).expect("read the rest");
+    assert_eq!(rest.first().map(|r| r.seq), Some(2));
+    let mut all = rest;
+    loop {
+        let more = r.read(usize::MAX, usize::MAX).expect("read");
+        if more.is_empty() {
+            break;
+        }
+        all.extend(more);
+    }
+    assert_eq!(seqs(&all), (2..50).collect::<Vec<_>>());
+    r.seek(30);
+    assert_eq!(r.read(1, 1).expect("read")[0].payload, payload(30, 200_000));
+    r.seek(10);
+    assert_eq!(r.read(1, 1).expect("read")[0].payload, payload(10, 200_000));
+}
+
+#[test]
+fn segments_are_deleted_only_when_every_cursor_passed_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut w, store, _) = log::open(dir.path(), 2048).expect("open");
+    assert_eq!(store.register("bus").expect("register"), 0);
+    assert_eq!(store.register("audit").expect("register"), 0);
+    w.write_batch(&payloads(0..60, 100)).expect("write");
+    let before = segment_files(dir.path());
+    assert!(before.len() >= 4, "{before:?}");
+    let bytes_before = store.bytes();
+
+    store.commit("bus", 60).expect("commit");
+    assert_eq!(
+        segment_files(dir.path()),
+        before,
+        "audit has not passed any"
+    );
+    store.commit("audit", before[2]).expect("commit");
+    assert_eq!(segment_files(dir.path()), before[2..].to_vec());
+    assert!(store.bytes() < bytes_before);
+    let on_disk: u64 = fs::read_dir(dir.path().join("segments"))
+        .expect("list")
+        .map(|e| e.expect("entry").metadata().expect("stat").len())
+        .sum();
+    assert_eq!(store.bytes(), on_disk);
+
+    // A cursor one short of the next segment keeps the segment.
+    store.commit("audit", before[3] - 1).expect("commit");
+    assert_eq!(segment_files(dir.path()), before[2..].to_vec());
+    // The active segment is never deleted, even with every cursor at the end.
+    store.commit("audit", 60).expect("commit");
+    assert_eq!(
+        segment_files(dir.path()),
+        vec![*before.last().expect("one")]
+    );
+    drop((w, store));
+
+    // A sink missing from the config keeps its cursor file and so its backlog.
+    let (mut w, store, _) = log::open(dir.path(), 2048).expect("reopen");
+    w.write_batch(&payloads(60..120, 100)).expect("write");
+    store.commit("bus", 120).expect("commit bus");
+    assert_eq!(store.first_seq(), *before.last().expect("one"));
+    assert_eq!(store.cursor("audit"), Some(60));
+}
+
+#[test]
+fn a_new_sink_is_placed_at_the_oldest_record_and_protects_it_from_then_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut w, store, _) = log::open(dir.path(), 2048).expect("open");
+    store.register("bus").expect("register");
+    w.write_batch(&payloads(0..60, 100)).expect("write");
+    store.commit("bus", 30).expect("commit");
+    let first = store.first_seq();
+    assert!(first > 0 && first <= 30);
+    assert_eq!(store.register("late").expect("register"), first);
+    store.commit("bus", 60).expect("commit");
+    assert_eq!(store.first_seq(), first, "late's cursor holds the segments");
+    assert_eq!(read_all(&store, first).len() as u64, 60 - first);
+}
+
+#[test]
+fn cursors_are_clamped_to_what_the_log_holds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut w, store, _) = log::open(dir.path(), 1 << 20).expect("open");
+    w.write_batch(&payloads(0..10, 10)).expect("write");
+    store.commit("bus", 10).expect("commit");
+    assert!(matches!(
+        store.commit("bus", 11),
+        Err(OutboxError::CursorBeyondEnd {
+            next: 11,
+            end: 10,
+            ..
+        })
+    ));
+    drop((w, store));
+    // The records behind the cursor are lost (their tail was damaged and cut).
+    let last = dir
+        .path()
+        .join("segments")
+        .join(format::segment_file_name(0));
+    let len = fs::metadata(&last).expect("stat").len();
+    OpenOptions::new()
+        .write(true)
+        .open(&last)
+        .and_then(|f| f.set_len(len - 5))
+        .expect("cut");
+    let (mut w, store, _) = log::open(dir.path(), 1 << 20).expect("reopen");
+    assert_eq!(w.next_seq(), 9);
+    assert_eq!(store.cursor("bus"), Some(9), "moved back to the end");
+    assert_eq!(
+        cursor::read(&cursor::path(&dir.path().join("cursors"), "bus")).expect("read"),
+        9,
+        "and persisted"
+    );
+    w.write_batch(&[payload(9, 1)]).expect("write");
+    assert_eq!(
+        seqs(&read_all(&store, store.cursor("bus").expect("cursor"))),
+        vec![9]
+    );
+}
+
+#[test]
+fn with_no_segments_seqs_start_at_the_highest_cursor() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fs::create_dir_all(dir.path().join("cursors")).expect("mkdir");
+    cursor::write(&dir.path().join("cursors"), "bus", 500).expect("cursor");
+    cursor::write(&dir.path().join("cursors"), "audit", 300).expect("cursor");
+    let (mut w, store, _) = log::open(dir.path(), 4096).expect("open");
+    assert_eq!(w.next_seq(), 500);
+    assert_eq!(
+        store.cursor("audit"),
+        Some(500),
+        "clamped to the oldest record"
+    );
+    assert_eq!(w.write_batch(&[payload(0, 1)]).expect("write"), 500..501);
+}
+
+#[test]
+fn a_damaged_cursor_file_stops_open_with_its_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fill(dir.path(), 4096, 3, 3);
+    fs::write(dir.path().join("cursors").join("bus.cursor"), b"garbage").expect("write");
+    let err = log::open(dir.path(), 4096).err().expect("refused");
+    assert!(err.to_string().contains("bus.cursor"), "{err}");
+}
+
+#[test]
+fn a_failed_write_or_fsync_is_undone_and_the_same_seqs_are_written_again() {
+    // The batch rolls over twice: fault points are write, fsync (roll), write, fsync (roll),
+    // write, fsync (batch). Fail each in turn, once or several times in a row.
+    for (skip, fail) in [
+        (0, 1),
+        (1, 1),
+        (2, 1),
+        (3, 1),
+        (4, 1),
+        (5, 1),
+        (0, 3),
+        (1, 4),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut w, store, _) = log::open(dir.path(), 2048).expect("open");
+        w.write_batch(&payloads(0..5, 100)).expect("write");
+        let segments_before = store.segments();
+        let bytes_before = store.bytes();
+        store.inject_faults_after(skip, fail);
+        let batch = payloads(5..40, 100);
+        let mut failures = 0;
+        let range = loop {
+            match w.write_batch(&batch) {
+                Ok(range) => break range,
+                Err(e) => {
+                    failures += 1;
+                    assert!(e.to_string().contains("injected"), "{e}");
+                    assert_eq!(
+                        store.durable_end(),
+                        5,
+                        "nothing of a failed batch is durable"
+                    );
+                    assert_eq!(store.segments(), segments_before, "rolled back");
+                    assert_eq!(store.bytes(), bytes_before);
+                    let on_disk = fs::metadata(&segments_before[0].1).expect("stat").len();
+                    assert_eq!(on_disk, bytes_before, "the failed bytes were cut off");
+                    assert!(failures <= fail);
+                }
+            }
+        };
+        assert_eq!(failures, fail, "skip {skip}: every injected fault hit");
+        assert_eq!(range, 5..40);
+        assert!(store.segments().len() >= 3, "the retry rolled over too");
+        drop((w, store));
+        let (_, store, recovery) = log::open(dir.path(), 2048).expect("reopen");
+        assert_eq!(
+            recovery.truncated_bytes, 0,
+            "no torn bytes were left behind"
+        );
+        let all = read_all(&store, 0);
+        assert_eq!(seqs(&all), (0..40).collect::<Vec<_>>());
+        assert!(all.iter().all(|r| r.payload == payload(r.seq, 100)));
+    }
+}
+
+#[test]
+fn a_record_with_a_valid_checksum_but_the_wrong_seq_is_corrupt_for_its_reader() {
+    // Earlier segments are not scanned at open; the reader's seq check is what catches a
+    // record that is well-formed but misplaced (say, a block from another file).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut w, store, _) = log::open(dir.path(), 2048).expect("open");
+    w.write_batch(&payloads(0..40, 100)).expect("write");
+    let (_, first_path) = store.segments()[0].clone();
+    let mut bytes = fs::read(&first_path).expect("read");
+    let mut rogue = Vec::new();
+    format::encode_record(&mut rogue, 1234, &payload(3, 100));
+    let at = usize::try_from(FILE_HEADER_LEN + 3 * format::frame_len(100)).expect("small");
+    bytes[at..at + rogue.len()].copy_from_slice(&rogue);
+    fs::write(&first_path, &bytes).expect("plant");
+    let mut r = store.reader(0);
+    // The good records come first, then the error, and the reader stays at it.
+    assert_eq!(
+        seqs(&r.read(10, 1 << 20).expect("records 0..3")),
+        vec![0, 1, 2]
+    );
+    let err = r.read(10, 1 << 20).expect_err("seq 1234 where 3 belongs");
+    assert!(err_mentions(&err, "seq 1234"), "{err}");
+    assert_eq!(r.position(), 3);
+    assert!(r.read(10, 1 << 20).is_err(), "still there");
+    // Seeking past it works through the header-only scan, which checks seqs as well.
+    let mut r = store.reader(5);
+    let err = r
+        .read(1, 1 << 20)
+        .expect_err("the scan to seq 5 passes the rogue record");
+    assert!(err_mentions(&err, "seq 1234"), "{err}");
+}
+
+fn err_mentions(e: &OutboxError, what: &str) -> bool {
+    matches!(e, OutboxError::Corrupt { .. }) && e.to_string().contains(what)
+}
+
+#[test]
+fn a_reader_never_sees_records_that_are_not_durable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut w, store, _) = log::open(dir.path(), 1 << 20).expect("open");
+    w.write_batch(&payloads(0..3, 10)).expect("write");
+    w.append(&payloads(3..6, 10)).expect("append without sync");
+    let mut r = store.reader(0);
+    assert_eq!(seqs(&r.read(100, 1 << 20).expect("read")), vec![0, 1, 2]);
+    assert!(r.read(100, 1 << 20).expect("read").is_empty());
+    w.sync().expect("sync");
+    assert_eq!(seqs(&r.read(100, 1 << 20).expect("read")), vec![3, 4, 5]);
+}
+
+fn settings(dir: &Path) -> OutboxSettings {
+    let mut s = OutboxSettings::new(dir);
+    s.segment_bytes = 4096;
+    s.max_bytes = 1 << 20;
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_failure_fails_the_tickets_reports_unhealthy_and_is_retried() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let outbox = Outbox::open(settings(dir.path()), OutboxMetrics::unregistered()).expect("open");
+    outbox
+        .append(payloads(0..2, 10))
+        .expect("append")
+        .durable()
+        .await
+        .expect("durable");
+    assert_eq!(outbox.health(), Ok(()));
+    let mut reader = outbox.reader("bus").expect("reader");
+    assert_eq!(
+        seqs(&reader.next(10, 1 << 20).await.expect("next")),
+        vec![0, 1]
+    );
+
+    outbox.inject_faults(1);
+    let ticket = outbox.append(payloads(2..4, 10)).expect("append");
+    let err = ticket.durable().await.expect_err("the write failed");
+    assert!(err.to_string().contains("injected"), "{err}");
+    // The health error may already be cleared by the retry; flush sees it through.
+    outbox.flush().await.expect("the retry makes them durable");
+    assert_eq!(outbox.health(), Ok(()));
+    let ticket = outbox.append(payloads(4..5, 10)).expect("append");
+    assert_eq!(ticket.first_seq(), 4, "seqs stay consecutive");
+    ticket.durable().await.expect("durable");
+    let got = reader.next(10, 1 << 20).await.expect("next");
+    assert_eq!(seqs(&got), vec![2, 3, 4]);
+    assert!(got.iter().all(|r| r.payload == payload(r.seq, 10)));
+    outbox.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_a_failing_disk_until_a_write_succeeds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let outbox = Outbox::open(settings(dir.path()), OutboxMetrics::unregistered()).expect("open");
+    // Every try fails for a while: the health error is visible, flush fails fast.
+    outbox.inject_faults(u32::MAX);
+    let ticket = outbox.append(payloads(0..1, 10)).expect("append");
+    assert!(ticket.durable().await.is_err());
+    let reason = outbox.health().expect_err("unhealthy");
+    assert!(reason.contains("injected"), "{reason}");
+    assert!(outbox.flush().await.is_err());
+    assert_eq!(outbox.durable_end(), 0);
+    outbox.inject_faults(0);
+    outbox.flush().await.expect("the disk is back");
+    assert_eq!(outbox.health(), Ok(()));
+    assert_eq!(outbox.durable_end(), 1);
+    outbox.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_are_checked_before_anything_is_queued() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let outbox = Outbox::open(settings(dir.path()), OutboxMetrics::unregistered()).expect("open");
+    let max = usize::try_from(outbox.max_payload()).expect("fits");
+    assert_eq!(max as u64, 4096 - FILE_HEADER_LEN - RECORD_HEADER_LEN);
+    let err = outbox
+        .append(vec![payload(0, 1), payload(1, max + 1)])
+        .expect_err("too large");
+    assert!(matches!(err, OutboxError::TooLarge { .. }), "{err:?}");
+    let t = outbox
+        .append(vec![payload(0, max)])
+        .expect("the largest fits");
+    assert_eq!(t.first_seq(), 0, "the refused append took no seq");
+    t.durable().await.expect("durable");
+    assert!(outbox.append(Vec::new()).expect("empty").is_empty());
+    assert!(matches!(
+        outbox.reader("a/b"),
+        Err(OutboxError::InvalidSink(_))
+    ));
+    assert!(matches!(
+        outbox.commit("bus", 2),
+        Err(OutboxError::CursorBeyondEnd { .. })
+    ));
+    outbox.close().await.expect("close");
+    assert!(matches!(
+        outbox.append(vec![payload(0, 1)]),
+        Err(OutboxError::Closed)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_next_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let outbox = Outbox::open(settings(dir.path()), OutboxMetrics::unregistered()).expect("open");
+    let mut reader = outbox.reader("bus").expect("reader");
+    // Nothing durable yet: the wait is cancelled, as the dispatcher's select! does.
+    tokio::select! {
+        biased;
+        _ = reader.next(10, 1 << 20) => panic!("nothing to read yet"),
+        _ = std::future::ready(()) => {}
+    }
+    for i in 0..20 {
+        outbox.append(vec![payload(i, 100)]).expect("append");
+    }
+    outbox.flush().await.expect("flush");
+    let mut got = Vec::new();
+    while got.len() < 20 {
+        // Start a read and drop it after its first poll (mid-read, on the blocking pool),
+        // then read for real.
+        {
+            let fut = reader.next(3, 1 << 20);
+            tokio::pin!(fut);
+            if let Some(r) = poll_once(fut.as_mut()).await {
+                got.extend(r.expect("next"));
+                continue;
+            }
+        }
+        got.extend(reader.next(3, 1 << 20).await.expect("next"));
+    }
+    assert_eq!(seqs(&got), (0..20).collect::<Vec<_>>());
+    outbox.close().await.expect("close");
+}
+
+/// Polls a future once: its output if it was ready.
+async fn poll_once<F: std::future::Future + Unpin>(f: F) -> Option<F::Output> {
+    let mut f = f;
+    std::future::poll_fn(move |cx| {
+        std::task::Poll::Ready(match std::pin::Pin::new(&mut f).poll(cx) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        })
+    })
+    .await
+}
+
+#[test]
+fn settings_are_checked_and_segments_fit_max_bytes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let _guard = rt.enter();
+    let mut s = OutboxSettings::new(dir.path());
+    s.max_bytes = 100;
+    assert!(matches!(
+        Outbox::open(s.clone(), OutboxMetrics::unregistered()),
+        Err(OutboxError::Settings(_))
+    ));
+    s.max_bytes = 1 << 20;
+    let outbox = Outbox::open(s, OutboxMetrics::unregistered()).expect("open");
+    assert_eq!(outbox.settings().segment_bytes, 256 << 10);
+}
+
+#[test]
+fn status_reads_a_directory_without_changing_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut w, store, _) = log::open(dir.path(), 2048).expect("open");
+    store.register("bus").expect("register");
+    w.write_batch(&payloads(0..30, 100)).expect("write");
+    store.commit("bus", 12).expect("commit");
+    // An append in progress: a torn record at the end is not counted, and not cut.
+    let last = store.segments().last().expect("segment").1.clone();
+    let mut f = OpenOptions::new().append(true).open(&last).expect("open");
+    f.write_all(&[50, 0, 0, 0, 1]).expect("tear");
+    let len = fs::metadata(&last).expect("stat").len();
+    let s = status(dir.path()).expect("status");
+    assert_eq!(fs::metadata(&last).expect("stat").len(), len);
+    assert_eq!(s.end_seq, 30);
+    assert_eq!(s.first_seq, store.first_seq());
+    assert_eq!(s.segments, store.segments().len());
+    assert_eq!(s.bytes, store.bytes() + 5);
+    assert_eq!(
+        s.sinks,
+        vec![SinkStatus {
+            sink: "bus".into(),
+            cursor: 12,
+            pending: 18,
+            dead_letters: 0,
+            replaying: 0
+        }]
+    );
+    assert!(status(&dir.path().join("missing")).is_err());
+}

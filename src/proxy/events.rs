@@ -1,0 +1,650 @@
+//! The event tap on the request path. A request that no rule can match by method and path
+//! passes through untouched: no capture, no allocation. For the others:
+//!
+//! - with `when_full: reject` and a full outbox, the request is answered `503` before the
+//!   monolith sees it (no state change without its event);
+//! - the request body is teed into a capture buffer (at most `limits.capture_body`) while it
+//!   streams to the upstream, if a candidate rule reads it;
+//! - when the response status matches a candidate, the response body is captured the same way,
+//!   the rules are evaluated when it ends, and the events are appended to the outbox. With
+//!   `durability: sync` the response is held until its events are durable: a small body
+//!   (known length within `capture_body`) is read whole before the response is released; a
+//!   larger or unknown-length body streams, but its last frame is held back until the events
+//!   are on disk, so no client has a complete response whose event could still be lost.
+//! - a client that goes away mid-response does not lose the event: the rest of the upstream
+//!   body is read in the background and the events emitted.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use std::time::SystemTime;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::future::Either;
+use http::header::HeaderValue;
+use http::{HeaderMap, Method, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use pin_project_lite::pin_project;
+use tokio::sync::broadcast;
+
+use super::body::{BoxError, ProxyBody};
+use super::forward::proxy_error;
+use super::{ProxyState, Routed};
+use crate::events::build::{cloud_event, Context as BuildContext};
+use crate::events::{CloudEvent, Envelope};
+use crate::metrics::{DropReason, Metrics};
+use crate::outbox::{Durability, Outbox, OutboxError, Ticket, WhenFull};
+use crate::rules::{Candidates, Captured, Exchange, Outcome, RuleSet, SkipReason};
+
+/// Everything the event tap needs, shared by all connections.
+pub struct EventPath {
+    pub rules: Arc<RuleSet>,
+    pub outbox: Outbox,
+    pub durability: Durability,
+    pub when_full: WhenFull,
+    pub capture_limit: usize,
+    pub default_source: String,
+    /// Derived events for `/events/tail` (and the demo's printout); lagging readers lose
+    /// the oldest, never block the request path.
+    pub tail: broadcast::Sender<Arc<CloudEvent>>,
+    pub metrics: Metrics,
+    /// `ficus_events_emitted_total` per rule, in rule order.
+    pub emitted: Vec<prometheus::IntCounter>,
+    /// The largest batch of events one exchange produced so far, in bytes: with
+    /// `when_full: reject`, a request is refused unless this much room is left.
+    pub largest: std::sync::atomic::AtomicU64,
+}
+
+impl EventPath {
+    pub fn new(
+        rules: Arc<RuleSet>,
+        outbox: Outbox,
+        outbox_config: &crate::config::OutboxConfig,
+        capture_limit: u64,
+        default_source: String,
+        metrics: Metrics,
+    ) -> EventPath {
+        let emitted = rules
+            .rules()
+            .iter()
+            .map(|r| metrics.events_emitted_total.with_label_values(&[&r.name]))
+            .collect();
+        EventPath {
+            rules,
+            outbox,
+            durability: outbox_config.durability,
+            when_full: outbox_config.when_full,
+            capture_limit: usize::try_from(capture_limit).unwrap_or(usize::MAX),
+            default_source,
+            tail: broadcast::channel(1024).0,
+            metrics,
+            emitted,
+            largest: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+/// The part of a request the rules may read, kept until the response ends.
+struct RequestParts {
+    candidates: Candidates,
+    method: Method,
+    path: String,
+    query: Option<String>,
+    headers: HeaderMap,
+    body: Option<Arc<CaptureSlot>>,
+    upstream: Arc<str>,
+}
+
+/// A capture buffer filled by a body while it streams.
+#[derive(Debug, Default)]
+pub struct CaptureSlot {
+    inner: Mutex<CaptureBuf>,
+}
+
+#[derive(Debug, Default)]
+struct CaptureBuf {
+    bytes: BytesMut,
+    truncated: bool,
+    complete: bool,
+}
+
+impl CaptureSlot {
+    fn push(&self, data: &Bytes, limit: usize) {
+        if let Ok(mut buf) = self.inner.lock() {
+            let room = limit.saturating_sub(buf.bytes.len());
+            if data.len() > room {
+                buf.truncated = true;
+            }
+            let take = data.len().min(room);
+            buf.bytes.extend_from_slice(&data[..take]);
+        }
+    }
+
+    fn finish(&self) {
+        if let Ok(mut buf) = self.inner.lock() {
+            buf.complete = true;
+        }
+    }
+
+    /// What was captured; a body that did not end (the upstream answered before reading it
+    /// all) counts as truncated.
+    fn take(&self, content_type: Option<&HeaderValue>) -> Captured {
+        match self.inner.lock() {
+            Ok(mut buf) => {
+                let truncated = buf.truncated || !buf.complete;
+                Captured::new(buf.bytes.split().freeze(), content_type, truncated)
+            }
+            Err(_) => Captured::empty(),
+        }
+    }
+}
+
+pin_project! {
+    /// A request body that copies its first bytes into a [`CaptureSlot`] while streaming.
+    pub struct Tee<B> {
+        #[pin]
+        inner: B,
+        slot: Option<(Arc<CaptureSlot>, usize)>,
+    }
+}
+
+impl<B> Tee<B> {
+    pub fn plain(inner: B) -> Self {
+        Tee { inner, slot: None }
+    }
+
+    pub fn capturing(inner: B, slot: (Arc<CaptureSlot>, usize)) -> Self {
+        Tee {
+            inner,
+            slot: Some(slot),
+        }
+    }
+}
+
+impl<B> Body for Tee<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        if let Some((slot, limit)) = this.slot.as_ref() {
+            match &frame {
+                Some(Ok(f)) => {
+                    if let Some(data) = f.data_ref() {
+                        slot.push(data, *limit);
+                    }
+                }
+                None => slot.finish(),
+                Some(Err(_)) => {}
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let end = self.inner.is_end_stream();
+        if end {
+            if let Some((slot, _)) = &self.slot {
+                slot.finish();
+            }
+        }
+        end
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[derive(Clone)]
+pub struct Events<S> {
+    inner: S,
+    state: Arc<ProxyState>,
+}
+
+impl<S> Events<S> {
+    pub fn new(inner: S, state: Arc<ProxyState>) -> Self {
+        Events { inner, state }
+    }
+}
+
+type BoxResponseFuture =
+    Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+impl<S> tower::Service<Routed> for Events<S>
+where
+    S: tower::Service<Routed, Response = Response<ProxyBody>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Either<S::Future, BoxResponseFuture>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut routed: Routed) -> Self::Future {
+        let Some(events) = self.state.events.as_ref() else {
+            return Either::Left(self.inner.call(routed));
+        };
+        let candidates = events
+            .rules
+            .candidates(routed.request.method(), routed.request.uri().path());
+        if candidates.is_empty() {
+            return Either::Left(self.inner.call(routed));
+        }
+        let events = events.clone();
+        let needed = events.largest.load(std::sync::atomic::Ordering::Relaxed);
+        if events.when_full == WhenFull::Reject && !events.outbox.has_room(needed) {
+            tracing::warn!(
+                path = routed.request.uri().path(),
+                "outbox full: request refused before the upstream"
+            );
+            return Either::Right(Box::pin(async {
+                Ok(proxy_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "outbox_full",
+                    "ficus: the event outbox is full; try again later\n".into(),
+                ))
+            }));
+        }
+        let needs = events.rules.needs(&candidates);
+        let request = &routed.request;
+        let slot = needs.request_body.then(|| Arc::new(CaptureSlot::default()));
+        routed.capture = slot.clone().map(|s| (s, events.capture_limit));
+        let upstream = self
+            .state
+            .upstreams
+            .get(routed.target.upstream)
+            .map_or_else(|| Arc::from(""), |u| u.name.clone());
+        let parts = RequestParts {
+            candidates,
+            method: request.method().clone(),
+            path: request.uri().path().to_string(),
+            query: request.uri().query().map(str::to_string),
+            headers: request.headers().clone(),
+            body: slot,
+            upstream,
+        };
+        let response = self.inner.call(routed);
+        Either::Right(Box::pin(async move {
+            let response = response.await?;
+            Ok(respond(events, parts, response).await)
+        }))
+    }
+}
+
+/// Decides what to do with the upstream's response for a request some rule may match.
+async fn respond(
+    events: Arc<EventPath>,
+    parts: RequestParts,
+    response: Response<ProxyBody>,
+) -> Response<ProxyBody> {
+    let status = response.status().as_u16();
+    // ficus's own errors (502/504) are not the monolith's answer: no rule sees them.
+    if response
+        .headers()
+        .contains_key(&super::forward::FICUS_ERROR)
+        || !events.rules.any_status(&parts.candidates, status)
+    {
+        return response;
+    }
+    let seen_at = SystemTime::now();
+    let (head, body) = response.into_parts();
+    let small = body
+        .size_hint()
+        .exact()
+        .is_some_and(|n| n <= events.capture_limit as u64);
+    if small {
+        // Read whole (it is small), emit, and in sync mode release only once durable.
+        let bytes = match body.collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(error) => {
+                tracing::warn!(%error, "upstream response body failed; no event emitted");
+                return proxy_error(
+                    StatusCode::BAD_GATEWAY,
+                    "reset",
+                    "ficus: upstream response body was cut short\n".into(),
+                );
+            }
+        };
+        let captured = Captured::new(
+            bytes.clone(),
+            head.headers.get(http::header::CONTENT_TYPE),
+            false,
+        );
+        let ticket = emit(&events, parts, status, &head.headers, captured, seen_at);
+        if events.durability == Durability::Sync {
+            if let Err(response) = wait_durable(ticket).await {
+                return response;
+            }
+        }
+        return Response::from_parts(head, ProxyBody::full(bytes));
+    }
+    let finish = Finish {
+        events: events.clone(),
+        parts,
+        status,
+        headers: head.headers.clone(),
+        seen_at,
+    };
+    let body = EventBody {
+        inner: Some(body),
+        captured: BytesMut::new(),
+        truncated: false,
+        limit: events.capture_limit,
+        sync: events.durability == Durability::Sync,
+        held: None,
+        waiting: None,
+        finish: Some(finish),
+        done: false,
+    };
+    Response::from_parts(
+        head,
+        ProxyBody::Events {
+            body: Box::new(body),
+        },
+    )
+}
+
+/// Awaits a sync ticket; a failed write turns into a `503` for the client.
+async fn wait_durable(ticket: Option<Ticket>) -> Result<(), Response<ProxyBody>> {
+    let Some(ticket) = ticket else { return Ok(()) };
+    match ticket.durable().await {
+        Ok(()) => Ok(()),
+        Err(error) => {
+            tracing::error!(%error, "event not durable; the response is withheld");
+            Err(proxy_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "outbox",
+                "ficus: the event for this response could not be stored\n".into(),
+            ))
+        }
+    }
+}
+
+struct Finish {
+    events: Arc<EventPath>,
+    parts: RequestParts,
+    status: u16,
+    headers: HeaderMap,
+    seen_at: SystemTime,
+}
+
+impl Finish {
+    fn emit(self, body: Bytes, truncated: bool) -> Option<Ticket> {
+        let captured = Captured::new(
+            body,
+            self.headers.get(http::header::CONTENT_TYPE),
+            truncated,
+        );
+        emit(
+            &self.events,
+            self.parts,
+            self.status,
+            &self.headers,
+            captured,
+            self.seen_at,
+        )
+    }
+}
+
+/// Evaluates the rules on a finished exchange and appends the events; returns the ticket to
+/// await for durability.
+fn emit(
+    events: &EventPath,
+    parts: RequestParts,
+    status: u16,
+    response_headers: &HeaderMap,
+    response_body: Captured,
+    seen_at: SystemTime,
+) -> Option<Ticket> {
+    let request_body = match &parts.body {
+        Some(slot) => slot.take(parts.headers.get(http::header::CONTENT_TYPE)),
+        None => Captured::empty(),
+    };
+    let traceparent = parts
+        .headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let exchange = Exchange {
+        method: parts.method,
+        path: parts.path,
+        query: parts.query,
+        request_headers: parts.headers,
+        request_body,
+        status,
+        response_headers: response_headers.clone(),
+        response_body,
+    };
+    let ctx = BuildContext {
+        default_source: &events.default_source,
+        upstream: &parts.upstream,
+        seen_at,
+        traceparent: traceparent.as_deref(),
+    };
+    let outcomes = events.rules.evaluate(&parts.candidates, exchange);
+    let mut payloads = Vec::new();
+    let mut rules = Vec::new();
+    for outcome in outcomes {
+        match outcome {
+            Outcome::Emit(draft) => {
+                let rule = draft.rule.clone();
+                let sinks = draft.sinks.clone();
+                let event = cloud_event(draft, &ctx);
+                let envelope = Envelope {
+                    sinks,
+                    rule: rule.clone(),
+                    event,
+                };
+                payloads.push(envelope.encode());
+                let _ = events.tail.send(Arc::new(envelope.event));
+                rules.push(rule);
+            }
+            Outcome::Skipped { rule, reason } => match reason {
+                SkipReason::ConditionError(ref e) => {
+                    tracing::warn!(rule = %rule, error = %e, "rule condition failed to evaluate; no event");
+                    events.metrics.dropped(DropReason::ConditionError, 1);
+                }
+                SkipReason::MissingType => {
+                    tracing::warn!(rule = %rule, "rule type evaluated to nothing; no event");
+                    events.metrics.dropped(DropReason::MissingType, 1);
+                }
+                _ => tracing::debug!(rule = %rule, reason = %reason, "rule did not apply"),
+            },
+        }
+    }
+    if payloads.is_empty() {
+        return None;
+    }
+    let n = payloads.len() as u64;
+    let size: u64 = payloads.iter().map(|p| p.len() as u64).sum();
+    events
+        .largest
+        .fetch_max(size, std::sync::atomic::Ordering::Relaxed);
+    match events.outbox.append(payloads) {
+        Ok(ticket) => {
+            for rule in rules {
+                if let Some(i) = events.rules.rules().iter().position(|r| r.name == rule) {
+                    if let Some(c) = events.emitted.get(i) {
+                        c.inc();
+                    }
+                }
+            }
+            Some(ticket)
+        }
+        Err(OutboxError::Full { .. }) => {
+            tracing::error!(events = n, "outbox full: events dropped");
+            events.metrics.dropped(DropReason::OutboxFull, n);
+            None
+        }
+        Err(error) => {
+            tracing::error!(events = n, %error, "outbox write failed: events dropped");
+            events.metrics.dropped(DropReason::OutboxError, n);
+            None
+        }
+    }
+}
+
+/// The wait for a sync ticket; `Err` carries the response to give instead.
+type DurableWait = Pin<Box<dyn Future<Output = Result<(), Response<ProxyBody>>> + Send>>;
+
+/// A streamed response body that captures, emits at its end, and (sync) holds its last frame
+/// until the events are durable.
+pub struct EventBody {
+    inner: Option<ProxyBody>,
+    captured: BytesMut,
+    truncated: bool,
+    limit: usize,
+    sync: bool,
+    held: Option<Frame<Bytes>>,
+    waiting: Option<DurableWait>,
+    finish: Option<Finish>,
+    done: bool,
+}
+
+impl EventBody {
+    fn capture(&mut self, frame: &Frame<Bytes>) {
+        if let Some(data) = frame.data_ref() {
+            let room = self.limit.saturating_sub(self.captured.len());
+            if data.len() > room {
+                self.truncated = true;
+            }
+            self.captured
+                .extend_from_slice(&data[..data.len().min(room)]);
+        }
+    }
+}
+
+impl Body for EventBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            if this.done {
+                return Poll::Ready(this.held.take().map(Ok));
+            }
+            if let Some(waiting) = this.waiting.as_mut() {
+                let result = ready!(waiting.as_mut().poll(cx));
+                this.waiting = None;
+                this.done = true;
+                if result.is_err() {
+                    // Not durable: the client must not see a complete response.
+                    this.held = None;
+                    return Poll::Ready(Some(Err(
+                        "ficus: the event for this response could not be stored".into(),
+                    )));
+                }
+                continue;
+            }
+            let Some(inner) = this.inner.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match ready!(Pin::new(inner).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    this.capture(&frame);
+                    if !this.sync {
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
+                    if let Some(previous) = this.held.replace(frame) {
+                        return Poll::Ready(Some(Ok(previous)));
+                    }
+                }
+                Some(Err(e)) => {
+                    // The upstream cut the body: the exchange is incomplete, no event.
+                    this.finish = None;
+                    this.inner = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                None => {
+                    this.inner = None;
+                    let ticket = this
+                        .finish
+                        .take()
+                        .and_then(|f| f.emit(this.captured.split().freeze(), this.truncated));
+                    if this.sync {
+                        this.waiting = Some(Box::pin(wait_durable(ticket)));
+                    } else {
+                        this.done = true;
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.held.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        // Frames are only delayed, never added or removed: the upstream's length holds.
+        match &self.inner {
+            Some(inner) => {
+                let mut hint = inner.size_hint();
+                let held = self
+                    .held
+                    .as_ref()
+                    .and_then(|f| f.data_ref())
+                    .map_or(0, |d| d.len() as u64);
+                hint.set_lower(hint.lower().saturating_add(held));
+                if let Some(upper) = hint.upper() {
+                    hint.set_upper(upper.saturating_add(held));
+                }
+                hint
+            }
+            None => SizeHint::default(),
+        }
+    }
+}
+
+impl Drop for EventBody {
+    fn drop(&mut self) {
+        // The client left before the end: read the rest of the upstream's answer in the
+        // background and emit its events anyway. The monolith changed state either way.
+        let (Some(finish), Some(mut inner)) = (self.finish.take(), self.inner.take()) else {
+            return;
+        };
+        let mut captured = std::mem::take(&mut self.captured);
+        let mut truncated = self.truncated;
+        let limit = self.limit;
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                while let Some(frame) = inner.frame().await {
+                    match frame {
+                        Ok(frame) => {
+                            if let Some(data) = frame.data_ref() {
+                                let room = limit.saturating_sub(captured.len());
+                                truncated |= data.len() > room;
+                                captured.extend_from_slice(&data[..data.len().min(room)]);
+                            }
+                        }
+                        Err(_) => return,
+                    }
+                }
+                if let Some(ticket) = finish.emit(captured.freeze(), truncated) {
+                    let _ = ticket.durable().await;
+                }
+            });
+        }
+    }
+}

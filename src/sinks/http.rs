@@ -1,0 +1,163 @@
+//! `type: http`: the CloudEvents HTTP protocol binding. `binary` (default) sends one request
+//! per event with `ce-*` headers and the data as the body; `structured` one request per event
+//! with the whole event as `application/cloudevents+json`; `batch` one request per batch as
+//! `application/cloudevents-batch+json`. 2xx is delivered; 408, 429, 5xx and network errors
+//! are retried; any other status is permanent (dead letter).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
+use http::{Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use super::{BoxFuture, SendResult, Sink, SinkFailure};
+use crate::config::UpstreamTls;
+use crate::events::{batch_json, CloudEvent, BATCH, STRUCTURED};
+use crate::proxy::client::{tls_config, ClientError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpMode {
+    Binary,
+    Structured,
+    Batch,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpSinkSettings {
+    pub name: String,
+    pub url: Uri,
+    pub mode: HttpMode,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub timeout: Duration,
+    pub tls: UpstreamTls,
+}
+
+pub struct HttpSink {
+    settings: HttpSinkSettings,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+}
+
+impl HttpSink {
+    pub fn new(settings: HttpSinkSettings) -> Result<HttpSink, ClientError> {
+        let https = settings.url.scheme_str() == Some("https");
+        let tls = tls_config(&settings.name, https, &settings.tls)?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(settings.timeout));
+        http.set_nodelay(true);
+        let connector = HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector);
+        Ok(HttpSink { settings, client })
+    }
+
+    fn request(
+        &self,
+        content_type: Option<&str>,
+        extra: Vec<(HeaderName, HeaderValue)>,
+        body: Bytes,
+    ) -> Request<Full<Bytes>> {
+        let mut request = Request::new(Full::new(body));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = self.settings.url.clone();
+        let headers = request.headers_mut();
+        if let Some(ct) = content_type.and_then(|c| HeaderValue::from_str(c).ok()) {
+            headers.insert(CONTENT_TYPE, ct);
+        }
+        for (name, value) in extra {
+            headers.insert(name, value);
+        }
+        for (name, value) in &self.settings.headers {
+            headers.insert(name.clone(), value.clone());
+        }
+        request
+    }
+
+    /// One POST; `Ok` on 2xx.
+    async fn post(&self, request: Request<Full<Bytes>>) -> Result<(), SinkFailure> {
+        let sent = tokio::time::timeout(self.settings.timeout, self.client.request(request)).await;
+        let response = match sent {
+            Err(_) => {
+                return Err(SinkFailure::retryable(format!(
+                    "no response within {:?}",
+                    self.settings.timeout
+                )))
+            }
+            Ok(Err(e)) => return Err(SinkFailure::retryable(format!("request failed: {e}"))),
+            Ok(Ok(r)) => r,
+        };
+        let status = response.status();
+        // Read (a bounded part of) the body so the connection can be reused and the reason logged.
+        let body = tokio::time::timeout(self.settings.timeout, response.into_body().collect())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        if status.is_success() {
+            return Ok(());
+        }
+        let text = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+        let message = format!("HTTP {status}: {text}");
+        if is_retryable(status) {
+            Err(SinkFailure::retryable(message))
+        } else {
+            Err(SinkFailure::permanent(message))
+        }
+    }
+}
+
+fn is_retryable(status: StatusCode) -> bool {
+    status.is_server_error()
+        || status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || !status.is_client_error()
+}
+
+impl Sink for HttpSink {
+    fn send<'a>(&'a self, events: &'a [CloudEvent]) -> BoxFuture<'a, SendResult> {
+        Box::pin(async move {
+            match self.settings.mode {
+                HttpMode::Batch => {
+                    let request =
+                        self.request(Some(BATCH), Vec::new(), Bytes::from(batch_json(events)));
+                    match self.post(request).await {
+                        Ok(()) => SendResult::all(events.len()),
+                        Err(f) => SendResult::failed(0, f),
+                    }
+                }
+                mode => {
+                    for (i, event) in events.iter().enumerate() {
+                        let request = match mode {
+                            HttpMode::Structured => self.request(
+                                Some(STRUCTURED),
+                                Vec::new(),
+                                Bytes::from(event.to_json()),
+                            ),
+                            _ => self.request(
+                                None,
+                                event.http_binary_headers(),
+                                event.data_bytes().unwrap_or_default(),
+                            ),
+                        };
+                        if let Err(f) = self.post(request).await {
+                            return SendResult::failed(i, f);
+                        }
+                    }
+                    SendResult::all(events.len())
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,68 @@
+//! Where events go. A [`Sink`] sends a batch in order and says how far it got; the dispatcher
+//! (not the sink) owns retries, backoff, cursors and dead letters, so a new sink type (NATS,
+//! Redis, Kafka...) implements `send` and nothing else.
+
+pub mod file;
+pub mod http;
+pub mod stdout;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::events::CloudEvent;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// How one `send` went: the first `delivered` events were accepted; if `failure` is set, the
+/// event right after them was not.
+#[derive(Debug)]
+pub struct SendResult {
+    pub delivered: usize,
+    pub failure: Option<SinkFailure>,
+}
+
+impl SendResult {
+    pub fn all(n: usize) -> SendResult {
+        SendResult {
+            delivered: n,
+            failure: None,
+        }
+    }
+
+    pub fn failed(delivered: usize, failure: SinkFailure) -> SendResult {
+        SendResult {
+            delivered,
+            failure: Some(failure),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SinkFailure {
+    /// The sink will never take this event (an HTTP 4xx other than 408/429, a message too
+    /// large): it goes to the sink's dead letters. Otherwise it is retried with backoff.
+    pub permanent: bool,
+    pub message: String,
+}
+
+impl SinkFailure {
+    pub fn retryable(message: impl Into<String>) -> SinkFailure {
+        SinkFailure {
+            permanent: false,
+            message: message.into(),
+        }
+    }
+
+    pub fn permanent(message: impl Into<String>) -> SinkFailure {
+        SinkFailure {
+            permanent: true,
+            message: message.into(),
+        }
+    }
+}
+
+pub trait Sink: Send + Sync {
+    /// Sends `events` in order. Must not return before the events it reports delivered are
+    /// accepted by the other side (acknowledged, fsynced...): at-least-once rests on it.
+    fn send<'a>(&'a self, events: &'a [CloudEvent]) -> BoxFuture<'a, SendResult>;
+}
