@@ -271,6 +271,12 @@ impl App {
         for task in dispatchers {
             let _ = task.await;
         }
+        if let Some(outbox) = &self.outbox {
+            // Stops the writer and releases the directory lock for the next process.
+            if let Err(error) = outbox.close().await {
+                tracing::error!(%error, "outbox close failed");
+            }
+        }
         stop_admin.cancel();
         let _ = admin_task.await;
         Ok(())

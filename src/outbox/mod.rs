@@ -233,6 +233,9 @@ pub enum OutboxError {
     NotReplayFile(PathBuf),
     #[error("outbox settings: {0}")]
     Settings(String),
+    /// Another process holds the directory's lock: two writers would corrupt the log.
+    #[error("outbox: {} is in use by another ficus process", .0.display())]
+    InUse(PathBuf),
 }
 
 impl OutboxError {
@@ -274,7 +277,27 @@ impl OutboxError {
             },
             OutboxError::NotReplayFile(p) => OutboxError::NotReplayFile(p.clone()),
             OutboxError::Settings(s) => OutboxError::Settings(s.clone()),
+            OutboxError::InUse(p) => OutboxError::InUse(p.clone()),
         }
+    }
+}
+
+/// Takes the directory's exclusive lock (`flock` on `ficus.lock`), released when the process
+/// exits however it exits. `status` and `replay` do not take it: they only read, or rename
+/// atomically, and work beside a running ficus.
+fn lock_dir(dir: &Path) -> Result<std::fs::File, OutboxError> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir, "create directory"))?;
+    let path = dir.join("ficus.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(&path, "open lock file"))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(OutboxError::InUse(dir.to_path_buf())),
+        Err(std::fs::TryLockError::Error(e)) => Err(io_err(&path, "lock")(e)),
     }
 }
 
@@ -326,6 +349,9 @@ struct Failure {
 }
 
 struct Shared {
+    /// Held until `close` or the last handle goes: one writer per directory, across
+    /// processes.
+    dir_lock: Mutex<Option<std::fs::File>>,
     settings: OutboxSettings,
     metrics: OutboxMetrics,
     store: log::Store,
@@ -417,6 +443,7 @@ impl Outbox {
         settings.segment_bytes = settings
             .segment_bytes
             .clamp(MIN_SEGMENT_BYTES, settings.max_bytes / 4);
+        let dir_lock = lock_dir(&settings.dir)?;
         let (writer, store, recovery) = log::open(&settings.dir, settings.segment_bytes)?;
         tracing::info!(
             dir = %settings.dir.display(),
@@ -432,6 +459,7 @@ impl Outbox {
         metrics.unflushed.set(0);
         let dead = dead::DeadLetters::new(store.layout().dead.clone());
         let shared = Arc::new(Shared {
+            dir_lock: Mutex::new(Some(dir_lock)),
             queue: Mutex::new(Queue {
                 next_seq: writer.next_seq(),
                 entries: VecDeque::new(),
@@ -604,6 +632,8 @@ impl Outbox {
         self.shared().close_queue();
         let mut rx = self.shared().durable.clone();
         while rx.changed().await.is_ok() {}
+        // The writer is gone: another process (or a reopen) may take the directory.
+        lock(&self.shared().dir_lock).take();
         flushed
     }
 

@@ -649,3 +649,20 @@ fn status_reads_a_directory_without_changing_it() {
     );
     assert!(status(&dir.path().join("missing")).is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_outbox_on_the_same_directory_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = Outbox::open(settings(dir.path()), OutboxMetrics::unregistered()).expect("open");
+    let second = Outbox::open(settings(dir.path()), OutboxMetrics::unregistered());
+    match second {
+        Err(OutboxError::InUse(path)) => assert_eq!(path, dir.path()),
+        Err(other) => panic!("expected InUse, got {other}"),
+        Ok(_) => panic!("two writers on one directory"),
+    }
+    first.close().await.expect("close");
+    drop(first);
+    let again = Outbox::open(settings(dir.path()), OutboxMetrics::unregistered())
+        .expect("reopen after release");
+    again.close().await.expect("close");
+}
