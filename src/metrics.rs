@@ -58,6 +58,9 @@ pub struct Metrics {
     pub outbox_bytes: prometheus::IntGauge,
     pub outbox_unflushed_events: prometheus::IntGauge,
     pub event_delivery_lag_seconds: prometheus::GaugeVec,
+    pub route_fallbacks_total: IntCounterVec,
+    pub shadow_comparisons_total: IntCounterVec,
+    pub shadow_dropped_total: IntCounterVec,
 }
 
 /// Why an event that a rule produced (or would have) did not reach the outbox.
@@ -203,6 +206,30 @@ impl Metrics {
         registry.register(Box::new(upstream_request_duration.clone()))?;
         registry.register(Box::new(upstream_errors_total.clone()))?;
         registry.register(Box::new(build_info.clone()))?;
+        let route_fallbacks_total = IntCounterVec::new(
+            Opts::new(
+                "ficus_route_fallbacks_total",
+                "Requests sent again to the route's fallback upstream.",
+            ),
+            &["route"],
+        )?;
+        let shadow_comparisons_total = IntCounterVec::new(
+            Opts::new(
+                "ficus_shadow_comparisons_total",
+                "Shadow responses compared with the primary's, by route and result.",
+            ),
+            &["route", "result"],
+        )?;
+        let shadow_dropped_total = IntCounterVec::new(
+            Opts::new(
+                "ficus_shadow_dropped_total",
+                "Shadow copies not sent because the route's shadow concurrency cap was reached.",
+            ),
+            &["route"],
+        )?;
+        registry.register(Box::new(route_fallbacks_total.clone()))?;
+        registry.register(Box::new(shadow_comparisons_total.clone()))?;
+        registry.register(Box::new(shadow_dropped_total.clone()))?;
         registry.register(Box::new(events_emitted_total.clone()))?;
         registry.register(Box::new(events_delivered_total.clone()))?;
         registry.register(Box::new(event_delivery_failures_total.clone()))?;
@@ -227,6 +254,9 @@ impl Metrics {
             outbox_bytes,
             outbox_unflushed_events,
             event_delivery_lag_seconds,
+            route_fallbacks_total,
+            shadow_comparisons_total,
+            shadow_dropped_total,
         })
     }
 

@@ -8,6 +8,7 @@
 
 mod decode;
 mod events;
+pub mod routes;
 mod yaml;
 
 use std::fmt;
@@ -34,6 +35,8 @@ pub struct Config {
     pub limits: Limits,
     pub shutdown: Shutdown,
     pub log: Log,
+    /// Strangler routes, first match wins.
+    pub routes: Vec<routes::RouteConfig>,
     /// Rules; `None` when the file has no `events` section.
     pub events: Option<Events>,
     pub sinks: Vec<SinkConfig>,
@@ -71,6 +74,9 @@ pub struct Upstream {
     /// No body bytes in either direction for this long cuts the exchange.
     pub idle_timeout: Duration,
     pub tls: Option<UpstreamTls>,
+    /// Send `Host: <this upstream's authority>` instead of the client's (functions behind a
+    /// gateway route by host).
+    pub rewrite_host: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -149,9 +155,6 @@ const TOP_LEVEL: &[&str] = &[
     "shutdown",
     "log",
 ];
-
-/// Sections of the SPEC that this build does not implement yet.
-const NOT_YET: &[&str] = &["routes"];
 
 impl Config {
     /// Reads and validates `path`, with `${VAR}` taken from the process environment.
@@ -243,7 +246,46 @@ impl Config {
                 u.name, u.scheme, u.authority
             ));
         }
-        s.push_str("routes: 0\n");
+        s.push_str(&format!("routes: {}\n", self.routes.len()));
+        let name = |i: usize| self.upstreams.get(i).map_or("?", |u| u.name.as_str());
+        for r in &self.routes {
+            let method = r.method.as_ref().map_or("*", |m| m.as_str());
+            let to = match &r.backend {
+                routes::Backend::Single(u) => name(*u).to_string(),
+                routes::Backend::Split { choices, sticky } => {
+                    let parts: Vec<String> = choices
+                        .iter()
+                        .map(|(u, w)| format!("{} {w}", name(*u)))
+                        .collect();
+                    let sticky = match sticky {
+                        Some(routes::Sticky::Header(h)) => format!(", sticky by header {h}"),
+                        Some(routes::Sticky::Cookie(c)) => format!(", sticky by cookie {c}"),
+                        None => String::new(),
+                    };
+                    format!("split [{}]{sticky}", parts.join(", "))
+                }
+            };
+            let mut extra = String::new();
+            if let Some(f) = &r.fallback {
+                extra.push_str(&format!(", fallback {}", name(f.upstream)));
+            }
+            if let Some(sh) = &r.shadow {
+                extra.push_str(&format!(
+                    ", shadow {} ({}%)",
+                    name(sh.upstream),
+                    sh.sample * 100.0
+                ));
+            }
+            s.push_str(&format!(
+                "  {}: {method} {} -> {to}{extra}\n",
+                r.name,
+                r.path.as_str()
+            ));
+        }
+        s.push_str(&format!(
+            "  default: * -> {}\n",
+            name(self.default_upstream)
+        ));
         let rules = self.events.as_ref().map_or(0, |e| e.rules.rules().len());
         s.push_str(&format!("rules: {rules}\n"));
         if let Some(events) = &self.events {
@@ -297,18 +339,6 @@ fn decode_config(d: &mut Decoder<'_>, root: &Node) -> Option<Config> {
         return None;
     }
     let top = d.map(root, "", TOP_LEVEL)?;
-    for key in NOT_YET {
-        if let Some(node) = top.get(key) {
-            d.error(
-                node.mark,
-                key,
-                format!(
-                    "the `{key}` section is not supported by ficus {} yet",
-                    env!("CARGO_PKG_VERSION")
-                ),
-            );
-        }
-    }
 
     let listen = decode_listen(d, top.get("listen"));
     let admin_addr = top
@@ -321,6 +351,7 @@ fn decode_config(d: &mut Decoder<'_>, root: &Node) -> Option<Config> {
     let limits = decode_limits(d, top.get("limits"));
     let shutdown = decode_shutdown(d, top.get("shutdown"));
     let log = decode_log(d, top.get("log"));
+    let routes = routes::decode_routes(d, top.get("routes"), &upstreams);
     let sinks = events::decode_sinks(d, top.get("sinks"));
     let outbox = events::decode_outbox(d, top.get("outbox"));
     let events = events::decode_events(d, top.get("events"), &sinks);
@@ -341,6 +372,7 @@ fn decode_config(d: &mut Decoder<'_>, root: &Node) -> Option<Config> {
         limits,
         shutdown,
         log,
+        routes,
         events,
         sinks,
         outbox,
@@ -438,7 +470,14 @@ fn decode_upstreams(d: &mut Decoder<'_>, top: &Fields<'_>) -> Vec<Upstream> {
         let Some(f) = d.map(
             node,
             &path,
-            &["url", "connect_timeout", "timeout", "idle_timeout", "tls"],
+            &[
+                "url",
+                "connect_timeout",
+                "timeout",
+                "idle_timeout",
+                "tls",
+                "rewrite_host",
+            ],
         ) else {
             continue;
         };
@@ -481,6 +520,7 @@ fn decode_upstreams(d: &mut Decoder<'_>, top: &Fields<'_>) -> Vec<Upstream> {
                 }
             }
         }
+        let rewrite_host = d.field(&f, &path, "rewrite_host", false, decode::parse_bool);
         let tls = f.get("tls").and_then(|n| {
             let tpath = join(&path, "tls");
             let t = d.map(n, &tpath, &["ca", "cert", "key"])?;
@@ -512,6 +552,7 @@ fn decode_upstreams(d: &mut Decoder<'_>, top: &Fields<'_>) -> Vec<Upstream> {
                 timeout,
                 idle_timeout,
                 tls,
+                rewrite_host,
             });
         }
     }
@@ -751,12 +792,23 @@ mod tests {
     }
 
     #[test]
-    fn later_sections_are_refused_not_ignored() {
-        let errors =
-            load("upstreams: { m: { url: \"http://a:1\" } }\nroutes: []\n").expect_err("not yet");
-        assert_eq!(errors.len(), 1);
+    fn routes_name_known_upstreams() {
+        let errors = load(concat!(
+            "upstreams: { m: { url: \"http://a:1\" }, f: { url: \"http://b:1\" } }\n",
+            "default_upstream: m\n",
+            "routes:\n",
+            "  - name: r\n",
+            "    match: { path: /x }\n",
+            "    split: [{ upstream: m, weight: 90 }, { upstream: nope, weight: 10 }]\n",
+            "    fallback: gone\n",
+        ))
+        .expect_err("unknown upstreams");
         assert!(
-            errors[0].starts_with("f.yaml:2:9: routes: the `routes` section is not supported"),
+            errors.iter().any(|e| e.contains("routes[0].split[1].upstream: no upstream named `nope`")),
+            "{errors:?}"
+        );
+        assert!(
+            errors.iter().any(|e| e.contains("routes[0].fallback: no upstream named `gone`")),
             "{errors:?}"
         );
     }

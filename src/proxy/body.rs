@@ -135,6 +135,50 @@ where
     }
 }
 
+/// What goes to an upstream: the client's body streamed once, or a kept copy that can be
+/// sent again (fallback, shadow).
+pub enum UpstreamBody {
+    Stream(hyper::body::Incoming),
+    Buffered(Option<Bytes>),
+}
+
+impl UpstreamBody {
+    pub fn buffered(bytes: Bytes) -> Self {
+        UpstreamBody::Buffered((!bytes.is_empty()).then_some(bytes))
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            UpstreamBody::Stream(b) => Pin::new(b).poll_frame(cx),
+            UpstreamBody::Buffered(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Stream(b) => b.is_end_stream(),
+            UpstreamBody::Buffered(data) => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Stream(b) => b.size_hint(),
+            UpstreamBody::Buffered(data) => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
+    }
+}
+
 pin_project! {
     /// What ficus answers with: the upstream's body, or a short body ficus made itself.
     #[project = ProxyBodyProj]
@@ -143,6 +187,8 @@ pin_project! {
         Full { data: Option<Bytes> },
         // Boxed: only responses some rule matches take this path.
         Events { body: Box<super::events::EventBody> },
+        // Boxed: only shadowed requests with a comparison take this path.
+        Shadowed { body: Box<super::shadow::Tapped> },
     }
 }
 
@@ -170,6 +216,7 @@ impl Body for ProxyBody {
             ProxyBodyProj::Upstream { body } => body.poll_frame(cx),
             ProxyBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             ProxyBodyProj::Events { body } => Pin::new(body.as_mut()).poll_frame(cx),
+            ProxyBodyProj::Shadowed { body } => Pin::new(body.as_mut()).poll_frame(cx),
         }
     }
 
@@ -178,6 +225,7 @@ impl Body for ProxyBody {
             ProxyBody::Upstream { body } => body.is_end_stream(),
             ProxyBody::Full { data } => data.is_none(),
             ProxyBody::Events { body } => body.is_end_stream(),
+            ProxyBody::Shadowed { body } => body.is_end_stream(),
         }
     }
 
@@ -188,6 +236,7 @@ impl Body for ProxyBody {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
             ProxyBody::Events { body } => body.size_hint(),
+            ProxyBody::Shadowed { body } => body.size_hint(),
         }
     }
 }

@@ -17,7 +17,7 @@ use super::body::Idle;
 use crate::config::{Upstream, UpstreamTls};
 use crate::metrics::{Metrics, UpstreamMetrics};
 
-pub type RequestBody = Idle<super::events::Tee<hyper::body::Incoming>>;
+pub type RequestBody = Idle<super::events::Tee<super::body::UpstreamBody>>;
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +47,7 @@ pub struct UpstreamClient {
     pub authority: Authority,
     pub timeout: Duration,
     pub idle_timeout: Duration,
+    pub rewrite_host: bool,
     pub client: HttpClient,
     pub metrics: UpstreamMetrics,
 }
@@ -83,6 +84,7 @@ impl UpstreamClient {
             authority: upstream.authority.clone(),
             timeout: upstream.timeout,
             idle_timeout: upstream.idle_timeout,
+            rewrite_host: upstream.rewrite_host,
             client,
             metrics: metrics.for_upstream(&upstream.name),
         })

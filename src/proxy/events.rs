@@ -281,8 +281,16 @@ where
             upstream,
         };
         let response = self.inner.call(routed);
+        let state = self.state.clone();
         Either::Right(Box::pin(async move {
             let response = response.await?;
+            let mut parts = parts;
+            // A fallback answered instead of the routed upstream: events name who served.
+            if let Some(served) = response.extensions().get::<super::forward::ServedBy>() {
+                if let Some(u) = state.upstreams.get(served.0) {
+                    parts.upstream = u.name.clone();
+                }
+            }
             Ok(respond(events, parts, response).await)
         }))
     }

@@ -13,7 +13,8 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
-use super::body::{Activity, Idle, IdleTimeout, ProxyBody};
+use super::body::{Activity, Idle, IdleTimeout, ProxyBody, UpstreamBody};
+use super::client::UpstreamClient;
 use super::events::Tee;
 use super::headers;
 use super::{ConnInfo, ProxyState, Routed};
@@ -51,8 +52,24 @@ impl tower::Service<Routed> for Forward {
     }
 }
 
-async fn forward(state: &ProxyState, conn: &ConnInfo, routed: Routed) -> Response<ProxyBody> {
-    let upstream = &state.upstreams[routed.target.upstream];
+/// Request bodies up to this size are kept so that a fallback or shadow can send them again;
+/// larger ones stream once and get neither.
+const REPLAY_LIMIT: u64 = 64 * 1024;
+
+/// Which upstream actually served a response, when a fallback changed it (so that events name
+/// the upstream that answered).
+#[derive(Debug, Clone, Copy)]
+pub struct ServedBy(pub usize);
+
+/// How one attempt at an upstream ended, before ficus turns failures into its own answers.
+enum Attempt {
+    Answered(Response<hyper::body::Incoming>),
+    Failed(UpstreamErrorKind, String),
+}
+
+async fn forward(state: &Arc<ProxyState>, conn: &ConnInfo, routed: Routed) -> Response<ProxyBody> {
+    let target = routed.target;
+    let route = state.router.config(target);
     let mut req = routed.request;
     let client_upgrade = req
         .headers()
@@ -77,66 +94,97 @@ async fn forward(state: &ProxyState, conn: &ConnInfo, routed: Routed) -> Respons
         conn.tls,
         state.trust_forwarded_headers,
     );
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(upstream.scheme.clone());
-    uri.authority = Some(upstream.authority.clone());
-    uri.path_and_query = parts.uri.path_and_query().cloned();
-    parts.uri = match Uri::from_parts(uri) {
-        Ok(uri) => uri,
-        Err(_) => {
-            return proxy_error(
-                StatusCode::BAD_REQUEST,
-                "bad-request",
-                "ficus: request target cannot be forwarded\n".into(),
-            )
-        }
+    let path_and_query = match route.and_then(|r| rewrite_path(r, parts.uri.path_and_query())) {
+        Some(rewritten) => Some(rewritten),
+        None => parts.uri.path_and_query().cloned(),
     };
     parts.version = Version::HTTP_11;
 
-    let activity = Activity::new(
-        upstream.idle_timeout,
-        Some(upstream.metrics.counter(UpstreamErrorKind::Idle).clone()),
-    );
-    let body = match routed.capture {
-        Some(capture) => Tee::capturing(body, capture),
-        None => Tee::plain(body),
-    };
-    let request = Request::from_parts(parts, Idle::new(body, activity.clone()));
-    let started = Instant::now();
-    let result = tokio::time::timeout(upstream.timeout, upstream.client.request(request)).await;
-    let mut response = match result {
-        Ok(Ok(response)) => response,
-        Ok(Err(error)) => {
-            let kind = classify(&error);
-            // An idle cut was counted by the body that noticed it.
-            if kind != UpstreamErrorKind::Idle {
-                upstream.metrics.error(kind);
+    // A request may go out again (fallback) or as a copy (shadow) only if its body can be
+    // sent twice: none, or small enough to keep.
+    let fallback = state
+        .router
+        .fallback(target)
+        .filter(|f| f.methods.contains(&parts.method) && f.upstream != target.upstream);
+    let shadow = state.router.shadow(target).filter(|s| {
+        s.methods.contains(&parts.method) && (s.sample >= 1.0 || fastrand::f64() < s.sample)
+    });
+    let replayable = (fallback.is_some() || shadow.is_some()) && body_fits(&body);
+    let (first_body, replay) = if replayable {
+        match http_body_util::BodyExt::collect(body).await {
+            Ok(collected) => {
+                let bytes = collected.to_bytes();
+                (UpstreamBody::buffered(bytes.clone()), Some(bytes))
             }
-            tracing::warn!(upstream = %upstream.name, kind = kind.as_str(), error = %error_chain(&error), "upstream request failed");
-            let status = if kind == UpstreamErrorKind::Idle {
-                StatusCode::GATEWAY_TIMEOUT
-            } else {
-                StatusCode::BAD_GATEWAY
-            };
-            return proxy_error(status, kind.as_str(), describe(kind, &upstream.name));
+            Err(error) => {
+                return proxy_error(
+                    StatusCode::BAD_REQUEST,
+                    "client",
+                    format!("ficus: the request body could not be read: {error}\n"),
+                );
+            }
         }
-        Err(_elapsed) => {
-            upstream.metrics.error(UpstreamErrorKind::Timeout);
-            tracing::warn!(upstream = %upstream.name, timeout = ?upstream.timeout, "upstream timed out before response headers");
-            return proxy_error(
-                StatusCode::GATEWAY_TIMEOUT,
-                UpstreamErrorKind::Timeout.as_str(),
-                format!(
-                    "ficus: upstream `{}` sent no response within {:?}\n",
-                    upstream.name, upstream.timeout
-                ),
-            );
-        }
+    } else {
+        (UpstreamBody::Stream(body), None)
     };
-    upstream
-        .metrics
-        .duration
-        .observe(started.elapsed().as_secs_f64());
+    let first_body = match routed.capture {
+        Some(capture) => Tee::capturing(first_body, capture),
+        None => Tee::plain(first_body),
+    };
+
+    let upstream = &state.upstreams[target.upstream];
+    // Copies of the head only where a second sending may happen.
+    let spare = (replay.is_some() && fallback.is_some()).then(|| parts.clone());
+    let shadow_parts = (replay.is_some() && shadow.is_some()).then(|| parts.clone());
+    let (attempt, activity) = send(upstream, parts, path_and_query.clone(), first_body).await;
+    let needs_fallback = match &attempt {
+        Attempt::Answered(r) => r.status().is_server_error(),
+        Attempt::Failed(..) => true,
+    };
+    let mut served = target.upstream;
+    let (mut response, activity) = match (needs_fallback, fallback, spare, replay.as_ref()) {
+        (true, Some(fallback), Some(spare), Some(bytes)) => {
+            let why = match &attempt {
+                Attempt::Answered(r) => format!("answered {}", r.status()),
+                Attempt::Failed(kind, _) => kind.as_str().to_string(),
+            };
+            drop(attempt);
+            let alternate = &state.upstreams[fallback.upstream];
+            tracing::warn!(
+                route = state.router.route_name(target),
+                from = %upstream.name,
+                to = %alternate.name,
+                reason = %why,
+                "falling back"
+            );
+            if let Some(counter) = state.fallbacks.get(target.route) {
+                counter.inc();
+            }
+            served = fallback.upstream;
+            let body = Tee::plain(UpstreamBody::buffered(bytes.clone()));
+            match send(alternate, spare, path_and_query.clone(), body).await {
+                (Attempt::Answered(r), activity) => (r, activity),
+                (Attempt::Failed(kind, message), _) => return failure(kind, message),
+            }
+        }
+        _ => match attempt {
+            Attempt::Answered(r) => (r, activity),
+            Attempt::Failed(kind, message) => return failure(kind, message),
+        },
+    };
+
+    let tap = match (shadow, shadow_parts, replay) {
+        (Some(shadow), Some(shadow_parts), Some(bytes)) => super::shadow::start(
+            state,
+            target,
+            shadow,
+            shadow_parts,
+            path_and_query,
+            bytes,
+            &response,
+        ),
+        _ => None,
+    };
 
     let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     if switching {
@@ -146,6 +194,7 @@ async fn forward(state: &ProxyState, conn: &ConnInfo, routed: Routed) -> Respons
                 tokio::spawn(splice(client, upstream_upgrade));
             }
             _ => {
+                let upstream = &state.upstreams[served];
                 upstream.metrics.error(UpstreamErrorKind::Protocol);
                 return proxy_error(
                     StatusCode::BAD_GATEWAY,
@@ -160,12 +209,129 @@ async fn forward(state: &ProxyState, conn: &ConnInfo, routed: Routed) -> Respons
     }
     let (mut parts, body) = response.into_parts();
     headers::strip_response_hop_by_hop(&mut parts.headers, switching);
-    Response::from_parts(
-        parts,
-        ProxyBody::Upstream {
-            body: Idle::new(body, activity),
+    if served != target.upstream {
+        parts.extensions.insert(ServedBy(served));
+    }
+    let body = Idle::new(body, activity);
+    let body = match tap {
+        Some(tap) => ProxyBody::Shadowed {
+            body: Box::new(tap.wrap(body)),
         },
-    )
+        None => ProxyBody::Upstream { body },
+    };
+    Response::from_parts(parts, body)
+}
+
+fn failure(kind: UpstreamErrorKind, message: String) -> Response<ProxyBody> {
+    let status = match kind {
+        UpstreamErrorKind::Timeout | UpstreamErrorKind::Idle => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::BAD_GATEWAY,
+    };
+    proxy_error(status, kind.as_str(), message)
+}
+
+/// Whether a request body is known to be small enough to keep for a second sending.
+fn body_fits(body: &hyper::body::Incoming) -> bool {
+    use http_body::Body as _;
+    body.is_end_stream() || body.size_hint().upper().is_some_and(|n| n <= REPLAY_LIMIT)
+}
+
+/// `strip_prefix` / `add_prefix`; `None` when the route rewrites nothing (or the path does not
+/// carry the prefix).
+fn rewrite_path(
+    route: &crate::config::routes::RouteConfig,
+    pq: Option<&http::uri::PathAndQuery>,
+) -> Option<http::uri::PathAndQuery> {
+    if route.strip_prefix.is_none() && route.add_prefix.is_none() {
+        return None;
+    }
+    let pq = pq?;
+    let mut path = pq.path();
+    if let Some(prefix) = &route.strip_prefix {
+        if let Some(rest) = path.strip_prefix(prefix.as_str()) {
+            if rest.is_empty() || rest.starts_with('/') {
+                path = rest;
+            }
+        }
+    }
+    let mut out = String::with_capacity(pq.as_str().len() + 16);
+    if let Some(prefix) = &route.add_prefix {
+        out.push_str(prefix);
+    }
+    out.push_str(if path.is_empty() { "/" } else { path });
+    if let Some(q) = pq.query() {
+        out.push('?');
+        out.push_str(q);
+    }
+    out.parse().ok()
+}
+
+/// One attempt at `upstream`: builds the request for it, waits up to `timeout` for the
+/// response head, and classifies failures (counted per upstream).
+async fn send(
+    upstream: &UpstreamClient,
+    parts: http::request::Parts,
+    path_and_query: Option<http::uri::PathAndQuery>,
+    body: Tee<UpstreamBody>,
+) -> (Attempt, Arc<Activity>) {
+    let activity = Activity::new(
+        upstream.idle_timeout,
+        Some(upstream.metrics.counter(UpstreamErrorKind::Idle).clone()),
+    );
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(upstream.scheme.clone());
+    uri.authority = Some(upstream.authority.clone());
+    uri.path_and_query = path_and_query;
+    let mut request = Request::from_parts(parts, Idle::new(body, activity.clone()));
+    match Uri::from_parts(uri) {
+        Ok(uri) => *request.uri_mut() = uri,
+        Err(_) => {
+            return (
+                Attempt::Failed(
+                    UpstreamErrorKind::Protocol,
+                    "ficus: request target cannot be forwarded\n".into(),
+                ),
+                activity,
+            )
+        }
+    }
+    if upstream.rewrite_host {
+        if let Ok(host) = HeaderValue::from_str(upstream.authority.as_str()) {
+            request.headers_mut().insert(header::HOST, host);
+        }
+    }
+    let started = Instant::now();
+    let result = tokio::time::timeout(upstream.timeout, upstream.client.request(request)).await;
+    let attempt = match result {
+        Ok(Ok(response)) => {
+            upstream
+                .metrics
+                .duration
+                .observe(started.elapsed().as_secs_f64());
+            Attempt::Answered(response)
+        }
+        Ok(Err(error)) => {
+            let kind = classify(&error);
+            // An idle cut was counted by the body that noticed it.
+            if kind != UpstreamErrorKind::Idle {
+                upstream.metrics.error(kind);
+            }
+            tracing::warn!(upstream = %upstream.name, kind = kind.as_str(), error = %error_chain(&error), "upstream request failed");
+            Attempt::Failed(kind, describe(kind, &upstream.name))
+        }
+        Err(_elapsed) => {
+            upstream.metrics.error(UpstreamErrorKind::Timeout);
+            tracing::warn!(upstream = %upstream.name, timeout = ?upstream.timeout, "upstream timed out before response headers");
+            Attempt::Failed(
+                UpstreamErrorKind::Timeout,
+                format!(
+                    "ficus: upstream `{}` sent no response within {:?}\n",
+                    upstream.name, upstream.timeout
+                ),
+            )
+        }
+    };
+    (attempt, activity)
 }
 
 /// After a `101`, the two connections are joined byte for byte until either side closes.

@@ -9,6 +9,7 @@ pub mod forward;
 pub mod framing;
 pub mod headers;
 pub mod server;
+pub mod shadow;
 pub mod smuggling;
 pub mod stack;
 pub mod telemetry;
@@ -35,6 +36,10 @@ pub struct ProxyState {
     pub access_log: bool,
     /// The event tap; `None` without rules.
     pub events: Option<Arc<events::EventPath>>,
+    /// `ficus_route_fallbacks_total` per route, in route order.
+    pub fallbacks: Vec<prometheus::IntCounter>,
+    /// Shadow bookkeeping per route (`None` for routes without a shadow).
+    pub shadows: Vec<Option<shadow::ShadowState>>,
 }
 
 impl ProxyState {
@@ -50,7 +55,21 @@ impl ProxyState {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(ProxyState {
             upstreams,
-            router: Router::new(config.default_upstream),
+            fallbacks: config
+                .routes
+                .iter()
+                .map(|r| metrics.route_fallbacks_total.with_label_values(&[&r.name]))
+                .collect(),
+            shadows: config
+                .routes
+                .iter()
+                .map(|r| {
+                    r.shadow
+                        .as_ref()
+                        .map(|s| shadow::ShadowState::new(&r.name, s, &metrics))
+                })
+                .collect(),
+            router: Router::new(config.routes.clone(), config.default_upstream),
             metrics,
             trust_forwarded_headers: config.listen.trust_forwarded_headers,
             access_log: config.log.access,

@@ -76,7 +76,10 @@ where
     }
 
     fn call(&mut self, request: Request<Incoming>) -> S::Future {
-        let target = self.state.router.route(request.method(), request.uri());
+        let target = self
+            .state
+            .router
+            .route(request.method(), request.uri(), request.headers());
         self.inner.call(Routed {
             target,
             request,

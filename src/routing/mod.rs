@@ -1,13 +1,22 @@
-//! Which upstream serves a request. This version has no `routes` section yet: every request
-//! goes to the default upstream under the route name `default`. The [`Target`] a request gets
-//! here travels down the stack so that metrics and logs name the route and upstream.
+//! Which upstream serves a request: the first route whose method, path template and headers
+//! match, else the default upstream under the route name `default`. A split picks among its
+//! upstreams by weight — by a hash of the sticky header or cookie when one is set and present,
+//! so a user stays on one side, else at random. The [`Target`] travels down the stack so that
+//! metrics, logs and events name the route and upstream.
+//!
+//! The decision allocates nothing: path matching is done on the borrowed path, the sticky key
+//! is hashed in place.
 
-use http::{Method, Uri};
+use std::hash::{Hash, Hasher};
+
+use http::{HeaderMap, Method, Uri};
+
+use crate::config::routes::{Backend, Fallback, RouteConfig, Shadow, Sticky};
 
 /// The route name used for traffic that no route matched.
 pub const DEFAULT_ROUTE: &str = "default";
 
-/// Where one request goes: indexes into the route names and the upstream clients.
+/// Where one request goes: indexes into the routes and the upstream clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Target {
     pub route: usize,
@@ -16,21 +25,39 @@ pub struct Target {
 
 #[derive(Debug, Clone)]
 pub struct Router {
-    routes: Vec<String>,
+    routes: Vec<RouteConfig>,
     default_upstream: usize,
 }
 
 impl Router {
-    pub fn new(default_upstream: usize) -> Router {
+    pub fn new(routes: Vec<RouteConfig>, default_upstream: usize) -> Router {
         Router {
-            routes: vec![DEFAULT_ROUTE.to_string()],
+            routes,
             default_upstream,
         }
     }
 
-    pub fn route(&self, _method: &Method, _uri: &Uri) -> Target {
+    /// The route index `routes.len()` stands for the default route.
+    pub fn route(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Target {
+        let path = uri.path();
+        for (i, r) in self.routes.iter().enumerate() {
+            if r.method.as_ref().is_some_and(|m| m != method) {
+                continue;
+            }
+            if !r.path.matches(path) {
+                continue;
+            }
+            if !r.headers.iter().all(|(n, v)| headers.get(n) == Some(v)) {
+                continue;
+            }
+            let upstream = match &r.backend {
+                Backend::Single(u) => *u,
+                Backend::Split { choices, sticky } => pick(choices, sticky.as_ref(), headers),
+            };
+            return Target { route: i, upstream };
+        }
         Target {
-            route: 0,
+            route: self.routes.len(),
             upstream: self.default_upstream,
         }
     }
@@ -38,19 +65,169 @@ impl Router {
     pub fn route_name(&self, target: Target) -> &str {
         self.routes
             .get(target.route)
-            .map_or(DEFAULT_ROUTE, String::as_str)
+            .map_or(DEFAULT_ROUTE, |r| r.name.as_str())
+    }
+
+    /// Route names in index order, the default last: the `route` label values.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.routes
+            .iter()
+            .map(|r| r.name.as_str())
+            .chain(std::iter::once(DEFAULT_ROUTE))
+    }
+
+    pub fn config(&self, target: Target) -> Option<&RouteConfig> {
+        self.routes.get(target.route)
+    }
+
+    pub fn fallback(&self, target: Target) -> Option<&Fallback> {
+        self.config(target).and_then(|r| r.fallback.as_ref())
+    }
+
+    pub fn shadow(&self, target: Target) -> Option<&Shadow> {
+        self.config(target).and_then(|r| r.shadow.as_ref())
+    }
+}
+
+/// Weighted choice: by the sticky key's hash when present, so the same key always lands on
+/// the same upstream while the weights stay; else random.
+fn pick(choices: &[(usize, u32)], sticky: Option<&Sticky>, headers: &HeaderMap) -> usize {
+    let total: u64 = choices.iter().map(|(_, w)| u64::from(*w)).sum();
+    if total == 0 {
+        return choices.first().map_or(0, |(u, _)| *u);
+    }
+    let point = match sticky.and_then(|s| sticky_key(s, headers)) {
+        Some(key) => {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            key.hash(&mut h);
+            h.finish() % total
+        }
+        None => fastrand::u64(0..total),
+    };
+    let mut acc = 0u64;
+    for (u, w) in choices {
+        acc += u64::from(*w);
+        if point < acc {
+            return *u;
+        }
+    }
+    choices.last().map_or(0, |(u, _)| *u)
+}
+
+fn sticky_key<'a>(sticky: &Sticky, headers: &'a HeaderMap) -> Option<&'a [u8]> {
+    match sticky {
+        Sticky::Header(name) => headers.get(name).map(|v| v.as_bytes()),
+        Sticky::Cookie(name) => headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|pair| {
+                let (k, v) = pair.trim().split_once('=')?;
+                (k == name).then_some(v.as_bytes())
+            }),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rules::PathTemplate;
+
+    fn route(name: &str, method: Option<Method>, path: &str, backend: Backend) -> RouteConfig {
+        RouteConfig {
+            name: name.into(),
+            method,
+            path: PathTemplate::parse(path).expect("path"),
+            headers: Vec::new(),
+            backend,
+            fallback: None,
+            shadow: None,
+            strip_prefix: None,
+            add_prefix: None,
+        }
+    }
 
     #[test]
-    fn unrouted_traffic_goes_to_the_default_upstream() {
-        let router = Router::new(1);
-        let t = router.route(&Method::POST, &Uri::from_static("/orders?x=1"));
-        assert_eq!(t.upstream, 1);
+    fn first_matching_route_wins_else_default() {
+        let mut canary = route("canary", None, "/orders/{id}", Backend::Single(2));
+        canary.headers.push((
+            http::HeaderName::from_static("x-canary"),
+            http::HeaderValue::from_static("1"),
+        ));
+        let router = Router::new(
+            vec![
+                canary,
+                route(
+                    "read",
+                    Some(Method::GET),
+                    "/orders/{id}",
+                    Backend::Single(1),
+                ),
+                route("all", None, "/orders/{*rest}", Backend::Single(3)),
+            ],
+            0,
+        );
+        let uri = Uri::from_static("/orders/7?x=1");
+        let mut h = HeaderMap::new();
+        assert_eq!(
+            router.route(&Method::GET, &uri, &h),
+            Target {
+                route: 1,
+                upstream: 1
+            }
+        );
+        assert_eq!(
+            router.route(&Method::POST, &uri, &h),
+            Target {
+                route: 2,
+                upstream: 3
+            }
+        );
+        h.insert("x-canary", http::HeaderValue::from_static("1"));
+        assert_eq!(
+            router.route(&Method::GET, &uri, &h),
+            Target {
+                route: 0,
+                upstream: 2
+            }
+        );
+        let t = router.route(&Method::GET, &Uri::from_static("/search"), &h);
+        assert_eq!(
+            t,
+            Target {
+                route: 3,
+                upstream: 0
+            }
+        );
         assert_eq!(router.route_name(t), "default");
+    }
+
+    #[test]
+    fn sticky_split_keeps_a_key_on_one_side() {
+        let choices = [(0, 50), (1, 50)];
+        let sticky = Sticky::Cookie("uid".into());
+        let mut sides = std::collections::HashSet::new();
+        for user in 0..200 {
+            let mut h = HeaderMap::new();
+            h.insert(
+                http::header::COOKIE,
+                http::HeaderValue::from_str(&format!("a=b; uid=u{user}")).expect("value"),
+            );
+            let first = pick(&choices, Some(&sticky), &h);
+            for _ in 0..5 {
+                assert_eq!(pick(&choices, Some(&sticky), &h), first);
+            }
+            sides.insert(first);
+        }
+        assert_eq!(sides.len(), 2, "keys spread over both sides");
+    }
+
+    #[test]
+    fn zero_weight_never_chosen() {
+        let h = HeaderMap::new();
+        for _ in 0..1000 {
+            assert_eq!(pick(&[(0, 0), (1, 5)], None, &h), 1);
+        }
     }
 }

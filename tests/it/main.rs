@@ -11,6 +11,7 @@
 //! - `lifecycle`: SIGTERM drain
 //! - `large`: 100 MiB bodies streamed both ways with flat memory
 //! - `upstream_tls`: https upstreams with a configured CA and mTLS
+//! - `routing`: takeover, split, sticky, fallback, shadow with comparison
 //! - `events`: rules, CloudEvents (checked with the SDK), outbox, file and HTTP sinks
 //! - `crash`: `kill -9` under load with sync durability loses nothing a client saw
 //! - `disk_full`: a real full disk (tmpfs) under the outbox
@@ -28,5 +29,6 @@ mod limits;
 mod outbox;
 mod pool;
 mod protocols;
+mod routing;
 mod support;
 mod upstream_tls;

@@ -1,0 +1,467 @@
+//! Shadow traffic: a sampled copy of a request goes to the route's shadow upstream in a task
+//! of its own, after the primary answered. Nothing the client sees depends on it: the copy is
+//! sent from a spawned task with its own timeout, its response is read and dropped there, and
+//! at most `max_in_flight` copies per route exist at once (beyond that they are dropped and
+//! counted), so a slow or dead shadow can never pile up.
+//!
+//! With `compare`, the primary's body is teed (at most [`COMPARE_LIMIT`] bytes) while it streams
+//! to the client, and the two answers are compared: status, the listed headers, and bodies —
+//! structurally when both are JSON, minus the `ignore` paths; byte for byte otherwise.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, Response, StatusCode, Uri};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use prometheus::IntCounter;
+use tokio::sync::{oneshot, Semaphore};
+
+use super::body::{Activity, BoxError, Idle, UpstreamBody};
+use super::events::Tee;
+use super::ProxyState;
+use crate::config::routes::{Compare, Shadow};
+use crate::metrics::Metrics;
+use crate::routing::Target;
+
+/// Bytes of each body kept for comparison; bodies beyond it are compared on status and headers.
+pub const COMPARE_LIMIT: usize = 1 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Comparison {
+    Match,
+    StatusMismatch,
+    HeaderMismatch,
+    BodyMismatch,
+    Error,
+}
+
+impl Comparison {
+    const ALL: [Comparison; 5] = [
+        Comparison::Match,
+        Comparison::StatusMismatch,
+        Comparison::HeaderMismatch,
+        Comparison::BodyMismatch,
+        Comparison::Error,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Comparison::Match => "match",
+            Comparison::StatusMismatch => "status_mismatch",
+            Comparison::HeaderMismatch => "header_mismatch",
+            Comparison::BodyMismatch => "body_mismatch",
+            Comparison::Error => "error",
+        }
+    }
+}
+
+/// A route's shadow bookkeeping: the concurrency cap and its series.
+pub struct ShadowState {
+    route: String,
+    permits: Arc<Semaphore>,
+    results: Vec<IntCounter>,
+    dropped: IntCounter,
+    mismatches: AtomicU64,
+}
+
+impl ShadowState {
+    pub fn new(route: &str, shadow: &Shadow, metrics: &Metrics) -> ShadowState {
+        ShadowState {
+            route: route.to_string(),
+            permits: Arc::new(Semaphore::new(shadow.max_in_flight)),
+            results: Comparison::ALL
+                .iter()
+                .map(|c| {
+                    metrics
+                        .shadow_comparisons_total
+                        .with_label_values(&[route, c.as_str()])
+                })
+                .collect(),
+            dropped: metrics.shadow_dropped_total.with_label_values(&[route]),
+            mismatches: AtomicU64::new(0),
+        }
+    }
+
+    fn count(&self, c: Comparison) {
+        if let Some(i) = Comparison::ALL.iter().position(|x| *x == c) {
+            self.results[i].inc();
+        }
+    }
+}
+
+/// Returned by [`start`] when the primary body must be teed for the comparison.
+pub struct ShadowTap {
+    tx: oneshot::Sender<Captured>,
+}
+
+struct Captured {
+    bytes: Bytes,
+    truncated: bool,
+}
+
+impl ShadowTap {
+    pub fn wrap(self, inner: Idle<hyper::body::Incoming>) -> Tapped {
+        Tapped {
+            inner,
+            buf: BytesMut::new(),
+            truncated: false,
+            tx: Some(self.tx),
+        }
+    }
+}
+
+/// The primary's response body, teed for the comparison.
+pub struct Tapped {
+    inner: Idle<hyper::body::Incoming>,
+    buf: BytesMut,
+    truncated: bool,
+    tx: Option<oneshot::Sender<Captured>>,
+}
+
+impl Tapped {
+    fn finish(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Captured {
+                bytes: self.buf.split().freeze(),
+                truncated: self.truncated,
+            });
+        }
+    }
+}
+
+impl Body for Tapped {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(data) = f.data_ref() {
+                    let room = COMPARE_LIMIT.saturating_sub(this.buf.len());
+                    this.truncated |= data.len() > room;
+                    this.buf.extend_from_slice(&data[..data.len().min(room)]);
+                }
+                // hyper stops polling once the body says it ended; that is the end too.
+                if this.inner.is_end_stream() {
+                    this.finish();
+                }
+            }
+            None => this.finish(),
+            // An incomplete primary body: the sender is dropped and the comparison is an error.
+            Some(Err(_)) => this.tx = None,
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Sends the shadow copy if the route's cap allows, and arranges the comparison; the returned
+/// tap must wrap the primary's body.
+pub fn start(
+    state: &Arc<ProxyState>,
+    target: Target,
+    shadow: &Shadow,
+    parts: http::request::Parts,
+    path_and_query: Option<http::uri::PathAndQuery>,
+    body: Bytes,
+    primary: &Response<hyper::body::Incoming>,
+) -> Option<ShadowTap> {
+    let Some(Some(bookkeeping)) = state.shadows.get(target.route) else {
+        return None;
+    };
+    let Ok(permit) = bookkeeping.permits.clone().try_acquire_owned() else {
+        bookkeeping.dropped.inc();
+        return None;
+    };
+    let compare = shadow.compare.clone();
+    let primary_head = compare
+        .as_ref()
+        .map(|c| (primary.status(), pick_headers(primary.headers(), c)));
+    let (tap, primary_body) = if compare.is_some() {
+        let (tx, rx) = oneshot::channel();
+        (Some(ShadowTap { tx }), Some(rx))
+    } else {
+        (None, None)
+    };
+    let state = state.clone();
+    let upstream_index = shadow.upstream;
+    let timeout = shadow.timeout;
+    let route = target.route;
+    tokio::spawn(async move {
+        let _permit = permit;
+        let Some(Some(bookkeeping)) = state.shadows.get(route) else {
+            return;
+        };
+        let outcome = send_copy(&state, upstream_index, parts, path_and_query, body, timeout).await;
+        let (Some(compare), Some((status, headers)), Some(rx)) =
+            (compare, primary_head, primary_body)
+        else {
+            return;
+        };
+        let result = match (outcome, rx.await) {
+            (Ok((s_status, s_headers, s_body, s_trunc)), Ok(p)) => {
+                let c = compare_responses(
+                    &compare,
+                    (status, &headers, &p.bytes, p.truncated),
+                    (
+                        s_status,
+                        &pick_headers(&s_headers, &compare),
+                        &s_body,
+                        s_trunc,
+                    ),
+                );
+                if c != Comparison::Match {
+                    let n = bookkeeping.mismatches.fetch_add(1, Ordering::Relaxed);
+                    // A sample: the first ten, then one in a hundred.
+                    if n < 10 || n % 100 == 0 {
+                        tracing::info!(
+                            route = %bookkeeping.route,
+                            result = c.as_str(),
+                            primary_status = status.as_u16(),
+                            shadow_status = s_status.as_u16(),
+                            primary_body = %truncate(&p.bytes),
+                            shadow_body = %truncate(&s_body),
+                            "shadow response differs"
+                        );
+                    }
+                }
+                c
+            }
+            (Err(error), _) => {
+                tracing::debug!(route = %bookkeeping.route, %error, "shadow request failed");
+                Comparison::Error
+            }
+            (_, Err(_)) => Comparison::Error,
+        };
+        bookkeeping.count(result);
+    });
+    tap
+}
+
+type ShadowAnswer = (StatusCode, HeaderMap, Bytes, bool);
+
+async fn send_copy(
+    state: &ProxyState,
+    upstream_index: usize,
+    parts: http::request::Parts,
+    path_and_query: Option<http::uri::PathAndQuery>,
+    body: Bytes,
+    timeout: std::time::Duration,
+) -> Result<ShadowAnswer, String> {
+    let upstream = state
+        .upstreams
+        .get(upstream_index)
+        .ok_or("no such upstream")?;
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(upstream.scheme.clone());
+    uri.authority = Some(upstream.authority.clone());
+    uri.path_and_query = path_and_query;
+    let activity = Activity::new(upstream.idle_timeout, None);
+    let mut request = http::Request::from_parts(
+        parts,
+        Idle::new(Tee::plain(UpstreamBody::buffered(body)), activity),
+    );
+    *request.uri_mut() = Uri::from_parts(uri).map_err(|e| e.to_string())?;
+    if upstream.rewrite_host {
+        if let Ok(host) = http::HeaderValue::from_str(upstream.authority.as_str()) {
+            request.headers_mut().insert(http::header::HOST, host);
+        }
+    }
+    let exchange = async {
+        let response = upstream
+            .client
+            .request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (head, body) = response.into_parts();
+        let mut buf = BytesMut::new();
+        let mut truncated = false;
+        let mut body = body;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| e.to_string())?;
+            if let Some(data) = frame.data_ref() {
+                let room = COMPARE_LIMIT.saturating_sub(buf.len());
+                truncated |= data.len() > room;
+                buf.extend_from_slice(&data[..data.len().min(room)]);
+            }
+        }
+        Ok::<_, String>((head.status, head.headers, buf.freeze(), truncated))
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| format!("no complete answer within {timeout:?}"))?
+}
+
+fn pick_headers(headers: &HeaderMap, compare: &Compare) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for name in &compare.headers {
+        for v in headers.get_all(name) {
+            out.append(name.clone(), v.clone());
+        }
+    }
+    out
+}
+
+fn truncate(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned();
+    if bytes.len() > 512 {
+        format!("{text}…")
+    } else {
+        text
+    }
+}
+
+/// Compares two answers: (status, the compared headers, body prefix, body truncated).
+pub fn compare_responses(
+    compare: &Compare,
+    primary: (StatusCode, &HeaderMap, &[u8], bool),
+    shadow: (StatusCode, &HeaderMap, &[u8], bool),
+) -> Comparison {
+    if primary.0 != shadow.0 {
+        return Comparison::StatusMismatch;
+    }
+    if primary.1 != shadow.1 {
+        return Comparison::HeaderMismatch;
+    }
+    // A body cut at the limit cannot be compared fairly; status and headers decided.
+    if primary.3 || shadow.3 {
+        return Comparison::Match;
+    }
+    let same = match (
+        serde_json::from_slice::<serde_json::Value>(primary.2),
+        serde_json::from_slice::<serde_json::Value>(shadow.2),
+    ) {
+        (Ok(mut a), Ok(mut b)) => {
+            for path in &compare.ignore {
+                remove(&mut a, path);
+                remove(&mut b, path);
+            }
+            a == b
+        }
+        _ => primary.2 == shadow.2,
+    };
+    if same {
+        Comparison::Match
+    } else {
+        Comparison::BodyMismatch
+    }
+}
+
+fn remove(value: &mut serde_json::Value, path: &[String]) {
+    let Some((last, parents)) = path.split_last() else {
+        *value = serde_json::Value::Null;
+        return;
+    };
+    let mut v = value;
+    for key in parents {
+        v = match v {
+            serde_json::Value::Object(m) => match m.get_mut(key) {
+                Some(next) => next,
+                None => return,
+            },
+            serde_json::Value::Array(items) => {
+                match key.parse::<usize>().ok().and_then(|i| items.get_mut(i)) {
+                    Some(next) => next,
+                    None => return,
+                }
+            }
+            _ => return,
+        };
+    }
+    if let serde_json::Value::Object(m) = v {
+        m.remove(last);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(headers: &[&'static str], ignore: &[&str]) -> Compare {
+        Compare {
+            headers: headers
+                .iter()
+                .map(|h| http::HeaderName::from_static(h))
+                .collect(),
+            ignore: ignore
+                .iter()
+                .map(|p| p.split('.').map(str::to_string).collect())
+                .collect(),
+        }
+    }
+
+    fn hm(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, http::HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn json_bodies_compare_structurally_minus_ignored_paths() {
+        let c = cfg(&["content-type"], &["generated_at", "meta.trace"]);
+        let h = hm(&[("content-type", "application/json")]);
+        let a = br#"{"id":1,"items":[1,2],"generated_at":"x","meta":{"trace":"a","v":1}}"#;
+        let b =
+            br#"{ "meta": {"v": 1, "trace": "b"}, "items": [1, 2], "id": 1, "generated_at": "y" }"#;
+        assert_eq!(
+            compare_responses(
+                &c,
+                (StatusCode::OK, &h, a, false),
+                (StatusCode::OK, &h, b, false)
+            ),
+            Comparison::Match
+        );
+        let d = br#"{"id":2,"items":[1,2]}"#;
+        assert_eq!(
+            compare_responses(
+                &c,
+                (StatusCode::OK, &h, a, false),
+                (StatusCode::OK, &h, d, false)
+            ),
+            Comparison::BodyMismatch
+        );
+        assert_eq!(
+            compare_responses(
+                &c,
+                (StatusCode::OK, &h, a, false),
+                (StatusCode::CREATED, &h, a, false)
+            ),
+            Comparison::StatusMismatch
+        );
+        let other = hm(&[("content-type", "text/html")]);
+        assert_eq!(
+            compare_responses(
+                &c,
+                (StatusCode::OK, &h, a, false),
+                (StatusCode::OK, &other, a, false)
+            ),
+            Comparison::HeaderMismatch
+        );
+        assert_eq!(
+            compare_responses(
+                &c,
+                (StatusCode::OK, &h, b"abc", false),
+                (StatusCode::OK, &h, b"abd", false)
+            ),
+            Comparison::BodyMismatch
+        );
+    }
+}
