@@ -158,7 +158,13 @@ fn routing(c: &mut Criterion) {
     let uri = Uri::from_static("/api/orders/12345?expand=items&currency=EUR");
     let mut g = c.benchmark_group("routing");
     g.bench_function("route/default", |b| {
-        b.iter(|| router.route(black_box(&Method::GET), black_box(&uri), black_box(&no_headers)))
+        b.iter(|| {
+            router.route(
+                black_box(&Method::GET),
+                black_box(&uri),
+                black_box(&no_headers),
+            )
+        })
     });
     g.bench_function("route_name/default", |b| {
         let target = router.route(&Method::GET, &uri, &no_headers);

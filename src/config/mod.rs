@@ -804,11 +804,15 @@ mod tests {
         ))
         .expect_err("unknown upstreams");
         assert!(
-            errors.iter().any(|e| e.contains("routes[0].split[1].upstream: no upstream named `nope`")),
+            errors
+                .iter()
+                .any(|e| e.contains("routes[0].split[1].upstream: no upstream named `nope`")),
             "{errors:?}"
         );
         assert!(
-            errors.iter().any(|e| e.contains("routes[0].fallback: no upstream named `gone`")),
+            errors
+                .iter()
+                .any(|e| e.contains("routes[0].fallback: no upstream named `gone`")),
             "{errors:?}"
         );
     }

@@ -66,64 +66,91 @@ pub enum DispatchError {
     },
 }
 
+/// How often a dispatcher looks for replay files that `ficus outbox replay` made.
+const REPLAY_CHECK: Duration = Duration::from_secs(1);
+
 impl Dispatcher {
-    /// Delivers until `stop` is cancelled. Returns on stop, or on an outbox error it cannot
-    /// get past (logged; the events stay on disk).
+    /// Delivers until `stop` is cancelled. An outbox error (a failing disk) does not end the
+    /// loop: it is logged, counted as a delivery failure, and retried with backoff, so a sink
+    /// never stops for good while ficus runs.
     pub async fn run(self, stop: CancellationToken) -> Result<(), DispatchError> {
-        let wrap = |source| DispatchError::Outbox {
-            sink: self.name.clone(),
-            source,
-        };
-        let mut reader = self.outbox.reader(&self.name).map_err(wrap)?;
+        let mut attempt = 0u32;
+        loop {
+            match self.run_once(&stop).await {
+                Ok(()) => return Ok(()),
+                Err(source) => {
+                    self.metrics.failures.inc();
+                    let delay = self.retry.delay(attempt);
+                    attempt = attempt.saturating_add(1);
+                    tracing::error!(sink = %self.name, error = %source, retry_in = ?delay, "delivery interrupted by an outbox error; retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => return Err(DispatchError::Outbox { sink: self.name.clone(), source }),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn run_once(&self, stop: &CancellationToken) -> Result<(), OutboxError> {
+        let mut reader = self.outbox.reader(&self.name)?;
         let mut committed = reader.position();
+        let mut replay_checked = tokio::time::Instant::now() - REPLAY_CHECK;
         loop {
             if stop.is_cancelled() {
                 return Ok(());
             }
-            // Replayed dead letters first: an operator asked for them.
-            if let Some((path, records)) = self.outbox.pending_replay(&self.name).map_err(wrap)? {
-                if !self
-                    .deliver(&records, committed, &stop)
-                    .await
-                    .map_err(wrap)?
-                {
-                    return Ok(());
+            // Replayed dead letters first: an operator asked for them. Looked for at most once
+            // a second, on the blocking pool (it reads a directory).
+            if replay_checked.elapsed() >= REPLAY_CHECK {
+                replay_checked = tokio::time::Instant::now();
+                if let Some((path, records)) = self.blocking(|o, n| o.pending_replay(n)).await? {
+                    if !self.deliver(&records, committed, stop, true).await? {
+                        return Ok(());
+                    }
+                    let finished = path.clone();
+                    self.blocking(move |o, _| o.finish_replay(&finished))
+                        .await?;
+                    tracing::info!(sink = %self.name, events = records.len(), "replayed dead letters");
+                    replay_checked -= REPLAY_CHECK;
+                    continue;
                 }
-                self.outbox.finish_replay(&path).map_err(wrap)?;
-                tracing::info!(sink = %self.name, events = records.len(), "replayed dead letters");
-                continue;
             }
             self.update_pending(committed);
             let records = tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
-                next = reader.next(self.batch_size, MAX_BATCH_BYTES) => next.map_err(wrap)?,
+                next = reader.next(self.batch_size, MAX_BATCH_BYTES) => next?,
                 // A replay file may appear while no new event does.
-                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                _ = tokio::time::sleep(REPLAY_CHECK) => continue,
             };
             let Some(last) = records.last().map(|r| r.seq) else {
                 continue;
             };
-            if !self
-                .deliver(&records, committed, &stop)
-                .await
-                .map_err(wrap)?
-            {
+            if !self.deliver(&records, committed, stop, false).await? {
                 return Ok(());
             }
-            self.commit(last + 1).await.map_err(wrap)?;
-            committed = last + 1;
-            self.metrics.lag_seconds.set(0.0);
+            let next = last + 1;
+            self.blocking(move |o, n| o.commit(n, next)).await?;
+            committed = next;
+            self.update_pending(committed);
+            if committed >= self.outbox.durable_end() {
+                self.metrics.lag_seconds.set(0.0);
+            }
         }
     }
 
-    /// Persists the cursor (an fsync or two) off the async workers.
-    async fn commit(&self, next: u64) -> Result<(), OutboxError> {
+    /// Runs an outbox call that does file IO (fsync, directory reads) on the blocking pool.
+    async fn blocking<T, F>(&self, f: F) -> Result<T, OutboxError>
+    where
+        F: FnOnce(&Outbox, &str) -> Result<T, OutboxError> + Send + 'static,
+        T: Send + 'static,
+    {
         let outbox = self.outbox.clone();
         let name = self.name.clone();
-        match tokio::task::spawn_blocking(move || outbox.commit(&name, next)).await {
+        match tokio::task::spawn_blocking(move || f(&outbox, &name)).await {
             Ok(result) => result,
-            // The blocking pool only fails a task when the runtime shuts down; the cursor
-            // stays where it was and the batch is delivered again at the next start.
+            // The blocking pool only fails a task when the runtime shuts down; whatever was
+            // not committed is delivered again at the next start.
             Err(_) => Err(OutboxError::Closed),
         }
     }
@@ -135,19 +162,30 @@ impl Dispatcher {
             .set(i64::try_from(end.saturating_sub(position)).unwrap_or(i64::MAX));
     }
 
-    /// Delivers `records` in order (those for this sink), retrying failures and dead-lettering
-    /// permanent ones. Returns false when stopped before finishing.
+    async fn dead_letter(&self, record: &Record) -> Result<(), OutboxError> {
+        let record = record.clone();
+        self.blocking(move |o, n| o.dead_letter(n, std::slice::from_ref(&record)))
+            .await?;
+        self.metrics.dead_lettered.inc();
+        Ok(())
+    }
+
+    /// Delivers `records` in order (those for this sink; replays are for it by definition),
+    /// retrying failures and dead-lettering permanent ones. A permanent failure of a send of
+    /// several events (a batch refused whole) is narrowed down by sending them one at a time,
+    /// so only the event the sink refuses is dead-lettered. Returns false when stopped.
     async fn deliver(
         &self,
         records: &[Record],
         committed: u64,
         stop: &CancellationToken,
+        replay: bool,
     ) -> Result<bool, OutboxError> {
         let mut events: Vec<CloudEvent> = Vec::with_capacity(records.len());
         let mut sources: Vec<&Record> = Vec::with_capacity(records.len());
         for record in records {
             match Envelope::decode(&record.payload) {
-                Ok(envelope) if envelope.is_for(&self.name) => {
+                Ok(envelope) if replay || envelope.is_for(&self.name) => {
                     events.push(envelope.event);
                     sources.push(record);
                 }
@@ -155,31 +193,36 @@ impl Dispatcher {
                 Err(error) => {
                     // Unreadable payloads cannot be sent; they are kept as dead letters.
                     tracing::error!(sink = %self.name, seq = record.seq, %error, "undecodable event moved to dead letters");
-                    self.outbox
-                        .dead_letter(&self.name, std::slice::from_ref(record))?;
-                    self.metrics.dead_lettered.inc();
+                    self.dead_letter(record).await?;
                 }
             }
         }
         let mut next = 0;
         let mut attempt = 0u32;
+        let mut one_by_one = false;
         while next < events.len() {
             self.metrics.lag_seconds.set(age_seconds(&events[next]));
-            let result = self.sink.send(&events[next..]).await;
-            let delivered = result.delivered.min(events.len() - next);
+            let end = if one_by_one { next + 1 } else { events.len() };
+            let sent = &events[next..end];
+            let result = self.sink.send(sent).await;
+            let delivered = result.delivered.min(sent.len());
             self.metrics.delivered.inc_by(delivered as u64);
             next += delivered;
             let Some(failure) = result.failure else {
                 attempt = 0;
+                one_by_one = false;
                 continue;
             };
             self.metrics.failures.inc();
             if failure.permanent {
+                if sent.len() - delivered > 1 {
+                    // Refused as a whole: find out which event the sink will not take.
+                    one_by_one = true;
+                    continue;
+                }
                 if let Some(record) = sources.get(next) {
                     tracing::warn!(sink = %self.name, id = %events[next].id, reason = %failure.message, "sink refused event; moved to dead letters");
-                    self.outbox
-                        .dead_letter(&self.name, std::slice::from_ref(*record))?;
-                    self.metrics.dead_lettered.inc();
+                    self.dead_letter(record).await?;
                 }
                 next += 1;
                 attempt = 0;

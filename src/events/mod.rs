@@ -136,12 +136,12 @@ impl CloudEvent {
     }
 }
 
-/// Percent-encodes what the CloudEvents HTTP binding says must be: bytes outside printable
-/// ASCII, space excepted, and `"` and `%`.
+/// Percent-encodes what the CloudEvents HTTP binding says must be (§3.1.3.2): space, bytes
+/// outside printable ASCII, `"` and `%`.
 pub fn percent_encode_header(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
     for b in value.bytes() {
-        if (0x21..=0x7e).contains(&b) && b != b'"' && b != b'%' || b == b' ' {
+        if (0x21..=0x7e).contains(&b) && b != b'"' && b != b'%' {
             out.push(b as char);
         } else {
             out.push_str(&format!("%{b:02X}"));
@@ -201,7 +201,7 @@ mod tests {
         assert_eq!(get("ce-id").as_deref(), Some("0190-a"));
         assert_eq!(
             get("ce-subject").as_deref(),
-            Some("caf%C3%A9 %22x%22 100%25")
+            Some("caf%C3%A9%20%22x%22%20100%25")
         );
         assert_eq!(get("content-type").as_deref(), Some("application/json"));
         assert_eq!(get("ce-data"), None);

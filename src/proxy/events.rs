@@ -369,19 +369,33 @@ async fn respond(
     )
 }
 
-/// Awaits a sync ticket; a failed write turns into a `503` for the client.
-async fn wait_durable(ticket: Option<Ticket>) -> Result<(), Response<ProxyBody>> {
-    let Some(ticket) = ticket else { return Ok(()) };
-    match ticket.durable().await {
-        Ok(()) => Ok(()),
-        Err(error) => {
-            tracing::error!(%error, "event not durable; the response is withheld");
-            Err(proxy_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "outbox",
-                "ficus: the event for this response could not be stored\n".into(),
-            ))
-        }
+/// What became of an exchange's events.
+enum Emitted {
+    /// No rule produced an event (or `when_full: drop` dropped them, counted).
+    Nothing,
+    Stored(Ticket),
+    /// The outbox refused them: with `durability: sync` the response must not be released.
+    Lost,
+}
+
+/// Awaits a sync ticket. A response whose events could not be stored is withheld: the client
+/// gets ficus's `500` instead (the monolith did answer, so this is no `503` to retry blindly).
+async fn wait_durable(emitted: Emitted) -> Result<(), Response<ProxyBody>> {
+    let failed = |why: &str| {
+        tracing::error!(reason = why, "event not stored; the response is withheld");
+        proxy_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "outbox",
+            "ficus: the event for this response could not be stored\n".into(),
+        )
+    };
+    match emitted {
+        Emitted::Nothing => Ok(()),
+        Emitted::Lost => Err(failed("outbox refused the events")),
+        Emitted::Stored(ticket) => match ticket.durable().await {
+            Ok(()) => Ok(()),
+            Err(error) => Err(failed(&error.to_string())),
+        },
     }
 }
 
@@ -394,7 +408,7 @@ struct Finish {
 }
 
 impl Finish {
-    fn emit(self, body: Bytes, truncated: bool) -> Option<Ticket> {
+    fn emit(self, body: Bytes, truncated: bool) -> Emitted {
         let captured = Captured::new(
             body,
             self.headers.get(http::header::CONTENT_TYPE),
@@ -420,7 +434,7 @@ fn emit(
     response_headers: &HeaderMap,
     response_body: Captured,
     seen_at: SystemTime,
-) -> Option<Ticket> {
+) -> Emitted {
     let request_body = match &parts.body {
         Some(slot) => slot.take(parts.headers.get(http::header::CONTENT_TYPE)),
         None => Captured::empty(),
@@ -449,6 +463,9 @@ fn emit(
     let outcomes = events.rules.evaluate(&parts.candidates, exchange);
     let mut payloads = Vec::new();
     let mut rules = Vec::new();
+    // Only kept when someone watches `/events/tail`.
+    let watching = events.tail.receiver_count() > 0;
+    let mut tail = Vec::new();
     for outcome in outcomes {
         match outcome {
             Outcome::Emit(draft) => {
@@ -461,7 +478,9 @@ fn emit(
                     event,
                 };
                 payloads.push(envelope.encode());
-                let _ = events.tail.send(Arc::new(envelope.event));
+                if watching {
+                    tail.push(Arc::new(envelope.event));
+                }
                 rules.push(rule);
             }
             Outcome::Skipped { rule, reason } => match reason {
@@ -478,7 +497,7 @@ fn emit(
         }
     }
     if payloads.is_empty() {
-        return None;
+        return Emitted::Nothing;
     }
     let n = payloads.len() as u64;
     let size: u64 = payloads.iter().map(|p| p.len() as u64).sum();
@@ -494,17 +513,24 @@ fn emit(
                     }
                 }
             }
-            Some(ticket)
+            for event in tail {
+                let _ = events.tail.send(event);
+            }
+            Emitted::Stored(ticket)
         }
         Err(OutboxError::Full { .. }) => {
             tracing::error!(events = n, "outbox full: events dropped");
             events.metrics.dropped(DropReason::OutboxFull, n);
-            None
+            if events.when_full == WhenFull::Drop {
+                Emitted::Nothing
+            } else {
+                Emitted::Lost
+            }
         }
         Err(error) => {
             tracing::error!(events = n, %error, "outbox write failed: events dropped");
             events.metrics.dropped(DropReason::OutboxError, n);
-            None
+            Emitted::Lost
         }
     }
 }
@@ -586,12 +612,12 @@ impl Body for EventBody {
                 }
                 None => {
                     this.inner = None;
-                    let ticket = this
-                        .finish
-                        .take()
-                        .and_then(|f| f.emit(this.captured.split().freeze(), this.truncated));
+                    let emitted = match this.finish.take() {
+                        Some(f) => f.emit(this.captured.split().freeze(), this.truncated),
+                        None => Emitted::Nothing,
+                    };
                     if this.sync {
-                        this.waiting = Some(Box::pin(wait_durable(ticket)));
+                        this.waiting = Some(Box::pin(wait_durable(emitted)));
                     } else {
                         this.done = true;
                     }
@@ -649,8 +675,14 @@ impl Drop for EventBody {
                         Err(_) => return,
                     }
                 }
-                if let Some(ticket) = finish.emit(captured.freeze(), truncated) {
-                    let _ = ticket.durable().await;
+                match finish.emit(captured.freeze(), truncated) {
+                    Emitted::Stored(ticket) => {
+                        if let Err(error) = ticket.durable().await {
+                            tracing::error!(%error, "event of an abandoned response not stored");
+                        }
+                    }
+                    Emitted::Lost => tracing::error!("event of an abandoned response not stored"),
+                    Emitted::Nothing => {}
                 }
             });
         }

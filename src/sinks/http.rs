@@ -98,8 +98,10 @@ impl HttpSink {
             Ok(Ok(r)) => r,
         };
         let status = response.status();
-        // Read (a bounded part of) the body so the connection can be reused and the reason logged.
-        let body = tokio::time::timeout(self.settings.timeout, response.into_body().collect())
+        // Read at most a little of the body, for the log line: a sink's error page is no reason
+        // to hold megabytes (a longer body also means the connection is not reused).
+        let limited = http_body_util::Limited::new(response.into_body(), 4096);
+        let body = tokio::time::timeout(self.settings.timeout, limited.collect())
             .await
             .ok()
             .and_then(Result::ok)

@@ -88,8 +88,12 @@ async fn a_full_disk_makes_ficus_unready_and_withholds_unstored_events() {
     let mut refused = None;
     for i in 0..40 {
         let resp = send(ficus.addr, padded_order(i)).await;
-        if resp.status() == 503 {
-            assert_eq!(resp.headers()["x-ficus-error"], "outbox", "ficus's own 503");
+        if resp.status() == 500 {
+            assert_eq!(
+                resp.headers()["x-ficus-error"],
+                "outbox",
+                "ficus's own answer"
+            );
             refused = Some(i);
             break;
         }
