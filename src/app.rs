@@ -21,6 +21,8 @@ use crate::proxy::tls::{self, ReloadingCert, TlsError};
 use crate::proxy::ProxyState;
 use crate::sinks::file::FileSink;
 use crate::sinks::http::HttpSink;
+use crate::sinks::nats::NatsSink;
+use crate::sinks::redis::RedisSink;
 use crate::sinks::stdout::StdoutSink;
 use crate::sinks::Sink;
 
@@ -55,6 +57,10 @@ fn build_sink(kind: &SinkKind) -> Result<Arc<dyn Sink>, AppError> {
         SinkKind::Http(settings) => {
             Arc::new(HttpSink::new((**settings).clone()).map_err(AppError::Sink)?)
         }
+        SinkKind::Nats(settings) => {
+            Arc::new(NatsSink::new((**settings).clone()).map_err(AppError::Sink)?)
+        }
+        SinkKind::Redis(settings) => Arc::new(RedisSink::new((**settings).clone())),
     })
 }
 

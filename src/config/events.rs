@@ -20,6 +20,9 @@ use crate::rules::{
     Condition, DataTemplate, PathTemplate, Redactor, Rule, RuleSet, StatusMatch, Template,
 };
 use crate::sinks::http::{HttpMode, HttpSinkSettings};
+use crate::sinks::nats::{self, NatsAuth, NatsSinkSettings};
+use crate::sinks::redis::{self, RedisSinkSettings};
+use crate::sinks::template::AttributeTemplate;
 
 /// The compiled rules and the default `source`.
 #[derive(Clone)]
@@ -48,6 +51,8 @@ pub enum SinkKind {
     File { path: PathBuf },
     Stdout,
     Http(Box<HttpSinkSettings>),
+    Nats(Box<NatsSinkSettings>),
+    Redis(Box<RedisSinkSettings>),
 }
 
 impl SinkKind {
@@ -56,6 +61,8 @@ impl SinkKind {
             SinkKind::File { .. } => "file",
             SinkKind::Stdout => "stdout",
             SinkKind::Http(_) => "http",
+            SinkKind::Nats(_) => "nats",
+            SinkKind::Redis(_) => "redis",
         }
     }
 }
@@ -88,7 +95,10 @@ impl Default for OutboxConfig {
 pub const DEFAULT_SOURCE: &str = "/ficus";
 
 /// Sink types of the SPEC that this build does not have yet.
-const SINK_TYPES_NOT_YET: &[&str] = &["nats", "redis", "kafka", "amqp"];
+const SINK_TYPES_NOT_YET: &[&str] = &["kafka", "amqp"];
+
+/// The sink types this build has, for messages.
+const SINK_TYPES: &str = "file, stdout, http, nats or redis";
 
 pub(super) fn decode_sinks(d: &mut Decoder<'_>, node: Option<&Node>) -> Vec<SinkConfig> {
     let Some(node) = node else {
@@ -123,7 +133,7 @@ pub(super) fn decode_sinks(d: &mut Decoder<'_>, node: Option<&Node>) -> Vec<Sink
             d.error(
                 node.mark,
                 &join(&path, "type"),
-                "is required (file, stdout or http)",
+                format!("is required ({SINK_TYPES})"),
             );
             continue;
         };
@@ -149,11 +159,17 @@ pub(super) fn decode_sinks(d: &mut Decoder<'_>, node: Option<&Node>) -> Vec<Sink
             "http" => {
                 decode_http_sink(d, node, &path, &key.name).map(|s| SinkKind::Http(Box::new(s)))
             }
+            "nats" => {
+                decode_nats_sink(d, node, &path, &key.name).map(|s| SinkKind::Nats(Box::new(s)))
+            }
+            "redis" => {
+                decode_redis_sink(d, node, &path, &key.name).map(|s| SinkKind::Redis(Box::new(s)))
+            }
             other if SINK_TYPES_NOT_YET.contains(&other) => {
                 d.error(
                     ty_node.mark,
                     &join(&path, "type"),
-                    format!("sink type `{other}` is not supported by ficus {} yet (file, stdout, http are)", env!("CARGO_PKG_VERSION")),
+                    format!("sink type `{other}` is not supported by ficus {} yet (file, stdout, http, nats and redis are)", env!("CARGO_PKG_VERSION")),
                 );
                 None
             }
@@ -161,7 +177,7 @@ pub(super) fn decode_sinks(d: &mut Decoder<'_>, node: Option<&Node>) -> Vec<Sink
                 d.error(
                     ty_node.mark,
                     &join(&path, "type"),
-                    format!("unknown sink type `{other}` (expected file, stdout or http)"),
+                    format!("unknown sink type `{other}` (expected {SINK_TYPES})"),
                 );
                 None
             }
@@ -249,6 +265,204 @@ fn decode_http_sink(
         headers,
         timeout,
         tls,
+    })
+}
+
+/// `tls: { ca, cert, key }` as for upstreams; `cert` and `key` go together.
+fn decode_tls_files(d: &mut Decoder<'_>, node: &Node, tpath: &str) -> Option<UpstreamTls> {
+    let t = d.map(node, tpath, &["ca", "cert", "key"])?;
+    let get = |d: &mut Decoder<'_>, k: &str| {
+        t.get(k)
+            .and_then(|n| d.string(n, &join(tpath, k)))
+            .map(PathBuf::from)
+    };
+    let tls = UpstreamTls {
+        ca: get(d, "ca"),
+        cert: get(d, "cert"),
+        key: get(d, "key"),
+    };
+    if tls.cert.is_some() != tls.key.is_some() {
+        d.error(t.mark, tpath, "`cert` and `key` go together");
+    }
+    Some(tls)
+}
+
+fn required<'n>(
+    d: &mut Decoder<'_>,
+    f: &super::decode::Fields<'n>,
+    path: &str,
+    key: &str,
+) -> Option<&'n Node> {
+    let node = f.get(key);
+    if node.is_none() {
+        d.error(f.mark, &join(path, key), "is required");
+    }
+    node
+}
+
+/// A sink-setting template over the event's attributes (`{type}`, `{subject}`, `{source}`,
+/// `{partitionkey}`).
+fn attribute_template(d: &mut Decoder<'_>, node: &Node, path: &str) -> Option<AttributeTemplate> {
+    d.parse(node, path, AttributeTemplate::parse)
+}
+
+fn decode_nats_sink(
+    d: &mut Decoder<'_>,
+    node: &Node,
+    path: &str,
+    name: &str,
+) -> Option<NatsSinkSettings> {
+    let f = d.map(
+        node,
+        path,
+        &[
+            "type",
+            "url",
+            "subject",
+            "jetstream",
+            "create_stream",
+            "token",
+            "user",
+            "password",
+            "creds",
+            "tls",
+            "timeout",
+        ],
+    )?;
+    let servers = required(d, &f, path, "url").and_then(|n| {
+        d.parse(n, &join(path, "url"), |s| {
+            let servers: Vec<String> = s.split(',').map(|u| u.trim().to_string()).collect();
+            for server in &servers {
+                nats::parse_server(server)?;
+            }
+            Ok(servers)
+        })
+    });
+    let subject_node = required(d, &f, path, "subject");
+    let subject = subject_node.and_then(|n| {
+        d.parse(n, &join(path, "subject"), |s| {
+            let t = AttributeTemplate::parse(s)?;
+            let fixed_ok = t.literals().all(|l| {
+                !l.chars()
+                    .any(|c| c.is_whitespace() || c.is_control() || c == '*' || c == '>')
+            });
+            if !fixed_ok || t.as_literal().is_some_and(|l| !nats::valid_subject(l)) {
+                return Err(format!(
+                    "`{s}` cannot make a valid NATS subject (no spaces, wildcards or empty tokens)"
+                ));
+            }
+            Ok(t)
+        })
+    });
+    let jetstream = d.field(&f, path, "jetstream", true, super::decode::parse_bool);
+    let create_stream = f.get("create_stream").and_then(|n| {
+        let cpath = join(path, "create_stream");
+        let stream = d.parse(n, &cpath, |s| {
+            if nats::valid_stream_name(s) {
+                Ok(s.to_string())
+            } else {
+                Err(format!(
+                    "`{s}` is not a stream name (letters, digits, `-` and `_`)"
+                ))
+            }
+        })?;
+        if !jetstream {
+            d.error(n.mark, &cpath, "needs `jetstream: true`");
+        }
+        if let Some(t) = &subject {
+            if let Err(msg) = nats::stream_subjects(t) {
+                d.error(
+                    subject_node.map_or(n.mark, |s| s.mark),
+                    &join(path, "subject"),
+                    msg,
+                );
+            }
+        }
+        Some(stream)
+    });
+    let secret =
+        |d: &mut Decoder<'_>, key: &str| f.get(key).and_then(|n| d.string(n, &join(path, key)));
+    let token = secret(d, "token");
+    let user = secret(d, "user");
+    let password = secret(d, "password");
+    let creds = secret(d, "creds").map(PathBuf::from);
+    let auth = match (token, user, password, creds) {
+        (None, None, None, None) => NatsAuth::None,
+        (Some(token), None, None, None) => NatsAuth::Token(token),
+        (None, Some(user), Some(password), None) => NatsAuth::UserPassword { user, password },
+        (None, None, None, Some(creds)) => NatsAuth::Creds(creds),
+        (None, Some(_), None, None) | (None, None, Some(_), None) => {
+            d.error(f.mark, path, "`user` and `password` go together");
+            NatsAuth::None
+        }
+        _ => {
+            d.error(
+                f.mark,
+                path,
+                "set one way to authenticate: `token`, `user` and `password`, or `creds`",
+            );
+            NatsAuth::None
+        }
+    };
+    let tls = f.get("tls").and_then(|n| {
+        let tpath = join(path, "tls");
+        match &n.value {
+            Value::Map(_) => decode_tls_files(d, n, &tpath),
+            _ => d
+                .parse(n, &tpath, super::decode::parse_bool)
+                .and_then(|on| on.then(UpstreamTls::default)),
+        }
+    });
+    let timeout = d.field(&f, path, "timeout", Duration::from_secs(5), parse_duration);
+    Some(NatsSinkSettings {
+        name: name.to_string(),
+        servers: servers?,
+        subject: subject?,
+        jetstream,
+        create_stream,
+        auth,
+        tls,
+        timeout,
+    })
+}
+
+fn decode_redis_sink(
+    d: &mut Decoder<'_>,
+    node: &Node,
+    path: &str,
+    name: &str,
+) -> Option<RedisSinkSettings> {
+    let f = d.map(
+        node,
+        path,
+        &["type", "url", "stream", "maxlen", "password", "timeout"],
+    )?;
+    let url = required(d, &f, path, "url").and_then(|n| {
+        d.parse(n, &join(path, "url"), |s| {
+            redis::parse_url(s).map(|()| s.to_string())
+        })
+    });
+    let stream = required(d, &f, path, "stream")
+        .and_then(|n| attribute_template(d, n, &join(path, "stream")));
+    let maxlen = f.get("maxlen").and_then(|n| {
+        d.parse(n, &join(path, "maxlen"), |s| match s.parse::<u64>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(format!(
+                "expected a positive number of entries, found `{s}`"
+            )),
+        })
+    });
+    let password = f
+        .get("password")
+        .and_then(|n| d.string(n, &join(path, "password")));
+    let timeout = d.field(&f, path, "timeout", Duration::from_secs(5), parse_duration);
+    Some(RedisSinkSettings {
+        name: name.to_string(),
+        url: url?,
+        stream: stream?,
+        maxlen,
+        password,
+        timeout,
     })
 }
 
@@ -581,4 +795,96 @@ pub(super) fn to_json(d: &mut Decoder<'_>, node: &Node, path: &str) -> Option<se
             J::Object(map)
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Config, LoadError};
+    use super::*;
+
+    fn load(sinks: &str) -> Result<Config, Vec<String>> {
+        let text = format!("upstreams:\n  m: {{ url: \"http://127.0.0.1:1\" }}\nsinks:\n{sinks}");
+        let env = |name: &str| (name == "NATS_TOKEN").then(|| "t0k".to_string());
+        Config::from_str_with_env(&text, "f.yaml", &env).map_err(|e| match e {
+            LoadError::Invalid(list) => list.iter().map(|e| e.to_string()).collect(),
+            other => vec![other.to_string()],
+        })
+    }
+
+    #[test]
+    fn nats_and_redis_sinks_decode() {
+        let config = load(concat!(
+            "  bus: { type: nats, url: \"nats://127.0.0.1:4222, nats://127.0.0.1:4223\", subject: \"shop.{type}\", create_stream: SHOP, token: \"${NATS_TOKEN}\", tls: true, timeout: 2s }\n",
+            "  core: { type: nats, url: \"tls://nats.internal:4222\", subject: \"shop.events\", jetstream: false, user: u, password: p, tls: { ca: /etc/ca.pem } }\n",
+            "  stream: { type: redis, url: \"redis://127.0.0.1:6379/2\", stream: \"events:{type}\", maxlen: 100000, password: s3cret }\n",
+        ))
+        .expect("valid");
+        let SinkKind::Nats(bus) = &config.sinks[0].kind else {
+            panic!("nats: {:?}", config.sinks[0]);
+        };
+        assert_eq!(
+            bus.servers,
+            ["nats://127.0.0.1:4222", "nats://127.0.0.1:4223"]
+        );
+        assert_eq!(bus.subject.to_string(), "shop.{type}");
+        assert!(bus.jetstream, "JetStream by default");
+        assert_eq!(bus.create_stream.as_deref(), Some("SHOP"));
+        assert!(matches!(&bus.auth, NatsAuth::Token(t) if t == "t0k"));
+        assert!(bus.tls.as_ref().is_some_and(|t| t.ca.is_none()));
+        assert_eq!(bus.timeout, Duration::from_secs(2));
+        assert!(
+            !format!("{:?}", bus.auth).contains("t0k"),
+            "secrets stay out of Debug"
+        );
+        let SinkKind::Nats(core) = &config.sinks[1].kind else {
+            panic!("nats");
+        };
+        assert!(!core.jetstream);
+        assert!(matches!(&core.auth, NatsAuth::UserPassword { user, .. } if user == "u"));
+        assert_eq!(
+            core.tls.as_ref().and_then(|t| t.ca.clone()),
+            Some(PathBuf::from("/etc/ca.pem"))
+        );
+        let SinkKind::Redis(stream) = &config.sinks[2].kind else {
+            panic!("redis");
+        };
+        assert_eq!(stream.maxlen, Some(100_000));
+        assert_eq!(stream.password.as_deref(), Some("s3cret"));
+        assert_eq!(stream.timeout, Duration::from_secs(5));
+        assert!(!format!("{stream:?}").contains("s3cret"));
+        assert_eq!(config.sinks[2].kind.type_name(), "redis");
+    }
+
+    #[test]
+    fn nats_and_redis_errors_are_located() {
+        let errors = load(concat!(
+            "  a: { type: nats, url: \"http://x\", subject: \"shop.{response.body.id}\" }\n",
+            "  b: { type: nats, url: \"nats://x\", subject: \"{type}\", create_stream: SHOP }\n",
+            "  c: { type: nats, url: \"nats://x\", subject: \"shop events\", jetstream: false, create_stream: \"S.1\" }\n",
+            "  d: { type: nats, url: \"nats://x\", subject: s, token: t, user: u }\n",
+            "  e: { type: redis, url: \"http://x\", stream: \"events:{nope}\", maxlen: 0 }\n",
+            "  f: { type: redis, stream: s, db: 3 }\n",
+        ))
+        .expect_err("invalid");
+        let expected = [
+            "f.yaml:4:25: sinks.a.url: `http://x`",
+            "f.yaml:4:46: sinks.a.subject: unknown placeholder `{response.body.id}`",
+            "f.yaml:5:46: sinks.b.subject: `create_stream` needs a subject that starts with a fixed token",
+            "f.yaml:6:46: sinks.c.subject: `shop events` cannot make a valid NATS subject",
+            "f.yaml:6:94: sinks.c.create_stream: `S.1` is not a stream name",
+            "f.yaml:7:6: sinks.d: set one way to authenticate",
+            "f.yaml:8:26: sinks.e.url: expected a redis:// or rediss:// URL",
+            "f.yaml:8:46: sinks.e.stream: unknown placeholder `{nope}`",
+            "f.yaml:8:71: sinks.e.maxlen: expected a positive number",
+            "f.yaml:9:32: sinks.f.db: unknown key",
+            "f.yaml:9:6: sinks.f.url: is required",
+        ];
+        for want in expected {
+            assert!(
+                errors.iter().any(|e| e.starts_with(want)),
+                "missing `{want}` in {errors:#?}"
+            );
+        }
+        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+    }
 }

@@ -1,10 +1,14 @@
 //! Where events go. A [`Sink`] sends a batch in order and says how far it got; the dispatcher
-//! (not the sink) owns retries, backoff, cursors and dead letters, so a new sink type (NATS,
-//! Redis, Kafka...) implements `send` and nothing else.
+//! (not the sink) owns retries, backoff, cursors and dead letters, so a new sink type (Kafka,
+//! AMQP...) implements `send` and nothing else. Settings that name a destination per event
+//! (`subject`, `stream`) are [`template::AttributeTemplate`]s over the event's attributes.
 
 pub mod file;
 pub mod http;
+pub mod nats;
+pub mod redis;
 pub mod stdout;
+pub mod template;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -65,4 +69,24 @@ pub trait Sink: Send + Sync {
     /// Sends `events` in order. Must not return before the events it reports delivered are
     /// accepted by the other side (acknowledged, fsynced...): at-least-once rests on it.
     fn send<'a>(&'a self, events: &'a [CloudEvent]) -> BoxFuture<'a, SendResult>;
+}
+
+/// A URL without its credentials (`scheme://***@host...`), for messages and logs.
+pub(crate) fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(super::redacted("redis://:pw@h:1/0"), "redis://***@h:1/0");
+        assert_eq!(super::redacted("nats://u:p@h:4222"), "nats://***@h:4222");
+        assert_eq!(super::redacted("redis://h:1"), "redis://h:1");
+    }
 }

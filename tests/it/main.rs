@@ -15,8 +15,10 @@
 //! - `events`: rules, CloudEvents (checked with the SDK), outbox, file and HTTP sinks
 //! - `crash`: `kill -9` under load with sync durability loses nothing a client saw
 //! - `disk_full`: a real full disk (tmpfs) under the outbox
+//! - `brokers`: NATS JetStream and Redis Streams sinks against real brokers (started, killed)
 
 mod admin;
+mod brokers;
 mod cli;
 mod crash;
 mod disk_full;

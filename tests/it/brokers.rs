@@ -1,0 +1,1252 @@
+//! The NATS JetStream and Redis Streams sinks against real brokers. Each test starts its own
+//! `nats-server` or `redis-server` from its binary on an ephemeral port with its data in a
+//! temporary directory, waits for it by polling the protocol (`PING`), and kills it by PID
+//! (SIGKILL) when done. Per sink: delivery with every attribute, `kill -9` of the broker in
+//! the middle of a load, a broker that is down when ficus starts, and an event the broker
+//! refuses for good.
+//!
+//! A missing broker binary skips the test with a loud message, and fails it when `CI` is set.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use cloudevents::AttributesReader;
+use ficus::sinks::Sink;
+use futures_util::StreamExt;
+use http::Request;
+use http_body_util::Full;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::events::shop;
+use crate::support::{config_yaml, eventually, get, sample, send, Ficus, FicusProcess, WAIT};
+
+/// How long a broker may take to start (JetStream recovers its streams first).
+const BROKER_START: Duration = Duration::from_secs(20);
+/// How long a whole load may take to be delivered after the broker returns.
+const DELIVERY: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------------------------------------
+// Brokers
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Nats,
+    Redis,
+}
+
+impl Kind {
+    /// The binary, also the name of its Debian package.
+    fn binary(self) -> &'static str {
+        match self {
+            Kind::Nats => "nats-server",
+            Kind::Redis => "redis-server",
+        }
+    }
+}
+
+/// One broker process on a fixed port and data directory, so that it can be killed and
+/// started again with the same state. Killed (SIGKILL) when dropped.
+struct Broker {
+    kind: Kind,
+    binary: PathBuf,
+    port: u16,
+    dir: tempfile::TempDir,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+fn find_binary(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/local/sbin", "/usr/local/bin", "/usr/bin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// A port nobody listens on right now: bind port 0, note the port, release it.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind an ephemeral port")
+        .local_addr()
+        .expect("local address")
+        .port()
+}
+
+impl Broker {
+    /// A broker that is not started yet, or `None` (after a loud message) when its binary is
+    /// missing outside CI.
+    fn new(kind: Kind, test: &str) -> Option<Broker> {
+        let binary = match find_binary(kind.binary()) {
+            Some(b) => b,
+            None if std::env::var_os("CI").is_some() => panic!(
+                "`{0}` is not installed but CI is set: install it (apt-get install {0})",
+                kind.binary()
+            ),
+            None => {
+                eprintln!(
+                    "\n################################################################\n\
+                     SKIPPED {test}: `{0}` is not installed (apt-get install {0}).\n\
+                     With CI set this is a failure.\n\
+                     ################################################################\n",
+                    kind.binary()
+                );
+                return None;
+            }
+        };
+        Some(Broker {
+            kind,
+            binary,
+            port: free_port(),
+            dir: tempfile::tempdir().expect("broker tempdir"),
+            args: Vec::new(),
+            child: None,
+        })
+    }
+
+    fn url(&self) -> String {
+        match self.kind {
+            Kind::Nats => format!("nats://127.0.0.1:{}", self.port),
+            Kind::Redis => format!("redis://127.0.0.1:{}", self.port),
+        }
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("broker.log")
+    }
+
+    /// Starts the process and waits until it answers `PING`.
+    async fn start(&mut self) {
+        assert!(self.child.is_none(), "broker already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("broker log");
+        let port = self.port.to_string();
+        let mut cmd = Command::new(&self.binary);
+        match self.kind {
+            Kind::Nats => {
+                let store = self.dir.path().join("jetstream");
+                cmd.args(["-a", "127.0.0.1", "-p", &port, "-js", "-sd"])
+                    .arg(store);
+            }
+            Kind::Redis => {
+                cmd.args(["--port", &port, "--bind", "127.0.0.1", "--dir"])
+                    .arg(self.dir.path())
+                    .args(["--appendonly", "yes", "--save", ""]);
+            }
+        }
+        cmd.args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log);
+        let started = Instant::now();
+        self.child = Some(cmd.spawn().expect("spawn the broker"));
+        let deadline = started + BROKER_START;
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!(
+                        "{} exited at start ({status}):\n{}",
+                        self.kind.binary(),
+                        self.log_tail()
+                    );
+                }
+            }
+            if ping(self.kind, self.port).await {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} not ready within {BROKER_START:?}:\n{}",
+                self.kind.binary(),
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        eprintln!(
+            "{} ready on port {} in {:?}",
+            self.kind.binary(),
+            self.port,
+            started.elapsed()
+        );
+    }
+
+    /// `kill -9` by PID, and wait for the process to be gone.
+    fn kill_9(&mut self) {
+        let mut child = self.child.take().expect("broker running");
+        let status = Command::new("kill")
+            .args(["-9", &child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -9 failed");
+        let _ = child.wait();
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- {} log (last lines) ---\n{}",
+                self.kind.binary(),
+                self.log_tail()
+            );
+        }
+    }
+}
+
+/// True when the broker greets (NATS `INFO`) or answers `PING` (Redis, not while loading).
+async fn ping(kind: Kind, port: u16) -> bool {
+    let attempt = async {
+        let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+        if kind == Kind::Redis {
+            tcp.write_all(b"PING\r\n").await.ok()?;
+        }
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        for _ in 0..16 {
+            let n = tcp.read(&mut buf).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&seen);
+            if text.contains("\r\n") {
+                return Some(match kind {
+                    // The greeting is sent once the server accepts clients (JetStream included).
+                    Kind::Nats => text.starts_with("INFO "),
+                    // With `requirepass`, NOAUTH also means "up and loaded"; LOADING does not.
+                    Kind::Redis => text.starts_with("+PONG") || text.starts_with("-NOAUTH"),
+                });
+            }
+        }
+        Some(false)
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), attempt).await,
+        Ok(Some(true))
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// ficus, requests, metrics
+
+/// Rules over the test shop: `POST /orders` (subject and partition key from `x-order-id`, data
+/// naming the customer and the padding), `POST /text` (text data, no subject),
+/// `DELETE /orders/{id}`.
+fn ficus_yaml(upstream: std::net::SocketAddr, sinks: &str, outbox: &Path) -> String {
+    config_yaml(
+        upstream,
+        &format!(
+            r#"events:
+  source: /legacy/shop
+  rules:
+    - name: order-created
+      match: {{ method: POST, path: /orders, status: 201 }}
+      type: shop.order.created
+      subject: "{{response.body.id}}"
+      sequence: "{{response.body.version}}"
+      data:
+        order_id: "{{response.body.id}}"
+        customer: "{{request.body.customer_id}}"
+        pad: "{{response.body.pad}}"
+    - name: text-seen
+      match: {{ method: POST, path: /text }}
+      type: shop.text
+    - name: order-cancelled
+      match: {{ method: DELETE, path: "/orders/{{id}}" }}
+      type: shop.order.cancelled
+      subject: "{{path.id}}"
+sinks:
+{sinks}
+outbox:
+  dir: {}
+  retry: {{ initial: 20ms, max: 500ms }}
+log: {{ format: json, level: info }}
+"#,
+            outbox.display()
+        ),
+    )
+}
+
+fn order(key: &str, customer: &str, pad: usize) -> Request<Full<Bytes>> {
+    Request::post("/orders")
+        .header("host", "shop")
+        .header("content-type", "application/json")
+        .header("x-order-id", key)
+        .header("x-pad", pad.to_string())
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .body(Full::new(Bytes::from(format!(
+            r#"{{"customer_id":"{customer}"}}"#
+        ))))
+        .expect("request")
+}
+
+fn text() -> Request<Full<Bytes>> {
+    Request::post("/text")
+        .header("host", "shop")
+        .header("content-type", "text/plain")
+        .body(Full::new(Bytes::from_static(b"hi")))
+        .expect("request")
+}
+
+fn cancel(id: &str) -> Request<Full<Bytes>> {
+    Request::delete(format!("/orders/{id}"))
+        .header("host", "shop")
+        .body(Full::new(Bytes::new()))
+        .expect("request")
+}
+
+/// `keys.len()` clients, one per partition key, each sending `per_key` orders in sequence
+/// (`customer` = `KEY-N`), so the order per key is the client's. `done` counts responses.
+fn load(
+    addr: std::net::SocketAddr,
+    keys: &[String],
+    per_key: usize,
+    done: Arc<AtomicUsize>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    keys.iter()
+        .map(|key| {
+            let key = key.clone();
+            let done = done.clone();
+            tokio::spawn(async move {
+                for n in 0..per_key {
+                    let resp = send(addr, order(&key, &format!("{key}-{n}"), 0)).await;
+                    assert_eq!(
+                        resp.status(),
+                        201,
+                        "the monolith answers whatever the broker does"
+                    );
+                    done.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect()
+}
+
+async fn metric(ficus: &Ficus, name: &str, sink: &str) -> f64 {
+    sample(&ficus.metrics().await, name, &[("sink", sink)]).unwrap_or(0.0)
+}
+
+async fn process_metric(admin: std::net::SocketAddr, name: &str, sink: &str) -> f64 {
+    let (status, body) = get(admin, "/metrics").await;
+    assert_eq!(status, 200);
+    sample(&body, name, &[("sink", sink)]).unwrap_or(0.0)
+}
+
+/// For each set of needles, a stderr line of the ficus process that contains them all.
+async fn log_lines(process: &mut FicusProcess, wanted: &[&[&str]]) -> Vec<String> {
+    let mut found: Vec<Option<String>> = vec![None; wanted.len()];
+    let scan = async {
+        while found.iter().any(Option::is_none) {
+            let Some(line) = process.stderr_lines.recv().await else {
+                panic!("ficus exited before logging {wanted:?}");
+            };
+            for (slot, needles) in found.iter_mut().zip(wanted) {
+                if slot.is_none() && needles.iter().all(|n| line.contains(n)) {
+                    *slot = Some(line.clone());
+                }
+            }
+        }
+    };
+    if tokio::time::timeout(WAIT, scan).await.is_err() {
+        panic!("within {WAIT:?}, no log lines for {wanted:?}");
+    }
+    found.into_iter().flatten().collect()
+}
+
+/// Each key's customers in arrival order, first occurrence of each event id only, checked
+/// against the order the clients sent them in.
+fn assert_in_order_per_key(arrived: &[(String, String, String)], keys: &[String], per_key: usize) {
+    let mut seen = HashSet::new();
+    let mut per_key_seen: HashMap<&str, Vec<&str>> = HashMap::new();
+    for (id, key, customer) in arrived {
+        if seen.insert(id.as_str()) {
+            per_key_seen.entry(key).or_default().push(customer);
+        }
+    }
+    for key in keys {
+        let expected: Vec<String> = (0..per_key).map(|n| format!("{key}-{n}")).collect();
+        let got: Vec<String> = per_key_seen
+            .get(key.as_str())
+            .map(|v| v.iter().map(|s| s.to_string()).collect())
+            .unwrap_or_default();
+        assert_eq!(got, expected, "events of partition key {key} in order");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// NATS
+
+async fn nats_client(port: u16) -> async_nats::Client {
+    async_nats::connect(format!("nats://127.0.0.1:{port}"))
+        .await
+        .expect("test client connects to nats-server")
+}
+
+/// Messages in stream `name` (0 when it does not exist yet).
+async fn stream_count(js: &jetstream::Context, name: &str) -> u64 {
+    match js.get_stream(name).await {
+        Ok(stream) => stream.cached_info().state.messages,
+        Err(_) => 0,
+    }
+}
+
+/// Every message of the stream, read back with an ephemeral pull consumer from the start.
+async fn read_stream(js: &jetstream::Context, name: &str) -> Vec<async_nats::Message> {
+    let stream = js.get_stream(name).await.expect("stream exists");
+    let total = stream.cached_info().state.messages as usize;
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            ack_policy: jetstream::consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await
+        .expect("consumer");
+    let mut out = Vec::with_capacity(total);
+    let deadline = Instant::now() + WAIT;
+    while out.len() < total && Instant::now() < deadline {
+        let mut batch = consumer
+            .fetch()
+            .max_messages(total - out.len())
+            .expires(Duration::from_millis(500))
+            .messages()
+            .await
+            .expect("fetch");
+        while let Some(message) = batch.next().await {
+            out.push(message.expect("message").message);
+        }
+    }
+    assert_eq!(out.len(), total, "read the whole stream");
+    out
+}
+
+fn header(message: &async_nats::Message, name: &str) -> Option<String> {
+    message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(name))
+        .map(|v| v.as_str().to_string())
+}
+
+/// The NATS message decoded by the CloudEvents SDK: its `ce-` headers and `content-type`
+/// are the HTTP binary binding's, so the SDK's HTTP decoder reads them.
+fn to_sdk_event(message: &async_nats::Message) -> cloudevents::Event {
+    let mut headers = http::HeaderMap::new();
+    for (name, values) in message.headers.as_ref().expect("headers").iter() {
+        let name = name.to_string();
+        if name.starts_with("ce-") || name == "content-type" {
+            for value in values {
+                headers.append(
+                    http::HeaderName::from_bytes(name.as_bytes()).expect("header name"),
+                    http::HeaderValue::from_str(value.as_str()).expect("header value"),
+                );
+            }
+        }
+    }
+    cloudevents::binding::http::to_event(&headers, message.payload.to_vec())
+        .expect("a valid CloudEvent in binary mode")
+}
+
+fn data_json(event: &cloudevents::Event) -> serde_json::Value {
+    match event.data() {
+        Some(cloudevents::Data::Json(v)) => v.clone(),
+        Some(cloudevents::Data::String(s)) => serde_json::Value::String(s.clone()),
+        Some(cloudevents::Data::Binary(b)) => {
+            serde_json::from_slice(b).unwrap_or_else(|_| String::from_utf8_lossy(b).into())
+        }
+        None => serde_json::Value::Null,
+    }
+}
+
+/// (id, partition key, customer) of each JetStream message, in stream order.
+fn nats_arrivals(messages: &[async_nats::Message]) -> Vec<(String, String, String)> {
+    messages
+        .iter()
+        .map(|m| {
+            let e = to_sdk_event(m);
+            let key = e
+                .extension("partitionkey")
+                .map(|v| v.to_string())
+                .expect("partitionkey");
+            let customer = data_json(&e)["customer"]
+                .as_str()
+                .expect("customer")
+                .to_string();
+            (e.id().to_string(), key, customer)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_jetstream_and_core_deliver_binary_mode_cloudevents() {
+    let Some(mut nats) = Broker::new(Kind::Nats, "nats_jetstream_and_core_deliver") else {
+        return;
+    };
+    nats.start().await;
+    let upstream = shop().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = nats.url();
+    let sinks = format!(
+        "  bus: {{ type: nats, url: \"{url}\", subject: \"shop.{{type}}\", jetstream: true, create_stream: SHOP, timeout: 2s }}\n  core: {{ type: nats, url: \"{url}\", subject: \"core.{{type}}\", jetstream: false }}"
+    );
+    let client = nats_client(nats.port).await;
+    let mut core = client.subscribe("core.>").await.expect("subscribe");
+    client.flush().await.expect("flush");
+    let js = jetstream::new(client);
+    let ficus = Ficus::start_yaml(&ficus_yaml(
+        upstream.addr,
+        &sinks,
+        &dir.path().join("outbox"),
+    ))
+    .await;
+
+    // The stream is created at start-up, before any event.
+    let subjects = eventually(WAIT, "stream SHOP created at start-up", || async {
+        let stream = js.get_stream("SHOP").await.ok()?;
+        Some(stream.cached_info().config.subjects.clone())
+    })
+    .await;
+    assert_eq!(subjects, ["shop.>"]);
+
+    assert_eq!(send(ficus.addr, order("42", "c-7", 0)).await.status(), 201);
+    assert_eq!(send(ficus.addr, text()).await.status(), 200);
+    eventually(WAIT, "2 messages in SHOP", || async {
+        (stream_count(&js, "SHOP").await == 2).then_some(())
+    })
+    .await;
+    let messages = read_stream(&js, "SHOP").await;
+    let created = &messages[0];
+    assert_eq!(created.subject.as_str(), "shop.shop.order.created");
+    let id = header(created, "ce-id").expect("ce-id");
+    assert_eq!(
+        header(created, "Nats-Msg-Id").as_deref(),
+        Some(id.as_str()),
+        "the event id deduplicates resends"
+    );
+    assert_eq!(header(created, "ce-specversion").as_deref(), Some("1.0"));
+    assert_eq!(
+        header(created, "content-type").as_deref(),
+        Some("application/json")
+    );
+    let e = to_sdk_event(created);
+    assert_eq!(e.ty(), "shop.order.created");
+    assert_eq!(e.source().to_string(), "/legacy/shop");
+    assert_eq!(e.subject(), Some("42"));
+    assert!(e.time().is_some());
+    assert_eq!(
+        e.extension("partitionkey")
+            .map(|v| v.to_string())
+            .as_deref(),
+        Some("42")
+    );
+    assert_eq!(
+        e.extension("sequence").map(|v| v.to_string()).as_deref(),
+        Some("1")
+    );
+    assert_eq!(
+        e.extension("traceparent").map(|v| v.to_string()).as_deref(),
+        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    );
+    assert_eq!(
+        e.extension("ficusupstream")
+            .map(|v| v.to_string())
+            .as_deref(),
+        Some("monolith")
+    );
+    let data = data_json(&e);
+    assert_eq!(data["order_id"], "42");
+    assert_eq!(data["customer"], "c-7");
+
+    let text_message = &messages[1];
+    assert_eq!(text_message.subject.as_str(), "shop.shop.text");
+    assert!(header(text_message, "content-type").is_some_and(|c| c.starts_with("text/plain")));
+    assert_eq!(
+        text_message.payload.as_ref(),
+        b"plain words",
+        "text data as is"
+    );
+    assert_eq!(
+        header(text_message, "ce-subject"),
+        None,
+        "absent attributes, no header"
+    );
+
+    // Core NATS got the same events, same encoding.
+    let mut core_seen = Vec::new();
+    for _ in 0..2 {
+        let m = tokio::time::timeout(WAIT, core.next())
+            .await
+            .expect("a core NATS message in time")
+            .expect("subscription open");
+        core_seen.push(m);
+    }
+    assert_eq!(core_seen[0].subject.as_str(), "core.shop.order.created");
+    assert_eq!(to_sdk_event(&core_seen[0]).id(), id);
+    assert_eq!(core_seen[1].subject.as_str(), "core.shop.text");
+
+    // A resend of a delivered event (its ack was lost, or ficus restarted before moving its
+    // cursor) is dropped by the stream: same `Nats-Msg-Id`.
+    let resend: ficus::events::CloudEvent = serde_json::from_value(serde_json::json!({
+        "specversion": "1.0", "id": id, "source": "/legacy/shop",
+        "type": "shop.order.created", "time": "2026-11-27T14:00:00Z", "partitionkey": "42"
+    }))
+    .expect("event");
+    let sink = ficus::sinks::nats::NatsSink::new(ficus::sinks::nats::NatsSinkSettings {
+        name: "resend".into(),
+        servers: vec![url.clone()],
+        subject: ficus::sinks::template::AttributeTemplate::parse("shop.{type}").expect("template"),
+        jetstream: true,
+        create_stream: None,
+        auth: ficus::sinks::nats::NatsAuth::None,
+        tls: None,
+        timeout: Duration::from_secs(2),
+    })
+    .expect("sink");
+    let result = sink.send(std::slice::from_ref(&resend)).await;
+    assert!(
+        result.failure.is_none() && result.delivered == 1,
+        "{result:?}"
+    );
+    assert_eq!(
+        stream_count(&js, "SHOP").await,
+        2,
+        "the resend was deduplicated"
+    );
+
+    eventually(WAIT, "both sinks counted 2 delivered", || async {
+        let m = ficus.metrics().await;
+        let bus = sample(&m, "ficus_events_delivered_total", &[("sink", "bus")]);
+        let core = sample(&m, "ficus_events_delivered_total", &[("sink", "core")]);
+        (bus == Some(2.0) && core == Some(2.0)).then_some(())
+    })
+    .await;
+}
+
+/// A CA, and a server and a client certificate signed by it, as PEM files in `dir`.
+fn pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf, PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().expect("ca key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("ca");
+    let write = |name: &str, pem: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).expect("write pem");
+        path
+    };
+    let leaf = |names: Vec<String>, prefix: &str| {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(names)
+            .expect("params")
+            .signed_by(&key, &ca, &ca_key)
+            .expect("sign");
+        (
+            write(&format!("{prefix}.pem"), cert.pem()),
+            write(&format!("{prefix}.key"), key.serialize_pem()),
+        )
+    };
+    let (server_cert, server_key) = leaf(vec!["127.0.0.1".into(), "localhost".into()], "server");
+    let (client_cert, client_key) = leaf(vec!["ficus".into()], "client");
+    (
+        write("ca.pem", ca.pem()),
+        server_cert,
+        server_key,
+        client_cert,
+        client_key,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_over_mutual_tls_with_user_and_password() {
+    let Some(mut nats) = Broker::new(Kind::Nats, "nats_over_mutual_tls") else {
+        return;
+    };
+    let (ca, server_cert, server_key, client_cert, client_key) = pki(nats.dir.path());
+    let path = |p: &Path| p.display().to_string();
+    nats.args = vec![
+        "--tlsverify".into(),
+        "--tlscert".into(),
+        path(&server_cert),
+        "--tlskey".into(),
+        path(&server_key),
+        "--tlscacert".into(),
+        path(&ca),
+        "--user".into(),
+        "ficus".into(),
+        "--pass".into(),
+        "s3cret".into(),
+    ];
+    nats.start().await;
+    let upstream = shop().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sinks = format!(
+        "  bus: {{ type: nats, url: \"tls://127.0.0.1:{}\", subject: \"shop.{{type}}\", create_stream: SHOP, user: ficus, password: s3cret, tls: {{ ca: {}, cert: {}, key: {} }}, timeout: 2s }}",
+        nats.port,
+        ca.display(),
+        client_cert.display(),
+        client_key.display()
+    );
+    let ficus = Ficus::start_yaml(&ficus_yaml(
+        upstream.addr,
+        &sinks,
+        &dir.path().join("outbox"),
+    ))
+    .await;
+    assert_eq!(send(ficus.addr, order("9", "c-9", 0)).await.status(), 201);
+    let client =
+        async_nats::ConnectOptions::with_user_and_password("ficus".into(), "s3cret".into())
+            .add_root_certificates(ca.clone())
+            .add_client_certificate(client_cert.clone(), client_key.clone())
+            .require_tls(true)
+            .connect(format!("tls://127.0.0.1:{}", nats.port))
+            .await
+            .expect("test client connects over mTLS");
+    let js = jetstream::new(client);
+    eventually(WAIT, "the event in SHOP over mTLS", || async {
+        (stream_count(&js, "SHOP").await == 1).then_some(())
+    })
+    .await;
+    let arrivals = nats_arrivals(&read_stream(&js, "SHOP").await);
+    assert_eq!(arrivals[0].2, "c-9");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_killed_mid_stream_loses_nothing_duplicates_nothing_keeps_order() {
+    let Some(mut nats) = Broker::new(Kind::Nats, "nats_killed_mid_stream") else {
+        return;
+    };
+    nats.start().await;
+    let upstream = shop().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sinks = format!(
+        "  bus: {{ type: nats, url: \"{}\", subject: \"shop.{{type}}\", create_stream: SHOP, timeout: 1s }}",
+        nats.url()
+    );
+    let ficus = Ficus::start_yaml(&ficus_yaml(
+        upstream.addr,
+        &sinks,
+        &dir.path().join("outbox"),
+    ))
+    .await;
+    let keys: Vec<String> = (0..4).map(|k| format!("k{k}")).collect();
+    const PER_KEY: usize = 50;
+    let total = keys.len() * PER_KEY;
+    let started = Instant::now();
+    let done = Arc::new(AtomicUsize::new(0));
+    let clients = load(ficus.addr, &keys, PER_KEY, done.clone());
+
+    eventually(WAIT, "delivery under way", || async {
+        (done.load(Ordering::SeqCst) >= 60
+            && metric(&ficus, "ficus_events_delivered_total", "bus").await >= 1.0)
+            .then_some(())
+    })
+    .await;
+    nats.kill_9();
+    let at_kill = done.load(Ordering::SeqCst);
+    let delivered_at_kill = metric(&ficus, "ficus_events_delivered_total", "bus").await;
+    eventually(
+        WAIT,
+        "more requests and failed deliveries while the broker is down",
+        || async {
+            let more = done.load(Ordering::SeqCst) >= (at_kill + 60).min(total);
+            let failed = metric(&ficus, "ficus_event_delivery_failures_total", "bus").await >= 1.0;
+            (more && failed).then_some(())
+        },
+    )
+    .await;
+    let down_for = started.elapsed();
+    nats.start().await;
+    for c in clients {
+        c.await.expect("client task");
+    }
+    let client = nats_client(nats.port).await;
+    let js = jetstream::new(client);
+    eventually(
+        DELIVERY,
+        "every event delivered after the restart",
+        || async {
+            let pending = metric(&ficus, "ficus_outbox_pending_events", "bus").await;
+            (pending == 0.0 && stream_count(&js, "SHOP").await >= total as u64).then_some(())
+        },
+    )
+    .await;
+    let messages = read_stream(&js, "SHOP").await;
+    let arrivals = nats_arrivals(&messages);
+    let distinct: HashSet<&str> = arrivals.iter().map(|(id, _, _)| id.as_str()).collect();
+    assert_eq!(distinct.len(), total, "every event arrived");
+    assert_eq!(
+        messages.len(),
+        total,
+        "no duplicate in the stream (Nats-Msg-Id)"
+    );
+    assert_in_order_per_key(&arrivals, &keys, PER_KEY);
+    let failures = metric(&ficus, "ficus_event_delivery_failures_total", "bus").await;
+    eprintln!(
+        "nats kill -9: killed after {at_kill} responses and {delivered_at_kill} deliveries, restarted after {down_for:?}; {} messages, {} distinct, {failures} failed attempts, all delivered after {:?}",
+        messages.len(),
+        distinct.len(),
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_unreachable_at_start_events_wait_then_flow() {
+    let Some(mut nats) = Broker::new(Kind::Nats, "nats_unreachable_at_start") else {
+        return;
+    };
+    let upstream = shop().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sinks = format!(
+        "  bus: {{ type: nats, url: \"{}\", subject: \"shop.{{type}}\", create_stream: SHOP, timeout: 1s }}",
+        nats.url()
+    );
+    let ficus = Ficus::start_yaml(&ficus_yaml(
+        upstream.addr,
+        &sinks,
+        &dir.path().join("outbox"),
+    ))
+    .await;
+    let (status, _) = eventually(WAIT, "/readyz answers", || async {
+        Some(get(ficus.admin, "/readyz").await)
+    })
+    .await;
+    assert_eq!(status, 200, "ready without the broker");
+    for n in 0..10 {
+        assert_eq!(
+            send(ficus.addr, order("k", &format!("k-{n}"), 0))
+                .await
+                .status(),
+            201
+        );
+    }
+    eventually(WAIT, "10 pending with a lag", || async {
+        let pending = metric(&ficus, "ficus_outbox_pending_events", "bus").await;
+        let lag = metric(&ficus, "ficus_event_delivery_lag_seconds", "bus").await;
+        let failed = metric(&ficus, "ficus_event_delivery_failures_total", "bus").await;
+        (pending == 10.0 && lag > 0.0 && failed >= 1.0).then_some(())
+    })
+    .await;
+
+    let up = Instant::now();
+    nats.start().await;
+    let js = jetstream::new(nats_client(nats.port).await);
+    eventually(DELIVERY, "10 messages once the broker is up", || async {
+        let pending = metric(&ficus, "ficus_outbox_pending_events", "bus").await;
+        (pending == 0.0 && stream_count(&js, "SHOP").await == 10).then_some(())
+    })
+    .await;
+    let arrivals = nats_arrivals(&read_stream(&js, "SHOP").await);
+    assert_in_order_per_key(&arrivals, &["k".to_string()], 10);
+    eprintln!(
+        "nats down at start: 10 events delivered {:?} after the broker started",
+        up.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_oversized_event_and_unmatched_subject_are_dead_lettered() {
+    let Some(mut nats) = Broker::new(Kind::Nats, "nats_oversized_event") else {
+        return;
+    };
+    let conf = nats.dir.path().join("nats.conf");
+    std::fs::write(&conf, "max_payload: 4096\n").expect("write nats.conf");
+    nats.args = vec!["-c".into(), conf.display().to_string()];
+    nats.start().await;
+    let upstream = shop().await;
+    let url = nats.url();
+    let sinks = format!(
+        "  bus: {{ type: nats, url: \"{url}\", subject: \"shop.{{type}}\", create_stream: SHOP, timeout: 2s }}\n  lost: {{ type: nats, url: \"{url}\", subject: \"elsewhere.{{type}}\", timeout: 2s }}"
+    );
+    let outbox = tempfile::tempdir().expect("tempdir");
+    let mut ficus = FicusProcess::start(&ficus_yaml(upstream.addr, &sinks, outbox.path())).await;
+    for (key, pad) in [("small-1", 0), ("big", 8000), ("small-2", 0)] {
+        assert_eq!(send(ficus.addr, order(key, key, pad)).await.status(), 201);
+    }
+    let lines = log_lines(
+        &mut ficus,
+        &[
+            &["moved to dead letters", "\"sink\":\"bus\"", "max_payload"],
+            &[
+                "moved to dead letters",
+                "\"sink\":\"lost\"",
+                "no JetStream stream takes subject `elsewhere.shop.order.created`",
+            ],
+        ],
+    )
+    .await;
+    eprintln!("dead-letter log lines:\n{}", lines.join("\n"));
+    eventually(
+        WAIT,
+        "dead letters counted and the rest delivered",
+        || async {
+            let bus_dead =
+                process_metric(ficus.admin, "ficus_events_dead_lettered_total", "bus").await;
+            let bus_ok = process_metric(ficus.admin, "ficus_events_delivered_total", "bus").await;
+            let lost_dead =
+                process_metric(ficus.admin, "ficus_events_dead_lettered_total", "lost").await;
+            (bus_dead == 1.0 && bus_ok == 2.0 && lost_dead == 3.0).then_some(())
+        },
+    )
+    .await;
+    let js = jetstream::new(nats_client(nats.port).await);
+    let arrivals = nats_arrivals(&read_stream(&js, "SHOP").await);
+    let customers: Vec<&str> = arrivals.iter().map(|(_, _, c)| c.as_str()).collect();
+    assert_eq!(
+        customers,
+        ["small-1", "small-2"],
+        "the big one went to dead letters"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis
+
+async fn redis_connection(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("test client connects to redis-server")
+}
+
+/// Every entry of a stream as field → value text.
+async fn xrange(
+    conn: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+) -> Vec<HashMap<String, String>> {
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .query_async(conn)
+        .await
+        .expect("XRANGE");
+    reply
+        .ids
+        .into_iter()
+        .map(|entry| {
+            entry
+                .map
+                .into_iter()
+                .map(|(k, v)| {
+                    let text: String = redis::from_redis_value(v).expect("text value");
+                    (k, text)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+async fn xlen(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> u64 {
+    redis::cmd("XLEN")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .expect("XLEN")
+}
+
+fn redis_arrivals(entries: &[HashMap<String, String>]) -> Vec<(String, String, String)> {
+    entries
+        .iter()
+        .map(|f| {
+            let data: serde_json::Value = serde_json::from_str(&f["data"]).expect("json data");
+            (
+                f["id"].clone(),
+                f["partitionkey"].clone(),
+                data["customer"].as_str().expect("customer").to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_entries_have_a_field_per_attribute_and_the_data() {
+    let Some(mut redis) = Broker::new(Kind::Redis, "redis_entries") else {
+        return;
+    };
+    redis.args = vec!["--requirepass".into(), "s3cret".into()];
+    redis.start().await;
+    let upstream = shop().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sinks = format!(
+        "  stream: {{ type: redis, url: \"{}\", stream: \"events:{{type}}\", maxlen: 1000, password: s3cret }}",
+        redis.url()
+    );
+    let ficus = Ficus::start_yaml(&ficus_yaml(
+        upstream.addr,
+        &sinks,
+        &dir.path().join("outbox"),
+    ))
+    .await;
+    for n in 0..3 {
+        assert_eq!(
+            send(ficus.addr, order("42", &format!("c-{n}"), 0))
+                .await
+                .status(),
+            201
+        );
+    }
+    assert_eq!(send(ficus.addr, text()).await.status(), 200);
+    let mut conn = redis_connection(&format!("redis://:s3cret@127.0.0.1:{}", redis.port)).await;
+    eventually(WAIT, "4 entries in two streams", || {
+        let mut conn = conn.clone();
+        async move {
+            let created = xlen(&mut conn, "events:shop.order.created").await;
+            let text = xlen(&mut conn, "events:shop.text").await;
+            (created == 3 && text == 1).then_some(())
+        }
+    })
+    .await;
+    let entries = xrange(&mut conn, "events:shop.order.created").await;
+    let e = &entries[0];
+    assert_eq!(e["specversion"], "1.0");
+    assert_eq!(
+        uuid::Uuid::parse_str(&e["id"])
+            .expect("uuid")
+            .get_version_num(),
+        7
+    );
+    assert_eq!(e["type"], "shop.order.created");
+    assert_eq!(e["source"], "/legacy/shop");
+    assert_eq!(e["subject"], "42");
+    assert_eq!(e["partitionkey"], "42");
+    assert_eq!(e["sequence"], "1");
+    assert_eq!(e["ficusupstream"], "monolith");
+    assert_eq!(
+        e["traceparent"],
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    );
+    assert!(
+        humantime::parse_rfc3339(&e["time"]).is_ok(),
+        "time {}",
+        e["time"]
+    );
+    assert_eq!(e["datacontenttype"], "application/json");
+    let data: serde_json::Value = serde_json::from_str(&e["data"]).expect("json data");
+    assert_eq!(data["customer"], "c-0");
+    let customers: Vec<String> = redis_arrivals(&entries)
+        .into_iter()
+        .map(|(_, _, c)| c)
+        .collect();
+    assert_eq!(customers, ["c-0", "c-1", "c-2"], "in order");
+
+    let text_entries = xrange(&mut conn, "events:shop.text").await;
+    assert!(text_entries[0]["datacontenttype"].starts_with("text/plain"));
+    assert_eq!(text_entries[0]["data"], "plain words");
+    assert!(
+        !text_entries[0].contains_key("subject"),
+        "absent attributes, no field"
+    );
+
+    eventually(WAIT, "4 counted delivered", || async {
+        (metric(&ficus, "ficus_events_delivered_total", "stream").await == 4.0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_mid_stream_loses_nothing_and_keeps_order() {
+    let Some(mut redis) = Broker::new(Kind::Redis, "redis_killed_mid_stream") else {
+        return;
+    };
+    redis.start().await;
+    let upstream = shop().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sinks = format!(
+        "  stream: {{ type: redis, url: \"{}\", stream: \"events:{{type}}\", timeout: 1s }}",
+        redis.url()
+    );
+    let ficus = Ficus::start_yaml(&ficus_yaml(
+        upstream.addr,
+        &sinks,
+        &dir.path().join("outbox"),
+    ))
+    .await;
+    let keys: Vec<String> = (0..4).map(|k| format!("k{k}")).collect();
+    const PER_KEY: usize = 50;
+    let total = keys.len() * PER_KEY;
+    let started = Instant::now();
+    let done = Arc::new(AtomicUsize::new(0));
+    let clients = load(ficus.addr, &keys, PER_KEY, done.clone());
+
+    eventually(WAIT, "delivery under way", || async {
+        (done.load(Ordering::SeqCst) >= 60
+            && metric(&ficus, "ficus_events_delivered_total", "stream").await >= 1.0)
+            .then_some(())
+    })
+    .await;
+    redis.kill_9();
+    let at_kill = done.load(Ordering::SeqCst);
+    let delivered_at_kill = metric(&ficus, "ficus_events_delivered_total", "stream").await;
+    eventually(
+        WAIT,
+        "more requests and failed deliveries while the broker is down",
+        || async {
+            let more = done.load(Ordering::SeqCst) >= (at_kill + 60).min(total);
+            let failed =
+                metric(&ficus, "ficus_event_delivery_failures_total", "stream").await >= 1.0;
+            (more && failed).then_some(())
+        },
+    )
+    .await;
+    let down_for = started.elapsed();
+    redis.start().await;
+    for c in clients {
+        c.await.expect("client task");
+    }
+    let mut conn = redis_connection(&redis.url()).await;
+    eventually(DELIVERY, "every event delivered after the restart", || {
+        let mut conn = conn.clone();
+        let ficus = &ficus;
+        async move {
+            let pending = metric(ficus, "ficus_outbox_pending_events", "stream").await;
+            (pending == 0.0 && xlen(&mut conn, "events:shop.order.created").await >= total as u64)
+                .then_some(())
+        }
+    })
+    .await;
+    let entries = xrange(&mut conn, "events:shop.order.created").await;
+    let arrivals = redis_arrivals(&entries);
+    let distinct: HashSet<&str> = arrivals.iter().map(|(id, _, _)| id.as_str()).collect();
+    assert_eq!(
+        distinct.len(),
+        total,
+        "every event arrived (appendonly survived kill -9)"
+    );
+    assert_in_order_per_key(&arrivals, &keys, PER_KEY);
+    let failures = metric(&ficus, "ficus_event_delivery_failures_total", "stream").await;
+    eprintln!(
+        "redis kill -9: killed after {at_kill} responses and {delivered_at_kill} deliveries, restarted after {down_for:?}; {} entries, {} distinct ({} duplicates, allowed: Redis does not deduplicate), {failures} failed attempts, all delivered after {:?}",
+        entries.len(),
+        distinct.len(),
+        entries.len() - distinct.len(),
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_unreachable_at_start_events_wait_then_flow() {
+    let Some(mut redis) = Broker::new(Kind::Redis, "redis_unreachable_at_start") else {
+        return;
+    };
+    let upstream = shop().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sinks = format!(
+        "  stream: {{ type: redis, url: \"{}\", stream: \"events:{{type}}\", timeout: 1s }}",
+        redis.url()
+    );
+    let ficus = Ficus::start_yaml(&ficus_yaml(
+        upstream.addr,
+        &sinks,
+        &dir.path().join("outbox"),
+    ))
+    .await;
+    let (status, _) = eventually(WAIT, "/readyz answers", || async {
+        Some(get(ficus.admin, "/readyz").await)
+    })
+    .await;
+    assert_eq!(status, 200, "ready without the broker");
+    for n in 0..10 {
+        assert_eq!(
+            send(ficus.addr, order("k", &format!("k-{n}"), 0))
+                .await
+                .status(),
+            201
+        );
+    }
+    eventually(WAIT, "10 pending with a lag", || async {
+        let pending = metric(&ficus, "ficus_outbox_pending_events", "stream").await;
+        let lag = metric(&ficus, "ficus_event_delivery_lag_seconds", "stream").await;
+        let failed = metric(&ficus, "ficus_event_delivery_failures_total", "stream").await;
+        (pending == 10.0 && lag > 0.0 && failed >= 1.0).then_some(())
+    })
+    .await;
+    let up = Instant::now();
+    redis.start().await;
+    let mut conn = redis_connection(&redis.url()).await;
+    eventually(DELIVERY, "10 entries once the broker is up", || {
+        let mut conn = conn.clone();
+        let ficus = &ficus;
+        async move {
+            let pending = metric(ficus, "ficus_outbox_pending_events", "stream").await;
+            (pending == 0.0 && xlen(&mut conn, "events:shop.order.created").await == 10)
+                .then_some(())
+        }
+    })
+    .await;
+    let arrivals = redis_arrivals(&xrange(&mut conn, "events:shop.order.created").await);
+    assert_in_order_per_key(&arrivals, &["k".to_string()], 10);
+    eprintln!(
+        "redis down at start: 10 events delivered {:?} after the broker started",
+        up.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_key_of_the_wrong_type_dead_letters_its_events() {
+    let Some(mut redis) = Broker::new(Kind::Redis, "redis_wrongtype") else {
+        return;
+    };
+    redis.start().await;
+    let mut conn = redis_connection(&redis.url()).await;
+    let _: () = redis::cmd("SET")
+        .arg("events:shop.order.created")
+        .arg("not a stream")
+        .query_async(&mut conn)
+        .await
+        .expect("SET");
+    let upstream = shop().await;
+    let outbox = tempfile::tempdir().expect("tempdir");
+    let sinks = format!(
+        "  stream: {{ type: redis, url: \"{}\", stream: \"events:{{type}}\" }}",
+        redis.url()
+    );
+    let mut ficus = FicusProcess::start(&ficus_yaml(upstream.addr, &sinks, outbox.path())).await;
+    assert_eq!(send(ficus.addr, order("7", "c-7", 0)).await.status(), 201);
+    assert_eq!(send(ficus.addr, cancel("7")).await.status(), 204);
+    let lines = log_lines(
+        &mut ficus,
+        &[&[
+            "moved to dead letters",
+            "WRONGTYPE",
+            "events:shop.order.created",
+        ]],
+    )
+    .await;
+    eprintln!("dead-letter log line:\n{}", lines.join("\n"));
+    eventually(WAIT, "one dead letter, one delivered", || async {
+        let dead = process_metric(ficus.admin, "ficus_events_dead_lettered_total", "stream").await;
+        let ok = process_metric(ficus.admin, "ficus_events_delivered_total", "stream").await;
+        (dead == 1.0 && ok == 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(xlen(&mut conn, "events:shop.order.cancelled").await, 1);
+    let kept: String = redis::cmd("GET")
+        .arg("events:shop.order.created")
+        .query_async(&mut conn)
+        .await
+        .expect("GET");
+    assert_eq!(kept, "not a stream", "the key was left alone");
+}
