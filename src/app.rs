@@ -203,6 +203,7 @@ impl App {
         });
         let stop_delivery = CancellationToken::new();
         let mut dispatchers = Vec::new();
+        let mut progress = Vec::new();
         if let Some(outbox) = &self.outbox {
             for (name, sink) in &self.sinks {
                 let dispatcher = Dispatcher {
@@ -212,7 +213,9 @@ impl App {
                     retry: self.config.outbox.retry,
                     metrics: self.metrics.for_sink(name),
                     batch_size: DISPATCH_BATCH,
+                    progress: tokio::sync::watch::Sender::new(0),
                 };
+                progress.push(dispatcher.progress.subscribe());
                 let stop = stop_delivery.clone();
                 let name = name.clone();
                 dispatchers.push(tokio::spawn(async move {
@@ -256,16 +259,11 @@ impl App {
             if let Err(error) = outbox.flush().await {
                 tracing::error!(%error, "outbox flush at shutdown failed");
             }
+            // Every sink's committed cursor past the last durable event, or the timeout.
+            let end = outbox.durable_end();
             let delivered = tokio::time::timeout(self.config.shutdown.delivery_timeout, async {
-                loop {
-                    let behind = self
-                        .sinks
-                        .iter()
-                        .any(|(name, _)| self.metrics.for_sink(name).pending.get() > 0);
-                    if !behind {
-                        return;
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                for rx in &mut progress {
+                    let _ = rx.wait_for(|committed| *committed >= end).await;
                 }
             })
             .await;

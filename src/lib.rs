@@ -19,7 +19,7 @@
 //! - [`events`]: the CloudEvents model, the outbox envelope, protocol-binding encodings.
 //! - [`outbox`]: the crash-safe segmented log with group commit, cursors and dead letters.
 //! - [`dispatch`]: one delivery loop per sink, with backoff and dead-lettering.
-//! - [`sinks`]: the `Sink` trait and the file, stdout and HTTP sinks.
+//! - [`sinks`]: the `Sink` trait and the file, stdout, HTTP, NATS and Redis sinks.
 //!
 //! Beside them:
 //!

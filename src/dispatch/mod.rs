@@ -52,6 +52,9 @@ pub struct Dispatcher {
     pub retry: Retry,
     pub metrics: SinkMetrics,
     pub batch_size: usize,
+    /// The committed cursor, published for shutdown: every event before it is delivered (or
+    /// dead-lettered).
+    pub progress: tokio::sync::watch::Sender<u64>,
 }
 
 const MAX_BATCH_BYTES: usize = 1 << 20;
@@ -95,6 +98,7 @@ impl Dispatcher {
     async fn run_once(&self, stop: &CancellationToken) -> Result<(), OutboxError> {
         let mut reader = self.outbox.reader(&self.name)?;
         let mut committed = reader.position();
+        self.progress.send_replace(committed);
         let mut replay_checked = tokio::time::Instant::now() - REPLAY_CHECK;
         loop {
             if stop.is_cancelled() {
@@ -132,6 +136,7 @@ impl Dispatcher {
             let next = last + 1;
             self.blocking(move |o, n| o.commit(n, next)).await?;
             committed = next;
+            self.progress.send_replace(committed);
             self.update_pending(committed);
             if committed >= self.outbox.durable_end() {
                 self.metrics.lag_seconds.set(0.0);

@@ -155,3 +155,44 @@ async fn shutdown_keeps_undelivered_events_on_disk_for_the_next_start() {
     let pending = broker.map_or(status.end_seq - status.first_seq, |b| b.pending);
     assert_eq!(pending, 2, "both events wait on disk: {status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_gives_a_slow_sink_delivery_timeout_to_take_the_last_events() {
+    let upstream = crate::events::shop().await;
+    // A sink that is up but slow: 150 ms per event.
+    let sink = TestUpstream::with(|req, rec| async move {
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        record(req, &rec).await;
+        http::Response::new(full("ok"))
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let yaml = config_yaml(
+        upstream.addr,
+        &format!(
+            "events:\n  rules:\n    - name: created\n      match: {{ method: POST, path: /orders }}\n      type: shop.order.created\n      subject: \"{{response.body.id}}\"\nsinks:\n  broker: {{ type: http, url: \"http://{}/\" }}\noutbox:\n  dir: {}\nshutdown:\n  delivery_timeout: 10s\n",
+            sink.addr,
+            dir.path().join("outbox").display()
+        ),
+    );
+    let mut proc = FicusProcess::start(&yaml).await;
+    for id in ["a", "b", "c", "d"] {
+        let req = Request::post("/orders")
+            .header("host", "shop")
+            .header("x-order-id", id)
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .expect("request");
+        assert_eq!(send(proc.addr, req).await.status(), 201);
+    }
+    proc.signal("TERM");
+    let status = tokio::time::timeout(WAIT, proc.child.wait())
+        .await
+        .expect("exits")
+        .expect("status");
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(
+        sink.requests().len(),
+        4,
+        "every event delivered before exit"
+    );
+}
