@@ -13,9 +13,11 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use ficus::config::routes::{Backend, RouteConfig, Sticky};
 use ficus::proxy::framing::ambiguous_framing;
 use ficus::proxy::headers::{add_forwarding, strip_hop_by_hop};
 use ficus::routing::Router;
+use ficus::rules::PathTemplate;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Uri};
 
@@ -152,23 +154,111 @@ fn framing(c: &mut Criterion) {
     g.finish();
 }
 
+/// A strangler's route table: a few endpoints taken over by new services, a canary by header,
+/// a sticky split, then everything else to the monolith.
+fn route_table() -> Vec<RouteConfig> {
+    let route = |name: &str, method: Option<Method>, path: &str, backend| RouteConfig {
+        name: name.into(),
+        method,
+        path: PathTemplate::parse(path).expect("path"),
+        headers: Vec::new(),
+        backend,
+        fallback: None,
+        shadow: None,
+        strip_prefix: None,
+        add_prefix: None,
+    };
+    let mut canary = route(
+        "orders-canary",
+        None,
+        "/api/orders/{id}",
+        Backend::Single(2),
+    );
+    canary.headers.push((
+        HeaderName::from_static("x-canary"),
+        HeaderValue::from_static("1"),
+    ));
+    vec![
+        route("health", Some(Method::GET), "/healthz", Backend::Single(1)),
+        route(
+            "login",
+            Some(Method::POST),
+            "/api/login",
+            Backend::Single(1),
+        ),
+        route(
+            "search",
+            Some(Method::GET),
+            "/api/search",
+            Backend::Single(1),
+        ),
+        route(
+            "catalog",
+            Some(Method::GET),
+            "/api/catalog/{*rest}",
+            Backend::Single(1),
+        ),
+        canary,
+        route(
+            "orders-read",
+            Some(Method::GET),
+            "/api/orders/{id}",
+            Backend::Split {
+                choices: vec![(0, 90), (2, 10)],
+                sticky: Some(Sticky::Cookie("session".into())),
+            },
+        ),
+        route(
+            "orders-write",
+            Some(Method::POST),
+            "/api/orders",
+            Backend::Single(2),
+        ),
+        route("cart", None, "/api/cart/{*rest}", Backend::Single(3)),
+    ]
+}
+
 fn routing(c: &mut Criterion) {
-    let router = Router::new(Vec::new(), 0);
-    let no_headers = http::HeaderMap::new();
     let uri = Uri::from_static("/api/orders/12345?expand=items&currency=EUR");
+    let browser = browser_headers();
     let mut g = c.benchmark_group("routing");
-    g.bench_function("route/default", |b| {
+
+    let empty = Router::new(Vec::new(), 0);
+    let no_headers = HeaderMap::new();
+    g.bench_function("route/no_routes", |b| {
         b.iter(|| {
-            router.route(
+            empty.route(
                 black_box(&Method::GET),
                 black_box(&uri),
                 black_box(&no_headers),
             )
         })
     });
-    g.bench_function("route_name/default", |b| {
-        let target = router.route(&Method::GET, &uri, &no_headers);
-        b.iter(|| router.route_name(black_box(target)).len())
+    let table = Router::new(route_table(), 0);
+    // Sixth of eight routes: a sticky split on the session cookie.
+    g.bench_function("route/8_routes_sticky_split_hit", |b| {
+        b.iter(|| {
+            table.route(
+                black_box(&Method::GET),
+                black_box(&uri),
+                black_box(&browser),
+            )
+        })
+    });
+    // No route matches: every template is tried, then the default.
+    let miss = Uri::from_static("/account/settings/notifications");
+    g.bench_function("route/8_routes_miss", |b| {
+        b.iter(|| {
+            table.route(
+                black_box(&Method::GET),
+                black_box(&miss),
+                black_box(&browser),
+            )
+        })
+    });
+    g.bench_function("route_name", |b| {
+        let target = table.route(&Method::GET, &uri, &browser);
+        b.iter(|| table.route_name(black_box(target)).len())
     });
     g.finish();
 }

@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# The event path under load, in one run: POST of a 300-byte JSON body through ficus with no
+# rule, with a matching rule in `durability: async`, and in `durability: sync`, plus the
+# fdatasync latency F of the outbox's disk measured in the same run.
+#
+#   bash benches/load/events.sh            # DURATION=10 CONNS=64 ROUNDS=2 by default
+#
+# Targets (issue 3): async keeps >= 90% of the no-rule throughput; sync reaches >= 80% of
+# min(no-rule, CONNS/F) and adds at most 1.5 F to p50. Pinning as in run.sh: the load
+# generator on CPU 0, upstream and ficus on CPU 1.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+DURATION=${DURATION:-10}
+CONNS=${CONNS:-64}
+ROUNDS=${ROUNDS:-2}
+LOADGEN_CPU=${LOADGEN_CPU:-0}
+SERVER_CPU=${SERVER_CPU:-1}
+TARGET=${CARGO_TARGET_DIR:-target}
+
+log() { printf '%s\n' "$*" >&2; }
+OHA=$(command -v oha || echo "$HOME/.cargo/bin/oha")
+if [[ ! -x $OHA ]]; then
+    log "installing oha (cargo install oha --locked)"
+    cargo install oha --locked >&2
+fi
+command -v python3 >/dev/null || { log "python3 is needed to parse oha's JSON"; exit 1; }
+
+log "building release"
+cargo build --release --bin ficus --example bench_upstream >&2
+FICUS_BIN=$TARGET/release/ficus
+UPSTREAM_BIN=$TARGET/release/examples/bench_upstream
+
+TMP=$(mktemp -d /tmp/ficus-events-bench.XXXXXX)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+wait_port() {
+    for _ in $(seq 1 200); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+        sleep 0.05
+    done
+    log "port $1 did not open"; exit 1
+}
+
+UP_PORT=$(free_port)
+taskset -c "$SERVER_CPU" "$UPSTREAM_BIN" "127.0.0.1:$UP_PORT" >"$TMP/upstream.log" 2>&1 &
+PIDS+=($!)
+wait_port "$UP_PORT"
+
+# F: fdatasync latency of 4 KiB appends in the outbox's directory, p50 and p99 in ms.
+measure_fsync() {
+    python3 - "$TMP" <<'PY'
+import os, sys, time
+path = os.path.join(sys.argv[1], "fsync-probe")
+fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+lat = []
+for _ in range(300):
+    os.write(fd, b"x" * 4096)
+    t = time.perf_counter(); os.fdatasync(fd); lat.append(time.perf_counter() - t)
+os.close(fd); os.unlink(path)
+lat.sort()
+print(f"{lat[len(lat)//2]*1000:.3f} {lat[int(len(lat)*0.99)]*1000:.3f}")
+PY
+}
+
+# One ficus config per case; `rule` is empty for the no-rule case.
+start_ficus() {
+    local name=$1 durability=$2 rule=$3
+    local port admin
+    port=$(free_port); admin=$(free_port)
+    mkdir -p "$TMP/$name"
+    {
+        printf 'listen: { address: "127.0.0.1:%s" }\nadmin: { address: "127.0.0.1:%s" }\n' "$port" "$admin"
+        printf 'upstreams:\n  monolith: { url: "http://127.0.0.1:%s" }\n' "$UP_PORT"
+        printf 'log: { format: json, level: warn, access: false }\n'
+        if [[ -n $rule ]]; then
+            printf 'events:\n  rules:\n    - name: accepted\n      match: { method: POST, path: "/orders" }\n      type: shop.order.accepted\n      subject: "{request.body.id}"\n'
+            printf 'sinks:\n  audit: { type: file, path: "%s/events.jsonl" }\n' "$TMP/$name"
+            printf 'outbox:\n  dir: "%s/outbox"\n  durability: %s\n  max_bytes: 4GiB\n' "$TMP/$name" "$durability"
+        fi
+    } >"$TMP/$name/ficus.yaml"
+    TOKIO_WORKER_THREADS=1 taskset -c "$SERVER_CPU" "$FICUS_BIN" run -c "$TMP/$name/ficus.yaml" >"$TMP/$name/log" 2>&1 &
+    PIDS+=($!)
+    wait_port "$port"
+    echo "$port"
+}
+
+BODY=$(python3 -c 'import json; print(json.dumps({"id": "ord-0001", "customer_id": "c-42", "items": [{"sku": "s-%d" % i, "qty": 1} for i in range(9)], "note": "x" * 40})[:300].ljust(300))')
+printf '%s' "$BODY" >"$TMP/body.json"
+
+# oha at saturation: prints "req/s p50_ms p99_ms".
+run_load() {
+    local port=$1
+    timeout $((DURATION + 20)) taskset -c "$LOADGEN_CPU" "$OHA" --no-tui --output-format json \
+        -z "${DURATION}s" -c "$CONNS" -m POST -H 'content-type: application/json' \
+        -D "$TMP/body.json" "http://127.0.0.1:$port/orders" >"$TMP/oha.json"
+    python3 - "$TMP/oha.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+s = d["summary"]; p = d.get("latencyPercentiles", {})
+codes = d.get("statusCodeDistribution", {})
+ok = sum(v for k, v in codes.items() if k.startswith("2"))
+bad = sum(v for k, v in codes.items() if not k.startswith("2"))
+print(f'{s["requestsPerSec"]:.0f} {p.get("p50", 0)*1000:.3f} {p.get("p99", 0)*1000:.3f} {ok} {bad}')
+PY
+}
+
+declare -A RPS P50 P99
+read -r F50 F99 < <(measure_fsync)
+log "fdatasync: p50 ${F50} ms, p99 ${F99} ms"
+for round in $(seq 1 "$ROUNDS"); do
+    for case in none async sync; do
+        rule=x; [[ $case == none ]] && rule=""
+        port=$(start_ficus "$case-$round" "$case" "$rule")
+        read -r rps p50 p99 ok bad < <(run_load "$port")
+        kill "${PIDS[-1]}" 2>/dev/null || true
+        wait "${PIDS[-1]}" 2>/dev/null || true
+        unset 'PIDS[-1]'
+        log "round $round $case: $rps req/s, p50 $p50 ms, p99 $p99 ms ($ok ok, $bad other)"
+        RPS[$case]="${RPS[$case]:-} $rps"; P50[$case]="${P50[$case]:-} $p50"; P99[$case]="${P99[$case]:-} $p99"
+    done
+done
+read -r F50b F99b < <(measure_fsync)
+
+python3 - "$CONNS" "$F50" "$F50b" "${RPS[none]}" "${RPS[async]}" "${RPS[sync]}" "${P50[none]}" "${P50[async]}" "${P50[sync]}" "${P99[none]}" "${P99[async]}" "${P99[sync]}" <<'PY'
+import statistics as st, sys
+a = sys.argv[1:]
+conns = int(a[0]); F = (float(a[1]) + float(a[2])) / 2
+nums = lambda s: [float(x) for x in s.split()]
+rps = {k: st.median(nums(v)) for k, v in zip(["none", "async", "sync"], a[3:6])}
+p50 = {k: st.median(nums(v)) for k, v in zip(["none", "async", "sync"], a[6:9])}
+p99 = {k: st.median(nums(v)) for k, v in zip(["none", "async", "sync"], a[9:12])}
+bound = conns / (F / 1000)
+print(f"POST 300 B, {conns} connections, medians; fdatasync F (p50) = {F:.3f} ms, C/F = {bound:.0f}/s")
+print(f"{'case':<8}{'req/s':>10}{'vs none':>9}{'p50 ms':>9}{'p99 ms':>9}")
+for k in ["none", "async", "sync"]:
+    print(f"{k:<8}{rps[k]:>10.0f}{rps[k]/rps['none']*100:>8.1f}%{p50[k]:>9.3f}{p99[k]:>9.3f}")
+t_async = rps["async"] >= 0.9 * rps["none"]
+need = 0.8 * min(rps["none"], bound)
+t_sync = rps["sync"] >= need
+t_p50 = p50["sync"] - p50["none"] <= 1.5 * F
+print(f"async >= 90% of none: {'met' if t_async else 'MISSED'} ({rps['async']/rps['none']*100:.1f}%)")
+print(f"sync >= 80% of min(none, C/F) = {need:.0f}/s: {'met' if t_sync else 'MISSED'} ({rps['sync']:.0f}/s)")
+print(f"sync adds <= 1.5 F = {1.5*F:.3f} ms to p50: {'met' if t_p50 else 'MISSED'} (+{p50['sync']-p50['none']:.3f} ms)")
+PY
