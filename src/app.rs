@@ -61,6 +61,9 @@ fn build_sink(kind: &SinkKind) -> Result<Arc<dyn Sink>, AppError> {
             Arc::new(NatsSink::new((**settings).clone()).map_err(AppError::Sink)?)
         }
         SinkKind::Redis(settings) => Arc::new(RedisSink::new((**settings).clone())),
+        SinkKind::Amqp(settings) => Arc::new(
+            crate::sinks::amqp::AmqpSink::new((**settings).clone()).map_err(AppError::Sink)?,
+        ),
     })
 }
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The event path under load, in one run: POST of a 300-byte JSON body through ficus with no
-# rule, with a matching rule in `durability: async`, and in `durability: sync`, plus the
-# fdatasync latency F of the outbox's disk measured in the same run.
+# The event path and the routing layer under load, in one run: POST of a 300-byte JSON body
+# through ficus with no rule, with a matching rule in `durability: async`, and in
+# `durability: sync` (plus the fdatasync latency F of the outbox's disk measured in the same
+# run); and with 50 routes configured, the request matching the last one, a split of one
+# upstream listed twice (so the upstream's cost is unchanged).
 #
 #   bash benches/load/events.sh            # DURATION=10 CONNS=64 ROUNDS=2 by default
 #
@@ -80,6 +82,13 @@ start_ficus() {
         printf 'listen: { address: "127.0.0.1:%s" }\nadmin: { address: "127.0.0.1:%s" }\n' "$port" "$admin"
         printf 'upstreams:\n  monolith: { url: "http://127.0.0.1:%s" }\n' "$UP_PORT"
         printf 'log: { format: json, level: warn, access: false }\n'
+        if [[ $durability == routed ]]; then
+            printf 'routes:\n'
+            for i in $(seq 0 48); do
+                printf '  - name: r%s\n    match: { path: "/api/v1/resource%s/{id}" }\n    upstream: monolith\n' "$i" "$i"
+            done
+            printf '  - name: orders\n    match: { path: "/orders" }\n    split: [{ upstream: monolith, weight: 90 }, { upstream: monolith, weight: 10 }]\n    sticky: { header: x-user-id }\n'
+        fi
         if [[ -n $rule ]]; then
             printf 'events:\n  rules:\n    - name: accepted\n      match: { method: POST, path: "/orders" }\n      type: shop.order.accepted\n      subject: "{request.body.id}"\n'
             printf 'sinks:\n  audit: { type: file, path: "%s/events.jsonl" }\n' "$TMP/$name"
@@ -116,8 +125,8 @@ declare -A RPS P50 P99
 read -r F50 F99 < <(measure_fsync)
 log "fdatasync: p50 ${F50} ms, p99 ${F99} ms"
 for round in $(seq 1 "$ROUNDS"); do
-    for case in none async sync; do
-        rule=x; [[ $case == none ]] && rule=""
+    for case in none routed async sync; do
+        rule=x; [[ $case == none || $case == routed ]] && rule=""
         port=$(start_ficus "$case-$round" "$case" "$rule")
         read -r rps p50 p99 ok bad < <(run_load "$port")
         kill "${PIDS[-1]}" 2>/dev/null || true
@@ -129,23 +138,26 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 read -r F50b F99b < <(measure_fsync)
 
-python3 - "$CONNS" "$F50" "$F50b" "${RPS[none]}" "${RPS[async]}" "${RPS[sync]}" "${P50[none]}" "${P50[async]}" "${P50[sync]}" "${P99[none]}" "${P99[async]}" "${P99[sync]}" <<'PY'
+python3 - "$CONNS" "$F50" "$F50b" "${RPS[none]}" "${RPS[async]}" "${RPS[sync]}" "${P50[none]}" "${P50[async]}" "${P50[sync]}" "${P99[none]}" "${P99[async]}" "${P99[sync]}" "${RPS[routed]}" "${P50[routed]}" "${P99[routed]}" <<'PY'
 import statistics as st, sys
 a = sys.argv[1:]
 conns = int(a[0]); F = (float(a[1]) + float(a[2])) / 2
 nums = lambda s: [float(x) for x in s.split()]
-rps = {k: st.median(nums(v)) for k, v in zip(["none", "async", "sync"], a[3:6])}
-p50 = {k: st.median(nums(v)) for k, v in zip(["none", "async", "sync"], a[6:9])}
-p99 = {k: st.median(nums(v)) for k, v in zip(["none", "async", "sync"], a[9:12])}
+keys = ["none", "async", "sync"]
+rps = {k: st.median(nums(v)) for k, v in zip(keys, a[3:6])}
+p50 = {k: st.median(nums(v)) for k, v in zip(keys, a[6:9])}
+p99 = {k: st.median(nums(v)) for k, v in zip(keys, a[9:12])}
+rps["routed"], p50["routed"], p99["routed"] = (st.median(nums(v)) for v in a[12:15])
 bound = conns / (F / 1000)
 print(f"POST 300 B, {conns} connections, medians; fdatasync F (p50) = {F:.3f} ms, C/F = {bound:.0f}/s")
 print(f"{'case':<8}{'req/s':>10}{'vs none':>9}{'p50 ms':>9}{'p99 ms':>9}")
-for k in ["none", "async", "sync"]:
+for k in ["none", "routed", "async", "sync"]:
     print(f"{k:<8}{rps[k]:>10.0f}{rps[k]/rps['none']*100:>8.1f}%{p50[k]:>9.3f}{p99[k]:>9.3f}")
 t_async = rps["async"] >= 0.9 * rps["none"]
 need = 0.8 * min(rps["none"], bound)
 t_sync = rps["sync"] >= need
 t_p50 = p50["sync"] - p50["none"] <= 1.5 * F
+print(f"50 routes + split cost < 5% of throughput: {'met' if rps['routed'] >= 0.95 * rps['none'] else 'MISSED'} ({(1 - rps['routed']/rps['none'])*100:.1f}% lower)")
 print(f"async >= 90% of none: {'met' if t_async else 'MISSED'} ({rps['async']/rps['none']*100:.1f}%)")
 print(f"sync >= 80% of min(none, C/F) = {need:.0f}/s: {'met' if t_sync else 'MISSED'} ({rps['sync']:.0f}/s)")
 print(f"sync adds <= 1.5 F = {1.5*F:.3f} ms to p50: {'met' if t_p50 else 'MISSED'} (+{p50['sync']-p50['none']:.3f} ms)")

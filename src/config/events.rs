@@ -19,6 +19,7 @@ use crate::outbox::{Durability, WhenFull};
 use crate::rules::{
     Condition, DataTemplate, PathTemplate, Redactor, Rule, RuleSet, StatusMatch, Template,
 };
+use crate::sinks::amqp::{self, AmqpSinkSettings};
 use crate::sinks::http::{HttpMode, HttpSinkSettings};
 use crate::sinks::nats::{self, NatsAuth, NatsSinkSettings};
 use crate::sinks::redis::{self, RedisSinkSettings};
@@ -53,6 +54,7 @@ pub enum SinkKind {
     Http(Box<HttpSinkSettings>),
     Nats(Box<NatsSinkSettings>),
     Redis(Box<RedisSinkSettings>),
+    Amqp(Box<AmqpSinkSettings>),
 }
 
 impl SinkKind {
@@ -63,6 +65,7 @@ impl SinkKind {
             SinkKind::Http(_) => "http",
             SinkKind::Nats(_) => "nats",
             SinkKind::Redis(_) => "redis",
+            SinkKind::Amqp(_) => "amqp",
         }
     }
 }
@@ -95,10 +98,10 @@ impl Default for OutboxConfig {
 pub const DEFAULT_SOURCE: &str = "/ficus";
 
 /// Sink types of the SPEC that this build does not have yet.
-const SINK_TYPES_NOT_YET: &[&str] = &["kafka", "amqp"];
+const SINK_TYPES_NOT_YET: &[&str] = &["kafka"];
 
 /// The sink types this build has, for messages.
-const SINK_TYPES: &str = "file, stdout, http, nats or redis";
+const SINK_TYPES: &str = "file, stdout, http, nats, redis or amqp";
 
 pub(super) fn decode_sinks(d: &mut Decoder<'_>, node: Option<&Node>) -> Vec<SinkConfig> {
     let Some(node) = node else {
@@ -165,11 +168,14 @@ pub(super) fn decode_sinks(d: &mut Decoder<'_>, node: Option<&Node>) -> Vec<Sink
             "redis" => {
                 decode_redis_sink(d, node, &path, &key.name).map(|s| SinkKind::Redis(Box::new(s)))
             }
+            "amqp" => {
+                decode_amqp_sink(d, node, &path, &key.name).map(|s| SinkKind::Amqp(Box::new(s)))
+            }
             other if SINK_TYPES_NOT_YET.contains(&other) => {
                 d.error(
                     ty_node.mark,
                     &join(&path, "type"),
-                    format!("sink type `{other}` is not supported by ficus {} yet (file, stdout, http, nats and redis are)", env!("CARGO_PKG_VERSION")),
+                    format!("sink type `{other}` is not supported by ficus {} yet (file, stdout, http, nats, redis and amqp are)", env!("CARGO_PKG_VERSION")),
                 );
                 None
             }
@@ -462,6 +468,74 @@ fn decode_redis_sink(
         stream: stream?,
         maxlen,
         password,
+        timeout,
+    })
+}
+
+fn decode_amqp_sink(
+    d: &mut Decoder<'_>,
+    node: &Node,
+    path: &str,
+    name: &str,
+) -> Option<AmqpSinkSettings> {
+    let f = d.map(
+        node,
+        path,
+        &[
+            "type",
+            "url",
+            "exchange",
+            "routing_key",
+            "password",
+            "tls",
+            "timeout",
+        ],
+    )?;
+    let password = f
+        .get("password")
+        .and_then(|n| d.string(n, &join(path, "password")));
+    let url_node = required(d, &f, path, "url");
+    let uri = url_node.and_then(|n| {
+        d.parse(n, &join(path, "url"), |s| {
+            amqp::parse_url(s, password.as_deref())
+        })
+    });
+    let exchange = required(d, &f, path, "exchange").and_then(|n| {
+        let epath = join(path, "exchange");
+        let name = d.string(n, &epath)?;
+        match amqp::valid_exchange(&name) {
+            Ok(()) => Some(name),
+            Err(msg) => {
+                d.error(n.mark, &epath, msg);
+                None
+            }
+        }
+    });
+    let routing_key = required(d, &f, path, "routing_key").and_then(|n| {
+        d.parse(n, &join(path, "routing_key"), |s| {
+            let t = AttributeTemplate::parse(s)?;
+            amqp::check_routing_key(&t)?;
+            Ok(t)
+        })
+    });
+    let tls = f.get("tls").and_then(|n| {
+        let tpath = join(path, "tls");
+        let tls = decode_tls_files(d, n, &tpath)?;
+        if uri
+            .as_ref()
+            .is_some_and(|u| u.scheme != lapin::uri::AMQPScheme::AMQPS)
+        {
+            d.error(n.mark, &tpath, "needs an amqps:// URL");
+        }
+        Some(tls)
+    });
+    let timeout = d.field(&f, path, "timeout", Duration::from_secs(5), parse_duration);
+    Some(AmqpSinkSettings {
+        name: name.to_string(),
+        uri: uri?,
+        exchange: exchange?,
+        routing_key: routing_key?,
+        tls,
         timeout,
     })
 }
@@ -853,6 +927,74 @@ mod tests {
         assert_eq!(stream.timeout, Duration::from_secs(5));
         assert!(!format!("{stream:?}").contains("s3cret"));
         assert_eq!(config.sinks[2].kind.type_name(), "redis");
+    }
+
+    #[test]
+    fn amqp_sinks_decode() {
+        let config = load(concat!(
+            "  rabbit: { type: amqp, url: \"amqp://ficus:pw@127.0.0.1:5672/%2f\", exchange: shop, routing_key: \"{type}\" }\n",
+            "  secure: { type: amqp, url: \"amqps://ficus@rabbit.internal/shop\", password: s3cret, exchange: \"\", routing_key: \"events.{partitionkey}\", tls: { ca: /etc/ca.pem, cert: /etc/c.pem, key: /etc/k.pem }, timeout: 2s }\n",
+        ))
+        .expect("valid");
+        let SinkKind::Amqp(rabbit) = &config.sinks[0].kind else {
+            panic!("amqp: {:?}", config.sinks[0]);
+        };
+        assert_eq!(config.sinks[0].kind.type_name(), "amqp");
+        assert_eq!(rabbit.uri.authority.host, "127.0.0.1");
+        assert_eq!(rabbit.uri.authority.port, 5672);
+        assert_eq!(rabbit.uri.vhost, "/");
+        assert_eq!(rabbit.uri.authority.userinfo.username, "ficus");
+        assert_eq!(rabbit.uri.authority.userinfo.password, "pw");
+        assert_eq!(rabbit.exchange, "shop");
+        assert_eq!(rabbit.routing_key.to_string(), "{type}");
+        assert!(rabbit.tls.is_none());
+        assert_eq!(rabbit.timeout, Duration::from_secs(5));
+        assert!(
+            !format!("{rabbit:?}").contains("pw"),
+            "secrets stay out of Debug"
+        );
+        let SinkKind::Amqp(secure) = &config.sinks[1].kind else {
+            panic!("amqp");
+        };
+        assert_eq!(secure.uri.authority.port, 5671, "the amqps port");
+        assert_eq!(secure.uri.vhost, "shop");
+        assert_eq!(secure.uri.authority.userinfo.password, "s3cret");
+        assert_eq!(secure.exchange, "", "the default exchange");
+        assert_eq!(
+            secure.tls.as_ref().and_then(|t| t.key.clone()),
+            Some(PathBuf::from("/etc/k.pem"))
+        );
+        assert_eq!(secure.timeout, Duration::from_secs(2));
+        assert!(!format!("{secure:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn amqp_errors_are_located() {
+        let errors = load(concat!(
+            "  a: { type: amqp, url: \"http://u:secret@x\", exchange: shop, routing_key: \"{response.body.id}\" }\n",
+            "  b: { type: amqp, url: \"amqp://u:secret@x:5672/\", exchange: \"a\\nb\", routing_key: k }\n",
+            "  c: { type: amqp, url: \"amqp://x\", routing_key: \"{type}\", queue: q }\n",
+            "  d: { type: amqp, url: \"amqp://x\", exchange: shop, routing_key: k, tls: { ca: /ca.pem, cert: /c.pem } }\n",
+        ))
+        .expect_err("invalid");
+        let expected = [
+            "f.yaml:4:25: sinks.a.url: expected an amqp:// or amqps:// URL",
+            "f.yaml:4:75: sinks.a.routing_key: unknown placeholder `{response.body.id}`",
+            "f.yaml:5:25: sinks.b.url: `amqp://***@x:5672/` names the empty vhost",
+            "f.yaml:5:62: sinks.b.exchange: `a\nb` has control characters",
+            "f.yaml:6:60: sinks.c.queue: unknown key",
+            "f.yaml:6:6: sinks.c.exchange: is required",
+            "f.yaml:7:74: sinks.d.tls: `cert` and `key` go together",
+            "f.yaml:7:74: sinks.d.tls: needs an amqps:// URL",
+        ];
+        for want in expected {
+            assert!(
+                errors.iter().any(|e| e.starts_with(want)),
+                "missing `{want}` in {errors:#?}"
+            );
+        }
+        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+        assert!(errors.iter().all(|e| !e.contains("secret")), "{errors:#?}");
     }
 
     #[test]

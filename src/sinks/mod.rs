@@ -1,8 +1,9 @@
 //! Where events go. A [`Sink`] sends a batch in order and says how far it got; the dispatcher
-//! (not the sink) owns retries, backoff, cursors and dead letters, so a new sink type (Kafka,
-//! AMQP...) implements `send` and nothing else. Settings that name a destination per event
-//! (`subject`, `stream`) are [`template::AttributeTemplate`]s over the event's attributes.
+//! (not the sink) owns retries, backoff, cursors and dead letters, so a new sink type (Kafka...)
+//! implements `send` and nothing else. Settings that name a destination per event (`subject`,
+//! `stream`, `routing_key`) are [`template::AttributeTemplate`]s over the event's attributes.
 
+pub mod amqp;
 pub mod file;
 pub mod http;
 pub mod nats;

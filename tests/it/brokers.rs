@@ -6,6 +6,7 @@
 //! refuses for good.
 //!
 //! A missing broker binary skips the test with a loud message, and fails it when `CI` is set.
+//! The RabbitMQ tests (at the end) say how they differ.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -1249,4 +1250,1076 @@ async fn redis_key_of_the_wrong_type_dead_letters_its_events() {
         .await
         .expect("GET");
     assert_eq!(kept, "not a stream", "the key was left alone");
+}
+
+// ---------------------------------------------------------------------------------------------
+// RabbitMQ
+//
+// Most RabbitMQ tests use the server already running on this machine (127.0.0.1:5672,
+// guest/guest), each in a fresh vhost made with `rabbitmqctl` and deleted at the end. The
+// `kill -9` and TLS tests start their own `rabbitmq-server` node (own node name, ports and data
+// directory; about 3 s to start) and kill it by process group. A missing `rabbitmqctl`, server
+// or `rabbitmq-server` skips the test with a loud message, and fails it when `CI` is set.
+
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicGetOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+
+/// The shared RabbitMQ server.
+const RABBIT_ADDR: &str = "127.0.0.1:5672";
+/// How long a private `rabbitmq-server` node may take to start on a loaded machine.
+const RABBIT_START: Duration = Duration::from_secs(60);
+
+/// Skips (`None`) with a loud message, or fails when `CI` is set.
+fn skip_rabbit<T>(test: &str, why: &str) -> Option<T> {
+    if std::env::var_os("CI").is_some() {
+        panic!("{test}: {why}, but CI is set: RabbitMQ tests must run (apt-get install rabbitmq-server)");
+    }
+    eprintln!(
+        "\n################################################################\n\
+         SKIPPED {test}: {why} (apt-get install rabbitmq-server).\n\
+         With CI set this is a failure.\n\
+         ################################################################\n"
+    );
+    None
+}
+
+/// True when an AMQP 0-9-1 server answers the protocol header with `connection.start` (a
+/// method frame, type 1).
+async fn amqp_ping(addr: &str) -> bool {
+    let attempt = async {
+        let mut tcp = TcpStream::connect(addr).await.ok()?;
+        tcp.write_all(b"AMQP\x00\x00\x09\x01").await.ok()?;
+        let mut first = [0u8; 1];
+        tcp.read_exact(&mut first).await.ok()?;
+        Some(first[0] == 1)
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), attempt).await,
+        Ok(Some(true))
+    )
+}
+
+async fn rabbitmqctl(ctl: &Path, args: &[&str]) -> Result<String, String> {
+    let out = tokio::process::Command::new(ctl)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| format!("cannot run {}: {e}", ctl.display()))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(format!("rabbitmqctl {args:?}: {}\n{text}", out.status))
+    }
+}
+
+/// A vhost of its own on the shared server, with all permissions for `guest`; deleted (with
+/// everything in it) when dropped.
+struct Vhost {
+    ctl: PathBuf,
+    name: String,
+}
+
+impl Vhost {
+    async fn new(test: &str) -> Option<Vhost> {
+        let Some(ctl) = find_binary("rabbitmqctl") else {
+            return skip_rabbit(test, "`rabbitmqctl` is not installed");
+        };
+        if !amqp_ping(RABBIT_ADDR).await {
+            return skip_rabbit(
+                test,
+                &format!("no RabbitMQ server answers on {RABBIT_ADDR}"),
+            );
+        }
+        let name = format!("ficus-test-{}", uuid::Uuid::now_v7().simple());
+        if let Err(e) = rabbitmqctl(&ctl, &["add_vhost", &name]).await {
+            return skip_rabbit(test, &format!("cannot add a vhost: {e}"));
+        }
+        let vhost = Vhost { ctl, name };
+        rabbitmqctl(
+            &vhost.ctl,
+            &[
+                "set_permissions",
+                "-p",
+                &vhost.name,
+                "guest",
+                ".*",
+                ".*",
+                ".*",
+            ],
+        )
+        .await
+        .expect("set_permissions");
+        Some(vhost)
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@{RABBIT_ADDR}/{}", self.name)
+    }
+
+    /// Closes every client connection to this vhost from the server side; returns how many.
+    async fn close_connections(&self) -> usize {
+        let out = rabbitmqctl(
+            &self.ctl,
+            &[
+                "close_all_connections",
+                "--vhost",
+                &self.name,
+                "--limit",
+                "100",
+                "ficus test: server-side close",
+            ],
+        )
+        .await
+        .expect("close_all_connections");
+        // "Closed 1 connections"
+        out.lines()
+            .find_map(|l| l.strip_prefix("Closed ")?.split(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("close_all_connections said: {out}"))
+    }
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.ctl)
+            .args(["delete_vhost", &self.name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// A test client: a connection and a channel (not in confirm mode).
+async fn amqp_client(url: &str) -> (lapin::Connection, lapin::Channel) {
+    let connection = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+        .await
+        .expect("test client connects to RabbitMQ");
+    let channel = connection.create_channel().await.expect("channel");
+    (connection, channel)
+}
+
+/// A durable topic exchange and a durable queue bound to it with `binding`.
+async fn declare_queue(
+    channel: &lapin::Channel,
+    exchange: &str,
+    queue: &str,
+    binding: &str,
+    arguments: FieldTable,
+) {
+    channel
+        .exchange_declare(
+            exchange.into(),
+            lapin::ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("exchange.declare");
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            arguments,
+        )
+        .await
+        .expect("queue.declare");
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            binding.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("queue.bind");
+}
+
+async fn queue_len(channel: &lapin::Channel, queue: &str) -> u32 {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("queue exists")
+        .message_count()
+}
+
+/// Takes (and removes) one message, if there is one.
+async fn take_one(channel: &lapin::Channel, queue: &str) -> Option<Delivery> {
+    channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .expect("basic.get")
+        .map(|m| m.delivery)
+}
+
+/// Takes (and removes) every message of the queue, in queue order.
+async fn take_all(channel: &lapin::Channel, queue: &str) -> Vec<Delivery> {
+    let mut out = Vec::new();
+    while let Some(d) = take_one(channel, queue).await {
+        out.push(d);
+    }
+    out
+}
+
+fn amqp_header(delivery: &Delivery, name: &str) -> Option<String> {
+    match delivery.properties.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        other => panic!("header {name} is not a string: {other:?}"),
+    }
+}
+
+/// The message decoded by the CloudEvents SDK: its `cloudEvents_NAME` headers become the HTTP
+/// binding's `ce-NAME` headers (percent-encoded as that binding wants), `content-type` stays.
+fn amqp_sdk_event(delivery: &Delivery) -> cloudevents::Event {
+    let mut headers = http::HeaderMap::new();
+    for (name, value) in delivery.properties.headers().as_ref().expect("headers") {
+        let name = name.as_str();
+        let attribute = name
+            .strip_prefix("cloudEvents_")
+            .unwrap_or_else(|| panic!("unexpected header {name}"));
+        let AMQPValue::LongString(value) = value else {
+            panic!("header {name} is not a string");
+        };
+        headers.insert(
+            http::HeaderName::from_bytes(format!("ce-{attribute}").as_bytes()).expect("name"),
+            http::HeaderValue::from_str(&ficus::events::percent_encode_header(&value.to_string()))
+                .expect("value"),
+        );
+    }
+    if let Some(ct) = delivery.properties.content_type() {
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_str(ct.as_str()).expect("content type"),
+        );
+    }
+    cloudevents::binding::http::to_event(&headers, delivery.data.clone())
+        .expect("a valid CloudEvent in binary mode")
+}
+
+/// (id, partition key, customer) of each message, in queue order; also checks that the
+/// message id is the event id.
+fn amqp_arrivals(deliveries: &[Delivery]) -> Vec<(String, String, String)> {
+    deliveries
+        .iter()
+        .map(|d| {
+            let id = amqp_header(d, "cloudEvents_id").expect("cloudEvents_id");
+            assert_eq!(
+                d.properties.message_id().as_ref().map(|m| m.as_str()),
+                Some(id.as_str())
+            );
+            let data: serde_json::Value = serde_json::from_slice(&d.data).expect("json data");
+            (
+                id,
+                amqp_header(d, "cloudEvents_partitionkey").expect("partitionkey"),
+                data["customer"].as_str().expect("customer").to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_messages_carry_cloudevents_headers_persistent_and_in_order() {
+    let Some(vhost) = Vhost::new("rabbitmq_messages_carry_cloudevents_headers").await else {
+        return;
+    };
+    let (_conn, channel) = amqp_client(&vhost.url()).await;
+    declare_queue(&channel, "shop", "shop-all", "#", FieldTable::default()).await;
+    let upstream = shop().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A wrong password in the URL, replaced by `password`.
+    let url = vhost.url().replace("guest:guest@", "guest:wrong@");
+    let sinks = format!(
+        "  rabbit: {{ type: amqp, url: \"{url}\", password: guest, exchange: shop, routing_key: \"{{type}}\", timeout: 2s }}"
+    );
+    let ficus = Ficus::start_yaml(&ficus_yaml(
+        upstream.addr,
+        &sinks,
+        &dir.path().join("outbox"),
+    ))
+    .await;
+    for n in 0..3 {
+        let resp = send(ficus.addr, order("42", &format!("c-{n}"), 0)).await;
+        assert_eq!(resp.status(), 201);
+    }
+    assert_eq!(send(ficus.addr, text()).await.status(), 200);
+    eventually(WAIT, "4 messages in the queue", || async {
+        (queue_len(&channel, "shop-all").await == 4).then_some(())
+    })
+    .await;
+    let messages = take_all(&channel, "shop-all").await;
+    assert_eq!(messages.len(), 4);
+
+    let created = &messages[0];
+    assert_eq!(created.exchange.as_str(), "shop");
+    assert_eq!(created.routing_key.as_str(), "shop.order.created");
+    assert_eq!(
+        created.properties.delivery_mode(),
+        &Some(2),
+        "persistent delivery"
+    );
+    let id = amqp_header(created, "cloudEvents_id").expect("cloudEvents_id");
+    assert_eq!(
+        uuid::Uuid::parse_str(&id).expect("uuid").get_version_num(),
+        7
+    );
+    assert_eq!(
+        created.properties.message_id().as_ref().map(|m| m.as_str()),
+        Some(id.as_str()),
+        "message_id is the event id"
+    );
+    assert_eq!(
+        created
+            .properties
+            .content_type()
+            .as_ref()
+            .map(|c| c.as_str()),
+        Some("application/json")
+    );
+    let h = |name: &str| amqp_header(created, name);
+    assert_eq!(h("cloudEvents_specversion").as_deref(), Some("1.0"));
+    assert_eq!(h("cloudEvents_type").as_deref(), Some("shop.order.created"));
+    assert_eq!(h("cloudEvents_source").as_deref(), Some("/legacy/shop"));
+    assert_eq!(h("cloudEvents_subject").as_deref(), Some("42"));
+    assert_eq!(h("cloudEvents_partitionkey").as_deref(), Some("42"));
+    assert_eq!(h("cloudEvents_sequence").as_deref(), Some("1"));
+    assert_eq!(h("cloudEvents_ficusupstream").as_deref(), Some("monolith"));
+    assert_eq!(
+        h("cloudEvents_traceparent").as_deref(),
+        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    );
+    let time = h("cloudEvents_time").expect("cloudEvents_time");
+    assert!(humantime::parse_rfc3339(&time).is_ok(), "time {time}");
+    assert_eq!(
+        h("cloudEvents_datacontenttype"),
+        None,
+        "content-type carries it"
+    );
+    // The CloudEvents SDK reads the same event.
+    let e = amqp_sdk_event(created);
+    assert_eq!(e.id(), id);
+    assert_eq!(e.ty(), "shop.order.created");
+    assert_eq!(e.subject(), Some("42"));
+    let data = data_json(&e);
+    assert_eq!(data["order_id"], "42");
+    assert_eq!(data["customer"], "c-0");
+
+    let customers: Vec<String> = amqp_arrivals(&messages[..3])
+        .into_iter()
+        .map(|(_, _, c)| c)
+        .collect();
+    assert_eq!(customers, ["c-0", "c-1", "c-2"], "in order");
+
+    let text_message = &messages[3];
+    assert_eq!(text_message.routing_key.as_str(), "shop.text");
+    assert!(text_message
+        .properties
+        .content_type()
+        .as_ref()
+        .is_some_and(|c| c.as_str().starts_with("text/plain")));
+    assert_eq!(text_message.data, b"plain words", "text data as is");
+    assert_eq!(
+        amqp_header(text_message, "cloudEvents_subject"),
+        None,
+        "absent attributes, no header"
+    );
+
+    eventually(WAIT, "4 counted delivered", || async {
+        (metric(&ficus, "ficus_events_delivered_total", "rabbit").await == 4.0).then_some(())
+    })
+    .await;
+}
+
+/// A `rabbitmq-server` node of the test's own: node name, AMQP and distribution ports, data
+/// and log directories in a temporary directory. Started in its own process group, which
+/// `kill_9` and drop kill (SIGKILL).
+struct RabbitNode {
+    binary: PathBuf,
+    node: String,
+    port: u16,
+    dist_port: u16,
+    dir: tempfile::TempDir,
+    /// More `rabbitmq.conf` lines (a TLS listener).
+    conf: String,
+    child: Option<Child>,
+}
+
+impl RabbitNode {
+    fn new(test: &str) -> Option<RabbitNode> {
+        // Debian's /usr/sbin/rabbitmq-server switches to the rabbitmq user: use the script it
+        // wraps when there is one.
+        let binary = [PathBuf::from("/usr/lib/rabbitmq/bin/rabbitmq-server")]
+            .into_iter()
+            .find(|p| p.is_file())
+            .or_else(|| find_binary("rabbitmq-server"));
+        let Some(binary) = binary else {
+            return skip_rabbit(test, "`rabbitmq-server` is not installed");
+        };
+        Some(RabbitNode {
+            binary,
+            node: format!("ficus-test-{}@localhost", uuid::Uuid::now_v7().simple()),
+            port: free_port(),
+            dist_port: free_port(),
+            dir: tempfile::tempdir().expect("node tempdir"),
+            conf: String::new(),
+            child: None,
+        })
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("node.log")
+    }
+
+    /// Starts the node and waits until it answers the AMQP protocol header.
+    async fn start(&mut self) {
+        use std::os::unix::process::CommandExt;
+        assert!(self.child.is_none(), "node already running");
+        let dir = self.dir.path();
+        let conf = dir.join("rabbitmq.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listeners.tcp.local = 127.0.0.1:{}\nloopback_users = none\n{}",
+                self.port, self.conf
+            ),
+        )
+        .expect("write rabbitmq.conf");
+        std::fs::write(dir.join("env.conf"), "").expect("write env.conf");
+        std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("write enabled_plugins");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("node log");
+        let path = |name: &str| dir.join(name);
+        let mut cmd = Command::new(&self.binary);
+        cmd.env("HOME", dir)
+            .env("RABBITMQ_CONF_ENV_FILE", path("env.conf"))
+            .env("RABBITMQ_NODENAME", &self.node)
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("RABBITMQ_CONFIG_FILE", &conf)
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", path("enabled_plugins"))
+            .env("RABBITMQ_MNESIA_BASE", path("mnesia"))
+            .env("RABBITMQ_LOG_BASE", path("log"))
+            .env("RABBITMQ_PID_FILE", path("node.pid"))
+            .env("ERL_EPMD_ADDRESS", "127.0.0.1")
+            .env(
+                "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS",
+                "-kernel inet_dist_use_interface {127,0,0,1}",
+            )
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log);
+        let started = Instant::now();
+        self.child = Some(cmd.spawn().expect("spawn rabbitmq-server"));
+        let addr = format!("127.0.0.1:{}", self.port);
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!(
+                        "rabbitmq-server exited at start ({status}):\n{}",
+                        self.log_tail()
+                    );
+                }
+            }
+            if amqp_ping(&addr).await {
+                break;
+            }
+            assert!(
+                started.elapsed() < RABBIT_START,
+                "rabbitmq-server not ready within {RABBIT_START:?}:\n{}",
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        eprintln!(
+            "rabbitmq-server node {} ready on port {} in {:?}",
+            self.node,
+            self.port,
+            started.elapsed()
+        );
+    }
+
+    /// `kill -9` of the whole process group (the start script, the Erlang VM and its helpers),
+    /// and wait for the script to be gone.
+    fn kill_9(&mut self) {
+        let mut child = self.child.take().expect("node running");
+        let status = Command::new("kill")
+            .args(["-9", "--", &format!("-{}", child.id())])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -9 failed");
+        let _ = child.wait();
+    }
+
+    /// As `kill_9`, for drop: never panics.
+    fn kill_quietly(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-9", "--", &format!("-{}", child.id())])
+                .stderr(Stdio::null())
+                .status();
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The last lines of the node's own log (its stdout only says it started).
+    fn log_tail(&self) -> String {
+        let name = self.node.split('@').next().unwrap_or_default();
+        let node_log = self
+            .dir
+            .path()
+            .join("log")
+            .join(format!("{}.log", self.node));
+        let text = std::fs::read_to_string(&node_log)
+            .or_else(|_| std::fs::read_to_string(self.log_path()))
+            .unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        format!(
+            "({name}) {}",
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        )
+    }
+}
+
+impl Drop for RabbitNode {
+    fn drop(&mut self) {
+        self.kill_quietly();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- rabbitmq-server log (last lines) ---\n{}",
+                self.log_tail()
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_killed_mid_stream_loses_nothing_and_keeps_order() {
+    let Some(mut node) = RabbitNode::new("rabbitmq_killed_mid_stream") else {
+        return;
+    };
+    node.start().await;
+    {
+        let (_conn, channel) = amqp_client(&node.url()).await;
+        declare_queue(&channel, "shop", "shop-all", "#", FieldTable::default()).await;
+    }
+    let upstream = shop().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sinks = format!(
+        "  rabbit: {{ type: amqp, url: \"{}\", exchange: shop, routing_key: \"{{type}}\", timeout: 1s }}",
+        node.url()
+    );
+    let ficus = Ficus::start_yaml(&ficus_yaml(
+        upstream.addr,
+        &sinks,
+        &dir.path().join("outbox"),
+    ))
+    .await;
+    let keys: Vec<String> = (0..4).map(|k| format!("k{k}")).collect();
+    const PER_KEY: usize = 50;
+    let total = keys.len() * PER_KEY;
+    let started = Instant::now();
+    let done = Arc::new(AtomicUsize::new(0));
+    let clients = load(ficus.addr, &keys, PER_KEY, done.clone());
+
+    eventually(WAIT, "delivery under way", || async {
+        (done.load(Ordering::SeqCst) >= 60
+            && metric(&ficus, "ficus_events_delivered_total", "rabbit").await >= 1.0)
+            .then_some(())
+    })
+    .await;
+    node.kill_9();
+    let at_kill = done.load(Ordering::SeqCst);
+    let delivered_at_kill = metric(&ficus, "ficus_events_delivered_total", "rabbit").await;
+    eventually(
+        WAIT,
+        "more requests and failed deliveries while the broker is down",
+        || async {
+            let more = done.load(Ordering::SeqCst) >= (at_kill + 60).min(total);
+            let failed =
+                metric(&ficus, "ficus_event_delivery_failures_total", "rabbit").await >= 1.0;
+            (more && failed).then_some(())
+        },
+    )
+    .await;
+    let down_for = started.elapsed();
+    node.start().await;
+    for c in clients {
+        c.await.expect("client task");
+    }
+    let (_conn, channel) = amqp_client(&node.url()).await;
+    eventually(
+        DELIVERY,
+        "every event delivered after the restart",
+        || async {
+            let pending = metric(&ficus, "ficus_outbox_pending_events", "rabbit").await;
+            (pending == 0.0 && queue_len(&channel, "shop-all").await >= total as u32).then_some(())
+        },
+    )
+    .await;
+    let messages = take_all(&channel, "shop-all").await;
+    assert!(
+        messages
+            .iter()
+            .all(|m| m.properties.delivery_mode() == &Some(2)),
+        "persistent"
+    );
+    let arrivals = amqp_arrivals(&messages);
+    let distinct: HashSet<&str> = arrivals.iter().map(|(id, _, _)| id.as_str()).collect();
+    assert_eq!(
+        distinct.len(),
+        total,
+        "every event arrived (confirmed messages survived kill -9)"
+    );
+    assert_in_order_per_key(&arrivals, &keys, PER_KEY);
+    let failures = metric(&ficus, "ficus_event_delivery_failures_total", "rabbit").await;
+    eprintln!(
+        "rabbitmq kill -9: killed after {at_kill} responses and {delivered_at_kill} deliveries, restarted after {down_for:?}; {} messages, {} distinct ({} duplicates, allowed: same message_id), {failures} failed attempts, all delivered after {:?}",
+        messages.len(),
+        distinct.len(),
+        messages.len() - distinct.len(),
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_connections_closed_by_the_server_mid_stream_lose_nothing() {
+    let Some(vhost) = Vhost::new("rabbitmq_connections_closed_by_the_server").await else {
+        return;
+    };
+    {
+        let (_conn, channel) = amqp_client(&vhost.url()).await;
+        declare_queue(&channel, "shop", "shop-all", "#", FieldTable::default()).await;
+    }
+    let upstream = shop().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sinks = format!(
+        "  rabbit: {{ type: amqp, url: \"{}\", exchange: shop, routing_key: \"{{type}}\", timeout: 1s }}",
+        vhost.url()
+    );
+    let ficus = Ficus::start_yaml(&ficus_yaml(
+        upstream.addr,
+        &sinks,
+        &dir.path().join("outbox"),
+    ))
+    .await;
+    let keys: Vec<String> = (0..4).map(|k| format!("k{k}")).collect();
+    const PER_KEY: usize = 75;
+    let total = keys.len() * PER_KEY;
+    let started = Instant::now();
+    let done = Arc::new(AtomicUsize::new(0));
+    // A paced load (a request per client every 25 ms or slower), so that it lasts while
+    // `rabbitmqctl` (half a second a call) closes connections.
+    let clients: Vec<_> = keys
+        .iter()
+        .map(|key| {
+            let (key, done, addr) = (key.clone(), done.clone(), ficus.addr);
+            tokio::spawn(async move {
+                for n in 0..PER_KEY {
+                    let resp = send(addr, order(&key, &format!("{key}-{n}"), 0)).await;
+                    assert_eq!(resp.status(), 201);
+                    done.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+            })
+        })
+        .collect();
+    eventually(WAIT, "delivery under way", || async {
+        (metric(&ficus, "ficus_events_delivered_total", "rabbit").await >= 1.0).then_some(())
+    })
+    .await;
+    // Close ficus's connection from the server side again and again while the load runs:
+    // (responses, delivered, connections closed) at each close.
+    let mut closes = Vec::new();
+    while clients.iter().any(|c| !c.is_finished()) {
+        let n = vhost.close_connections().await;
+        let delivered = metric(&ficus, "ficus_events_delivered_total", "rabbit").await;
+        closes.push((done.load(Ordering::SeqCst), delivered, n));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let effective = closes.iter().filter(|(_, _, n)| *n >= 1).count();
+    assert!(
+        effective >= 2,
+        "ficus's connection closed mid-stream at least twice: {closes:?}"
+    );
+    for c in clients {
+        c.await.expect("client task");
+    }
+    let (_conn, channel) = amqp_client(&vhost.url()).await;
+    eventually(DELIVERY, "every event delivered", || async {
+        let pending = metric(&ficus, "ficus_outbox_pending_events", "rabbit").await;
+        (pending == 0.0 && queue_len(&channel, "shop-all").await >= total as u32).then_some(())
+    })
+    .await;
+    let messages = take_all(&channel, "shop-all").await;
+    let arrivals = amqp_arrivals(&messages);
+    let distinct: HashSet<&str> = arrivals.iter().map(|(id, _, _)| id.as_str()).collect();
+    assert_eq!(distinct.len(), total, "every event arrived");
+    assert_in_order_per_key(&arrivals, &keys, PER_KEY);
+    let failures = metric(&ficus, "ficus_event_delivery_failures_total", "rabbit").await;
+    eprintln!(
+        "rabbitmq close_all_connections: (responses, delivered, connections closed) at each close {closes:?}; {} messages, {} distinct ({} duplicates), {failures} failed attempts, all delivered after {:?}",
+        messages.len(),
+        distinct.len(),
+        messages.len() - distinct.len(),
+        started.elapsed()
+    );
+}
+
+/// Accepts on `listener` and pipes each connection to `target`.
+fn tcp_forwarder(
+    listener: tokio::net::TcpListener,
+    target: &'static str,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_unreachable_at_start_events_wait_then_flow() {
+    let Some(vhost) = Vhost::new("rabbitmq_unreachable_at_start").await else {
+        return;
+    };
+    {
+        let (_conn, channel) = amqp_client(&vhost.url()).await;
+        declare_queue(&channel, "shop", "shop-all", "#", FieldTable::default()).await;
+    }
+    // ficus is pointed at a port nobody listens on yet; later a forwarder to the server
+    // opens there.
+    let port = free_port();
+    let upstream = shop().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sinks = format!(
+        "  rabbit: {{ type: amqp, url: \"amqp://guest:guest@127.0.0.1:{port}/{}\", exchange: shop, routing_key: \"{{type}}\", timeout: 1s }}",
+        vhost.name
+    );
+    let ficus = Ficus::start_yaml(&ficus_yaml(
+        upstream.addr,
+        &sinks,
+        &dir.path().join("outbox"),
+    ))
+    .await;
+    let (status, _) = eventually(WAIT, "/readyz answers", || async {
+        Some(get(ficus.admin, "/readyz").await)
+    })
+    .await;
+    assert_eq!(status, 200, "ready without the broker");
+    for n in 0..10 {
+        assert_eq!(
+            send(ficus.addr, order("k", &format!("k-{n}"), 0))
+                .await
+                .status(),
+            201
+        );
+    }
+    eventually(WAIT, "10 pending with a lag", || async {
+        let pending = metric(&ficus, "ficus_outbox_pending_events", "rabbit").await;
+        let lag = metric(&ficus, "ficus_event_delivery_lag_seconds", "rabbit").await;
+        let failed = metric(&ficus, "ficus_event_delivery_failures_total", "rabbit").await;
+        (pending == 10.0 && lag > 0.0 && failed >= 1.0).then_some(())
+    })
+    .await;
+    let up = Instant::now();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .expect("bind the forwarder where ficus looks for the broker");
+    let _forwarder = tcp_forwarder(listener, RABBIT_ADDR);
+    let (_conn, channel) = amqp_client(&vhost.url()).await;
+    eventually(
+        DELIVERY,
+        "10 messages once the broker is reachable",
+        || async {
+            let pending = metric(&ficus, "ficus_outbox_pending_events", "rabbit").await;
+            (pending == 0.0 && queue_len(&channel, "shop-all").await == 10).then_some(())
+        },
+    )
+    .await;
+    let arrivals = amqp_arrivals(&take_all(&channel, "shop-all").await);
+    assert_in_order_per_key(&arrivals, &["k".to_string()], 10);
+    eprintln!(
+        "rabbitmq down at start: 10 events delivered {:?} after the broker became reachable",
+        up.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_unroutable_and_missing_exchange_are_dead_lettered() {
+    let Some(vhost) = Vhost::new("rabbitmq_unroutable_and_missing_exchange").await else {
+        return;
+    };
+    let (_conn, channel) = amqp_client(&vhost.url()).await;
+    // Only cancellations have a queue.
+    declare_queue(
+        &channel,
+        "shop",
+        "cancelled",
+        "shop.order.cancelled",
+        FieldTable::default(),
+    )
+    .await;
+    let upstream = shop().await;
+    let outbox = tempfile::tempdir().expect("tempdir");
+    let url = vhost.url();
+    let sinks = format!(
+        "  bus: {{ type: amqp, url: \"{url}\", exchange: shop, routing_key: \"{{type}}\", timeout: 2s }}\n  lost: {{ type: amqp, url: \"{url}\", exchange: nowhere, routing_key: \"{{type}}\", timeout: 2s }}"
+    );
+    let mut ficus = FicusProcess::start(&ficus_yaml(upstream.addr, &sinks, outbox.path())).await;
+    assert_eq!(send(ficus.addr, order("7", "c-7", 0)).await.status(), 201);
+    assert_eq!(send(ficus.addr, cancel("7")).await.status(), 204);
+    let lines = log_lines(
+        &mut ficus,
+        &[
+            &[
+                "moved to dead letters",
+                "\"sink\":\"bus\"",
+                "unroutable",
+                "exchange `shop`",
+                "routing key `shop.order.created`",
+            ],
+            &[
+                "moved to dead letters",
+                "\"sink\":\"lost\"",
+                "exchange `nowhere` does not exist",
+            ],
+        ],
+    )
+    .await;
+    eprintln!("dead-letter log lines:\n{}", lines.join("\n"));
+    eventually(WAIT, "dead letters counted, the rest delivered", || async {
+        let bus_dead = process_metric(ficus.admin, "ficus_events_dead_lettered_total", "bus").await;
+        let bus_ok = process_metric(ficus.admin, "ficus_events_delivered_total", "bus").await;
+        let lost_dead =
+            process_metric(ficus.admin, "ficus_events_dead_lettered_total", "lost").await;
+        (bus_dead == 1.0 && bus_ok == 1.0 && lost_dead == 2.0).then_some(())
+    })
+    .await;
+    let cancelled = take_all(&channel, "cancelled").await;
+    assert_eq!(cancelled.len(), 1);
+    assert_eq!(
+        amqp_header(&cancelled[0], "cloudEvents_type").as_deref(),
+        Some("shop.order.cancelled")
+    );
+
+    // Once the exchange exists, the sink whose channel the broker closed delivers again.
+    declare_queue(&channel, "nowhere", "late", "#", FieldTable::default()).await;
+    assert_eq!(send(ficus.addr, cancel("8")).await.status(), 204);
+    eventually(WAIT, "delivered after the exchange was created", || async {
+        let ok = process_metric(ficus.admin, "ficus_events_delivered_total", "lost").await;
+        (ok == 1.0 && queue_len(&channel, "late").await == 1).then_some(())
+    })
+    .await;
+    let dead = process_metric(ficus.admin, "ficus_events_dead_lettered_total", "lost").await;
+    assert_eq!(dead, 2.0, "nothing more dead-lettered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_full_queue_nacks_are_retried_in_order() {
+    let Some(vhost) = Vhost::new("rabbitmq_full_queue_nacks").await else {
+        return;
+    };
+    let (_conn, channel) = amqp_client(&vhost.url()).await;
+    let mut bounded = FieldTable::default();
+    bounded.insert("x-max-length".into(), AMQPValue::LongInt(3));
+    bounded.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    declare_queue(&channel, "shop", "bounded", "#", bounded).await;
+    let upstream = shop().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sinks = format!(
+        "  rabbit: {{ type: amqp, url: \"{}\", exchange: shop, routing_key: \"{{type}}\", timeout: 2s }}",
+        vhost.url()
+    );
+    let ficus = Ficus::start_yaml(&ficus_yaml(
+        upstream.addr,
+        &sinks,
+        &dir.path().join("outbox"),
+    ))
+    .await;
+    let keys = ["a".to_string(), "b".to_string()];
+    const PER_KEY: usize = 6;
+    for n in 0..PER_KEY {
+        for key in &keys {
+            let resp = send(ficus.addr, order(key, &format!("{key}-{n}"), 0)).await;
+            assert_eq!(resp.status(), 201);
+        }
+    }
+    let total = keys.len() * PER_KEY;
+    // The queue takes 3; the broker nacks the others, which wait in the outbox.
+    eventually(WAIT, "a full queue and nacked events pending", || async {
+        let pending = metric(&ficus, "ficus_outbox_pending_events", "rabbit").await;
+        let failed = metric(&ficus, "ficus_event_delivery_failures_total", "rabbit").await;
+        (queue_len(&channel, "bounded").await == 3 && pending > 0.0 && failed >= 1.0).then_some(())
+    })
+    .await;
+    // A slow consumer makes room one message at a time.
+    let mut taken = Vec::new();
+    let deadline = Instant::now() + DELIVERY;
+    while taken.len() < total {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {total} messages within {DELIVERY:?}",
+            taken.len()
+        );
+        match take_one(&channel, "bounded").await {
+            Some(d) => taken.push(d),
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    eventually(WAIT, "nothing pending", || async {
+        (metric(&ficus, "ficus_outbox_pending_events", "rabbit").await == 0.0).then_some(())
+    })
+    .await;
+    // Nothing pending: every event was confirmed, so every copy is in the queue by now.
+    assert!(
+        take_one(&channel, "bounded").await.is_none(),
+        "no message twice: those the broker confirmed past a nack were not sent again"
+    );
+    let arrivals = amqp_arrivals(&taken);
+    assert_in_order_per_key(&arrivals, &keys, PER_KEY);
+    let failures = metric(&ficus, "ficus_event_delivery_failures_total", "rabbit").await;
+    let dead = metric(&ficus, "ficus_events_dead_lettered_total", "rabbit").await;
+    assert_eq!(dead, 0.0, "a nack is retried, never dead-lettered");
+    eprintln!("rabbitmq reject-publish: {total} events in order through a queue of 3, {failures} nacked attempts");
+}
+
+/// As `pki`, with a distinct subject per certificate: Erlang's TLS (as OpenSSL) takes a leaf
+/// whose subject is its issuer's for a self-signed certificate and refuses it.
+fn named_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf, PathBuf) {
+    let named = |names: Vec<String>, cn: &str| {
+        let mut params = rcgen::CertificateParams::new(names).expect("params");
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params
+    };
+    let ca_key = rcgen::KeyPair::generate().expect("ca key");
+    let mut ca_params = named(Vec::new(), "ficus test CA");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("ca");
+    let write = |name: &str, pem: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).expect("write pem");
+        path
+    };
+    let leaf = |names: Vec<String>, prefix: &str| {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = named(names, prefix)
+            .signed_by(&key, &ca, &ca_key)
+            .expect("sign");
+        (
+            write(&format!("{prefix}.pem"), cert.pem()),
+            write(&format!("{prefix}.key"), key.serialize_pem()),
+        )
+    };
+    let (server_cert, server_key) = leaf(vec!["127.0.0.1".into(), "localhost".into()], "server");
+    let (client_cert, client_key) = leaf(vec!["ficus".into()], "client");
+    (
+        write("ca.pem", ca.pem()),
+        server_cert,
+        server_key,
+        client_cert,
+        client_key,
+    )
+}
+
+/// A node of its own: mutual TLS on its TLS listener, and a `max_message_size` that an event
+/// can exceed (a node-wide setting the shared server cannot take).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_over_mutual_tls_and_an_oversized_event_dead_lettered() {
+    let Some(mut node) = RabbitNode::new("rabbitmq_over_mutual_tls") else {
+        return;
+    };
+    let (ca, server_cert, server_key, client_cert, client_key) = named_pki(node.dir.path());
+    let tls_port = free_port();
+    node.conf = format!(
+        "max_message_size = 4096\nlisteners.ssl.local = 127.0.0.1:{tls_port}\nssl_options.cacertfile = {}\nssl_options.certfile = {}\nssl_options.keyfile = {}\nssl_options.verify = verify_peer\nssl_options.fail_if_no_peer_cert = true\n",
+        ca.display(),
+        server_cert.display(),
+        server_key.display()
+    );
+    node.start().await;
+    let (_conn, channel) = amqp_client(&node.url()).await;
+    declare_queue(&channel, "shop", "shop-all", "#", FieldTable::default()).await;
+    let upstream = shop().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sinks = format!(
+        "  rabbit: {{ type: amqp, url: \"amqps://guest:guest@127.0.0.1:{tls_port}/%2f\", exchange: shop, routing_key: \"{{type}}\", tls: {{ ca: {}, cert: {}, key: {} }}, timeout: 2s }}",
+        ca.display(),
+        client_cert.display(),
+        client_key.display()
+    );
+    let mut ficus = FicusProcess::start(&ficus_yaml(
+        upstream.addr,
+        &sinks,
+        &dir.path().join("outbox"),
+    ))
+    .await;
+    for (key, pad) in [("small-1", 0), ("big", 8000), ("small-2", 0)] {
+        assert_eq!(send(ficus.addr, order(key, key, pad)).await.status(), 201);
+    }
+    let lines = log_lines(
+        &mut ficus,
+        &[&[
+            "moved to dead letters",
+            "\"sink\":\"rabbit\"",
+            "exchange `shop` with routing key `shop.order.created`",
+            "larger than configured max size",
+        ]],
+    )
+    .await;
+    eprintln!("dead-letter log line:\n{}", lines.join("\n"));
+    eventually(WAIT, "the small events over mutual TLS", || async {
+        let dead = process_metric(ficus.admin, "ficus_events_dead_lettered_total", "rabbit").await;
+        let ok = process_metric(ficus.admin, "ficus_events_delivered_total", "rabbit").await;
+        (dead == 1.0 && ok == 2.0 && queue_len(&channel, "shop-all").await == 2).then_some(())
+    })
+    .await;
+    let customers: Vec<String> = amqp_arrivals(&take_all(&channel, "shop-all").await)
+        .into_iter()
+        .map(|(_, _, c)| c)
+        .collect();
+    assert_eq!(
+        customers,
+        ["small-1", "small-2"],
+        "the big one went to dead letters"
+    );
 }
