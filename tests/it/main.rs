@@ -15,7 +15,7 @@
 //! - `events`: rules, CloudEvents (checked with the SDK), outbox, file and HTTP sinks
 //! - `crash`: `kill -9` under load with sync durability loses nothing a client saw
 //! - `disk_full`: a real full disk (tmpfs) under the outbox
-//! - `brokers`: NATS JetStream and Redis Streams sinks against real brokers (started, killed)
+//! - `brokers`: NATS JetStream, Redis Streams and RabbitMQ sinks against real brokers (started, killed)
 
 mod admin;
 mod brokers;
