@@ -36,7 +36,7 @@ UPSTREAM_BIN=$TARGET/release/examples/bench_upstream
 TMP=$(mktemp -d /tmp/ficus-events-bench.XXXXXX)
 PIDS=()
 cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}" $(cat "$TMP/pids" 2>/dev/null); do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
     rm -rf "$TMP"
 }
@@ -96,9 +96,10 @@ start_ficus() {
         fi
     } >"$TMP/$name/ficus.yaml"
     TOKIO_WORKER_THREADS=1 taskset -c "$SERVER_CPU" "$FICUS_BIN" run -c "$TMP/$name/ficus.yaml" >"$TMP/$name/log" 2>&1 &
-    PIDS+=($!)
+    local pid=$!
+    echo "$pid" >>"$TMP/pids"
     wait_port "$port"
-    echo "$port"
+    echo "$port $pid"
 }
 
 BODY=$(python3 -c 'import json; print(json.dumps({"id": "ord-0001", "customer_id": "c-42", "items": [{"sku": "s-%d" % i, "qty": 1} for i in range(9)], "note": "x" * 40})[:300].ljust(300))')
@@ -127,11 +128,10 @@ log "fdatasync: p50 ${F50} ms, p99 ${F99} ms"
 for round in $(seq 1 "$ROUNDS"); do
     for case in none routed async sync; do
         rule=x; [[ $case == none || $case == routed ]] && rule=""
-        port=$(start_ficus "$case-$round" "$case" "$rule")
+        read -r port pid < <(start_ficus "$case-$round" "$case" "$rule")
         read -r rps p50 p99 ok bad < <(run_load "$port")
-        kill "${PIDS[-1]}" 2>/dev/null || true
-        wait "${PIDS[-1]}" 2>/dev/null || true
-        unset 'PIDS[-1]'
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 1 400); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
         log "round $round $case: $rps req/s, p50 $p50 ms, p99 $p99 ms ($ok ok, $bad other)"
         RPS[$case]="${RPS[$case]:-} $rps"; P50[$case]="${P50[$case]:-} $p50"; P99[$case]="${P99[$case]:-} $p99"
     done
