@@ -83,6 +83,9 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check(arg) => match Config::load(&arg.config) {
             Ok(config) => {
+                for warning in &config.warnings {
+                    eprintln!("warning: {warning}");
+                }
                 print!("{}: ok\n{}", arg.config.display(), config.summary());
                 ExitCode::SUCCESS
             }
@@ -254,6 +257,9 @@ fn shutdown_signal() -> anyhow::Result<CancellationToken> {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     init_logging(&config);
+    for warning in &config.warnings {
+        tracing::warn!(warning = %warning, "config");
+    }
     let shutdown = shutdown_signal()?;
     let app = App::new(config.clone(), prometheus::Registry::new())?;
     let listeners = Listeners::bind(&config).await?;

@@ -37,6 +37,8 @@ pub struct Decoder<'a> {
     file: &'a str,
     env: Env<'a>,
     pub errors: Vec<ConfigError>,
+    /// Valid but risky settings, located like errors; printed by `check`, logged by `run`.
+    pub warnings: Vec<ConfigError>,
 }
 
 /// The entries of a mapping whose keys were already checked against the known ones.
@@ -69,7 +71,18 @@ impl<'a> Decoder<'a> {
             file,
             env,
             errors: Vec::new(),
+            warnings: Vec::new(),
         }
+    }
+
+    pub fn warn(&mut self, mark: Mark, path: &str, message: impl Into<String>) {
+        self.warnings.push(ConfigError {
+            file: self.file.to_string(),
+            line: mark.line,
+            col: mark.col,
+            path: path.to_string(),
+            message: message.into(),
+        });
     }
 
     pub fn error(&mut self, mark: Mark, path: &str, message: impl Into<String>) {

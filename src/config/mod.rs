@@ -41,6 +41,8 @@ pub struct Config {
     pub events: Option<Events>,
     pub sinks: Vec<SinkConfig>,
     pub outbox: OutboxConfig,
+    /// Valid but risky settings, as `FILE:LINE:COLUMN: key.path: message`.
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -185,7 +187,10 @@ impl Config {
         let mut d = Decoder::new(file, env);
         let config = decode_config(&mut d, &root);
         match config {
-            Some(c) if d.errors.is_empty() => Ok(c),
+            Some(mut c) if d.errors.is_empty() => {
+                c.warnings = d.warnings.iter().map(ToString::to_string).collect();
+                Ok(c)
+            }
             _ => {
                 if d.errors.is_empty() {
                     d.error(root.mark, "", "invalid configuration");
@@ -376,6 +381,7 @@ fn decode_config(d: &mut Decoder<'_>, root: &Node) -> Option<Config> {
         events,
         sinks,
         outbox,
+        warnings: Vec::new(),
     })
 }
 

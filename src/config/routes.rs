@@ -425,9 +425,10 @@ fn decode_shadow(
         Some(m) => {
             let list = methods(d, m, &join(path, "methods"))?;
             if list.iter().any(|m| *m != Method::GET && *m != Method::HEAD) {
-                tracing::warn!(
-                    shadow = path,
-                    "shadowing methods other than GET and HEAD sends writes twice: their side effects happen twice"
+                d.warn(
+                    m.mark,
+                    &join(path, "methods"),
+                    "shadowing methods other than GET and HEAD sends writes twice: their side effects happen twice",
                 );
             }
             list

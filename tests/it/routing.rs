@@ -403,3 +403,24 @@ fn check_prints_the_routing_table() {
     );
     assert!(stdout.contains("  default: * -> monolith"), "{stdout}");
 }
+
+#[test]
+fn shadowing_writes_is_allowed_with_a_located_warning() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("w.yaml");
+    std::fs::write(
+        &path,
+        "upstreams:\n  monolith: { url: \"http://127.0.0.1:1\" }\n  orders-fn: { url: \"http://127.0.0.1:2\" }\ndefault_upstream: monolith\nroutes:\n  - name: w\n    match: { path: /orders }\n    upstream: monolith\n    shadow: { upstream: orders-fn, methods: [GET, POST] }\n",
+    )
+    .expect("write");
+    let out = std::process::Command::new(crate::support::binary())
+        .args(["check", "-c", path.to_str().expect("utf-8")])
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(":9:45: routes[0].shadow.methods: shadowing methods other than GET and HEAD sends writes twice"),
+        "{stderr}"
+    );
+}
