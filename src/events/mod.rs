@@ -150,6 +150,26 @@ pub fn percent_encode_header(value: &str) -> String {
     out
 }
 
+/// An order-created event as the sinks' tests use it.
+#[cfg(test)]
+pub(crate) fn sample_event() -> CloudEvent {
+    CloudEvent {
+        specversion: SPEC_VERSION.into(),
+        id: "0190-a".into(),
+        source: "/legacy/shop".into(),
+        ty: "shop.order.created".into(),
+        time: "2026-11-27T14:00:00.123Z".into(),
+        subject: Some("42".into()),
+        datacontenttype: Some("application/json".into()),
+        partitionkey: Some("42".into()),
+        ficusupstream: Some("monolith".into()),
+        sequence: None,
+        traceparent: None,
+        ficustruncated: None,
+        data: Some(serde_json::json!({"id": 42})),
+    }
+}
+
 /// A JSON array of structured events (`application/cloudevents-batch+json`).
 pub fn batch_json(events: &[CloudEvent]) -> Vec<u8> {
     serde_json::to_vec(events).unwrap_or_default()
@@ -160,21 +180,7 @@ mod tests {
     use super::*;
 
     fn event() -> CloudEvent {
-        CloudEvent {
-            specversion: SPEC_VERSION.into(),
-            id: "0190-a".into(),
-            source: "/legacy/shop".into(),
-            ty: "shop.order.created".into(),
-            time: "2026-11-27T14:00:00.123Z".into(),
-            subject: Some("42".into()),
-            datacontenttype: Some("application/json".into()),
-            partitionkey: Some("42".into()),
-            ficusupstream: Some("monolith".into()),
-            sequence: None,
-            traceparent: None,
-            ficustruncated: None,
-            data: Some(serde_json::json!({"id": 42})),
-        }
+        sample_event()
     }
 
     #[test]

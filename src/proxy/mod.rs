@@ -36,6 +36,9 @@ pub struct ProxyState {
     pub access_log: bool,
     /// The event tap; `None` without rules.
     pub events: Option<Arc<events::EventPath>>,
+    /// `ficus_request_duration_seconds` per route, in route order, the default route last:
+    /// resolved once so that recording a request does no label lookup.
+    pub request_durations: Vec<prometheus::Histogram>,
     /// `ficus_route_fallbacks_total` per route, in route order.
     pub fallbacks: Vec<prometheus::IntCounter>,
     /// Shadow bookkeeping per route (`None` for routes without a shadow).
@@ -55,6 +58,13 @@ impl ProxyState {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(ProxyState {
             upstreams,
+            request_durations: config
+                .routes
+                .iter()
+                .map(|r| r.name.as_str())
+                .chain(std::iter::once(crate::routing::DEFAULT_ROUTE))
+                .map(|name| metrics.request_duration.with_label_values(&[name]))
+                .collect(),
             fallbacks: config
                 .routes
                 .iter()

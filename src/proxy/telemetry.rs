@@ -142,11 +142,9 @@ impl Done {
             .requests_total
             .with_label_values(&[route, r.method, self.status.as_str()])
             .inc();
-        state
-            .metrics
-            .request_duration
-            .with_label_values(&[route])
-            .observe(elapsed.as_secs_f64());
+        if let Some(histogram) = state.request_durations.get(r.target.route) {
+            histogram.observe(elapsed.as_secs_f64());
+        }
         if let Some(access) = &r.access {
             let upstream = state
                 .upstreams

@@ -584,19 +584,10 @@ mod tests {
     #[test]
     fn headers_carry_every_attribute_and_the_message_id() {
         let event = CloudEvent {
-            specversion: "1.0".into(),
-            id: "0190-a".into(),
-            source: "/legacy/shop".into(),
-            ty: "shop.order.created".into(),
-            time: "2026-11-27T14:00:00.123Z".into(),
             subject: Some("café".into()),
-            datacontenttype: Some("application/json".into()),
-            partitionkey: Some("42".into()),
             ficusupstream: None,
-            sequence: None,
-            traceparent: None,
-            ficustruncated: None,
             data: None,
+            ..crate::events::sample_event()
         };
         let h = headers(&event);
         let get = |n: &str| h.get(n).map(|v| v.as_str().to_string());

@@ -263,19 +263,10 @@ mod tests {
             timeout: Duration::from_secs(1),
         });
         let event = CloudEvent {
-            specversion: "1.0".into(),
-            id: "0190-a".into(),
-            source: "/legacy/shop".into(),
-            ty: "shop.order.created".into(),
-            time: "2026-11-27T14:00:00.123Z".into(),
             subject: Some("42".into()),
-            datacontenttype: Some("application/json".into()),
-            partitionkey: Some("42".into()),
             ficusupstream: None,
-            sequence: None,
-            traceparent: None,
-            ficustruncated: None,
             data: Some(serde_json::json!({"id": 42})),
+            ..crate::events::sample_event()
         };
         let args: Vec<String> = sink
             .xadd(&event)
