@@ -61,6 +61,8 @@ pub struct Metrics {
     pub route_fallbacks_total: IntCounterVec,
     pub shadow_comparisons_total: IntCounterVec,
     pub shadow_dropped_total: IntCounterVec,
+    /// `ficus_config_reloads_total{result}`: `ok` and `error` exist from the start.
+    pub config_reloads_total: IntCounterVec,
 }
 
 /// Why an event that a rule produced (or would have) did not reach the outbox.
@@ -227,6 +229,17 @@ impl Metrics {
             ),
             &["route"],
         )?;
+        let config_reloads_total = IntCounterVec::new(
+            Opts::new(
+                "ficus_config_reloads_total",
+                "Config reloads (file change or SIGHUP), by result: ok, or error when the new config was refused.",
+            ),
+            &["result"],
+        )?;
+        for result in ["ok", "error"] {
+            config_reloads_total.with_label_values(&[result]);
+        }
+        registry.register(Box::new(config_reloads_total.clone()))?;
         registry.register(Box::new(route_fallbacks_total.clone()))?;
         registry.register(Box::new(shadow_comparisons_total.clone()))?;
         registry.register(Box::new(shadow_dropped_total.clone()))?;
@@ -257,6 +270,7 @@ impl Metrics {
             route_fallbacks_total,
             shadow_comparisons_total,
             shadow_dropped_total,
+            config_reloads_total,
         })
     }
 
