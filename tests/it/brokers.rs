@@ -1877,15 +1877,27 @@ async fn rabbitmq_killed_mid_stream_loses_nothing_and_keeps_order() {
         c.await.expect("client task");
     }
     let (_conn, channel) = amqp_client(&node.url()).await;
-    eventually(
-        DELIVERY,
-        "every event delivered after the restart",
-        || async {
-            let pending = metric(&ficus, "ficus_outbox_pending_events", "rabbit").await;
-            (pending == 0.0 && queue_len(&channel, "shop-all").await >= total as u32).then_some(())
-        },
-    )
-    .await;
+    // Polled by hand, so that a timeout says which side fell short.
+    let deadline = Instant::now() + DELIVERY;
+    loop {
+        let pending = metric(&ficus, "ficus_outbox_pending_events", "rabbit").await;
+        let queued = queue_len(&channel, "shop-all").await;
+        if pending == 0.0 && queued >= total as u32 {
+            break;
+        }
+        if Instant::now() > deadline {
+            let metrics = ficus.metrics().await;
+            let rabbit: Vec<&str> = metrics
+                .lines()
+                .filter(|l| l.contains("sink=\"rabbit\""))
+                .collect();
+            panic!(
+                "not every event delivered {DELIVERY:?} after the restart: {queued} of {total} in the queue, {pending} pending; sink metrics:\n{}",
+                rabbit.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let messages = take_all(&channel, "shop-all").await;
     assert!(
         messages

@@ -45,6 +45,19 @@ where
     }
 }
 
+/// ficus's own log lines (info and up) in the test's captured output, which nextest shows
+/// only for a failing test: what ficus saw is part of every failure report.
+fn log_to_test_output() {
+    let filter =
+        tracing_subscriber::filter::Targets::new().with_target("ficus", tracing::Level::INFO);
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let _ = tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_test_writer())
+        .with(filter)
+        .try_init();
+}
+
 /// ficus running in this process on ephemeral ports; stopped when dropped.
 pub struct Ficus {
     pub addr: SocketAddr,
@@ -72,6 +85,7 @@ impl Ficus {
     }
 
     pub async fn start_config(config: Config) -> Ficus {
+        log_to_test_output();
         let listeners = Listeners::bind(&config).await.expect("bind");
         let addr = listeners.proxy_addr();
         let admin = listeners.admin_addr();
