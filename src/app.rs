@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{Admin, Readiness};
-use crate::config::{Config, SinkKind};
+use crate::config::Config;
 use crate::dispatch::Dispatcher;
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, OutboxError, OutboxMetrics, OutboxSettings};
@@ -19,11 +19,6 @@ use crate::proxy::events::EventPath;
 use crate::proxy::server::Server;
 use crate::proxy::tls::{self, ReloadingCert, TlsError};
 use crate::proxy::ProxyState;
-use crate::sinks::file::FileSink;
-use crate::sinks::http::HttpSink;
-use crate::sinks::nats::NatsSink;
-use crate::sinks::redis::RedisSink;
-use crate::sinks::stdout::StdoutSink;
 use crate::sinks::Sink;
 
 #[derive(Debug, thiserror::Error)]
@@ -49,23 +44,6 @@ pub enum AppError {
 
 /// Events one delivery attempt sends at most.
 const DISPATCH_BATCH: usize = 100;
-
-fn build_sink(kind: &SinkKind) -> Result<Arc<dyn Sink>, AppError> {
-    Ok(match kind {
-        SinkKind::File { path } => Arc::new(FileSink::new(path.clone())),
-        SinkKind::Stdout => Arc::new(StdoutSink),
-        SinkKind::Http(settings) => {
-            Arc::new(HttpSink::new((**settings).clone()).map_err(AppError::Sink)?)
-        }
-        SinkKind::Nats(settings) => {
-            Arc::new(NatsSink::new((**settings).clone()).map_err(AppError::Sink)?)
-        }
-        SinkKind::Redis(settings) => Arc::new(RedisSink::new((**settings).clone())),
-        SinkKind::Amqp(settings) => Arc::new(
-            crate::sinks::amqp::AmqpSink::new((**settings).clone()).map_err(AppError::Sink)?,
-        ),
-    })
-}
 
 /// The bound sockets, so that a caller (a test) can bind port 0 and learn the ports before
 /// the app runs.
@@ -123,7 +101,12 @@ impl App {
         let sinks = config
             .sinks
             .iter()
-            .map(|s| Ok((s.name.clone(), build_sink(&s.kind)?)))
+            .map(|s| {
+                Ok((
+                    s.name.clone(),
+                    crate::sinks::build(&s.kind).map_err(AppError::Sink)?,
+                ))
+            })
             .collect::<Result<Vec<_>, AppError>>()?;
         // The outbox is opened whenever sinks exist: with no rules left, a backlog on disk
         // still has to be delivered.

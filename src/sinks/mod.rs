@@ -13,8 +13,11 @@ pub mod template;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
+use crate::config::SinkKind;
 use crate::events::CloudEvent;
+use crate::proxy::client::ClientError;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -70,6 +73,19 @@ pub trait Sink: Send + Sync {
     /// Sends `events` in order. Must not return before the events it reports delivered are
     /// accepted by the other side (acknowledged, fsynced...): at-least-once rests on it.
     fn send<'a>(&'a self, events: &'a [CloudEvent]) -> BoxFuture<'a, SendResult>;
+}
+
+/// The sink a config entry describes. Only local checks happen here (TLS files, URLs): a
+/// broker is connected to later, so ficus starts while it is down.
+pub fn build(kind: &SinkKind) -> Result<Arc<dyn Sink>, ClientError> {
+    Ok(match kind {
+        SinkKind::File { path } => Arc::new(file::FileSink::new(path.clone())),
+        SinkKind::Stdout => Arc::new(stdout::StdoutSink),
+        SinkKind::Http(settings) => Arc::new(http::HttpSink::new((**settings).clone())?),
+        SinkKind::Nats(settings) => Arc::new(nats::NatsSink::new((**settings).clone())?),
+        SinkKind::Redis(settings) => Arc::new(redis::RedisSink::new((**settings).clone())),
+        SinkKind::Amqp(settings) => Arc::new(amqp::AmqpSink::new((**settings).clone())?),
+    })
 }
 
 /// A URL without its credentials (`scheme://***@host...`), for messages and logs.
