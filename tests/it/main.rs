@@ -16,11 +16,14 @@
 //! - `crash`: `kill -9` under load with sync durability loses nothing a client saw
 //! - `disk_full`: a real full disk (tmpfs) under the outbox
 //! - `brokers`: NATS JetStream, Redis Streams and RabbitMQ sinks against real brokers (started, killed)
+//! - `deploy`: the configs deploy/kubernetes ships pass `ficus check` and their samples; the
+//!   Grafana dashboard queries exactly the metrics ficus exports
 
 mod admin;
 mod brokers;
 mod cli;
 mod crash;
+mod deploy;
 mod disk_full;
 mod events;
 mod failures;
