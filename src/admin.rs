@@ -3,7 +3,7 @@
 //! never queue behind proxied traffic.
 
 use std::convert::Infallible;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
@@ -19,8 +19,9 @@ use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
+use crate::events::CloudEvent;
 use crate::outbox::Outbox;
-use crate::proxy::events::EventPath;
+use crate::proxy::Live;
 
 /// Why ficus is not ready, or ready. Read by `/readyz`, written at start and shutdown.
 #[derive(Debug)]
@@ -59,10 +60,14 @@ impl Readiness {
 pub struct Admin {
     pub registry: Registry,
     pub readiness: Arc<Readiness>,
-    pub outbox: Option<Outbox>,
-    pub events: Option<Arc<EventPath>>,
-    /// The AsyncAPI document of the rules, as served at `/asyncapi`.
-    pub asyncapi: String,
+    /// Set once the outbox is open (at start, or by the first reload that needs one).
+    pub outbox: Arc<OnceLock<Outbox>>,
+    /// The config in force: whether rules exist.
+    pub live: Arc<Live>,
+    /// Every derived event, across reloads.
+    pub tail: broadcast::Sender<Arc<CloudEvent>>,
+    /// The AsyncAPI document of the rules in force, as served at `/asyncapi`.
+    pub asyncapi: Arc<arc_swap::ArcSwap<String>>,
 }
 
 type AdminBody = BoxBody<Bytes, Infallible>;
@@ -87,7 +92,8 @@ impl Admin {
                 response
             }
             "/asyncapi" => {
-                let mut response = Response::new(full(self.asyncapi.clone()));
+                let document = String::clone(&self.asyncapi.load());
+                let mut response = Response::new(full(document));
                 response.headers_mut().insert(
                     header::CONTENT_TYPE,
                     header::HeaderValue::from_static("application/json"),
@@ -109,7 +115,7 @@ impl Admin {
                 format!("not ready: {reason}\n"),
             );
         }
-        if let Some(reason) = self.outbox.as_ref().and_then(|o| o.health().err()) {
+        if let Some(reason) = self.outbox.get().and_then(|o| o.health().err()) {
             return text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("not ready: outbox not writable: {reason}\n"),
@@ -120,10 +126,10 @@ impl Admin {
 
     /// Server-Sent Events of every event the rules derive from now on.
     fn tail(&self) -> Response<AdminBody> {
-        let Some(events) = &self.events else {
+        if self.live.load().events.is_none() {
             return text(StatusCode::NOT_FOUND, "no event rules are configured\n");
-        };
-        let receiver = events.tail.subscribe();
+        }
+        let receiver = self.tail.subscribe();
         let stream = futures_util::stream::unfold(receiver, |mut rx| async move {
             let chunk = match rx.recv().await {
                 Ok(event) => {

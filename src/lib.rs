@@ -19,7 +19,7 @@
 //! - [`events`]: the CloudEvents model, the outbox envelope, protocol-binding encodings.
 //! - [`outbox`]: the crash-safe segmented log with group commit, cursors and dead letters.
 //! - [`dispatch`]: one delivery loop per sink, with backoff and dead-lettering.
-//! - [`sinks`]: the `Sink` trait and the file, stdout, HTTP, NATS and Redis sinks.
+//! - [`sinks`]: the `Sink` trait and the file, stdout, HTTP, NATS, Redis and RabbitMQ sinks.
 //!
 //! Beside them:
 //!
@@ -27,7 +27,9 @@
 //!   error reported as `FILE:LINE:COLUMN: key.path: message`.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/events/tail`, `/asyncapi`.
 //! - [`metrics`]: every metric in one struct, registered against an injected registry.
-//! - [`app`]: wiring and lifecycle (bind, serve, drain, flush, deliver, stop).
+//! - [`app`]: wiring and lifecycle (bind, serve, reload, drain, flush, deliver, stop).
+//! - [`reload`]: noticing config changes (inotify on the directory, a poll, SIGHUP) and which
+//!   sections only a restart applies.
 //! - [`asyncapi`], [`samples`]: the rule authors' tools behind `ficus asyncapi` and
 //!   `ficus rules test`.
 //! - [`demo`]: the sample shop behind `ficus demo`.
@@ -42,6 +44,7 @@ pub mod events;
 pub mod metrics;
 pub mod outbox;
 pub mod proxy;
+pub mod reload;
 pub mod routing;
 pub mod rules;
 pub mod samples;

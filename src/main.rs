@@ -92,7 +92,7 @@ fn main() -> ExitCode {
             Err(error) => config_error(&error),
         },
         Command::Run(arg) => match Config::load(&arg.config) {
-            Ok(config) => run_async(run(config)),
+            Ok(config) => run_async(run(config, arg.config.clone())),
             Err(error) => config_error(&error),
         },
         Command::Demo => run_async(demo()),
@@ -255,13 +255,13 @@ fn shutdown_signal() -> anyhow::Result<CancellationToken> {
     Ok(token)
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config, path: std::path::PathBuf) -> anyhow::Result<()> {
     init_logging(&config);
     for warning in &config.warnings {
         tracing::warn!(warning = %warning, "config");
     }
     let shutdown = shutdown_signal()?;
-    let app = App::new(config.clone(), prometheus::Registry::new())?;
+    let app = App::new(config.clone(), prometheus::Registry::new())?.reload_from(path);
     let listeners = Listeners::bind(&config).await?;
     tracing::info!(
         listen = %listeners.proxy_addr(),
@@ -303,9 +303,7 @@ async fn demo() -> anyhow::Result<()> {
     };
     let app = App::new(config, prometheus::Registry::new())?;
     tokio::spawn(ficus::demo::serve_shop(shop_listener, shutdown.clone()));
-    if let Some(events) = app.events() {
-        tokio::spawn(ficus::demo::print_events(events.tail.subscribe()));
-    }
+    tokio::spawn(ficus::demo::print_events(app.tail()));
     println!(
         "{}",
         ficus::demo::banner(

@@ -41,13 +41,13 @@ impl fmt::Debug for Events {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SinkConfig {
     pub name: String,
     pub kind: SinkKind,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum SinkKind {
     File { path: PathBuf },
     Stdout,
@@ -70,7 +70,7 @@ impl SinkKind {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct OutboxConfig {
     pub dir: PathBuf,
     pub durability: Durability,

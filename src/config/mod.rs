@@ -43,9 +43,20 @@ pub struct Config {
     pub outbox: OutboxConfig,
     /// Valid but risky settings, as `FILE:LINE:COLUMN: key.path: message`.
     pub warnings: Vec<String>,
+    /// A hash of the text this config was read from: a reload skips a file whose text is the
+    /// one running.
+    pub fingerprint: u64,
 }
 
-#[derive(Debug, Clone)]
+/// The [`Config::fingerprint`] of a config file's text.
+pub fn fingerprint(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut hasher);
+    hasher.finish()
+}
+
+#[derive(Debug, Clone, PartialEq)]
 pub struct Listen {
     pub address: SocketAddr,
     pub tls: Option<ServerTls>,
@@ -54,18 +65,18 @@ pub struct Listen {
     pub trust_forwarded_headers: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerTls {
     pub cert: PathBuf,
     pub key: PathBuf,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Admin {
     pub address: SocketAddr,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Upstream {
     pub name: String,
     pub scheme: Scheme,
@@ -81,21 +92,21 @@ pub struct Upstream {
     pub rewrite_host: bool,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct UpstreamTls {
     pub ca: Option<PathBuf>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
     pub capture_body: u64,
     pub max_header_bytes: usize,
     pub header_read_timeout: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Shutdown {
     pub drain_timeout: Duration,
     pub delivery_timeout: Duration,
@@ -107,7 +118,7 @@ pub enum LogFormat {
     Text,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Log {
     pub format: LogFormat,
     pub level: String,
@@ -189,6 +200,7 @@ impl Config {
         match config {
             Some(mut c) if d.errors.is_empty() => {
                 c.warnings = d.warnings.iter().map(ToString::to_string).collect();
+                c.fingerprint = fingerprint(text);
                 Ok(c)
             }
             _ => {
@@ -382,6 +394,7 @@ fn decode_config(d: &mut Decoder<'_>, root: &Node) -> Option<Config> {
         sinks,
         outbox,
         warnings: Vec::new(),
+        fingerprint: 0,
     })
 }
 

@@ -3,6 +3,8 @@
 //! are retried with exponential backoff and full jitter, for as long as it takes: the outbox
 //! holds them. Delivery is in outbox order, so order per partition key is kept.
 
+pub mod fleet;
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -13,7 +15,7 @@ use crate::events::{CloudEvent, Envelope};
 use crate::outbox::{Outbox, OutboxError, Record};
 use crate::sinks::Sink;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Retry {
     pub initial: Duration,
     pub max: Duration,

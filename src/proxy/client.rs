@@ -42,6 +42,9 @@ pub enum ClientError {
 
 /// Everything the request path needs to forward to one upstream.
 pub struct UpstreamClient {
+    /// The settings it was built from: a reload keeps the client (and its pooled
+    /// connections) of an upstream whose settings did not change.
+    pub config: Upstream,
     pub name: Arc<str>,
     pub scheme: Scheme,
     pub authority: Authority,
@@ -79,6 +82,7 @@ impl UpstreamClient {
             .timer(TokioTimer::new())
             .build(connector);
         Ok(UpstreamClient {
+            config: upstream.clone(),
             name: Arc::from(upstream.name.as_str()),
             scheme: upstream.scheme.clone(),
             authority: upstream.authority.clone(),

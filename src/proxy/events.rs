@@ -47,6 +47,8 @@ pub struct EventPath {
     pub when_full: WhenFull,
     pub capture_limit: usize,
     pub default_source: String,
+    /// Every configured sink's name: where the events of rules without `sinks` go.
+    pub sinks: Vec<String>,
     /// Derived events for `/events/tail` (and the demo's printout); lagging readers lose
     /// the oldest, never block the request path.
     pub tail: broadcast::Sender<Arc<CloudEvent>>,
@@ -59,14 +61,16 @@ pub struct EventPath {
 }
 
 impl EventPath {
+    /// The tap for `events` (the rules of `config`), writing to `outbox`; derived events are
+    /// also sent to `tail`.
     pub fn new(
-        rules: Arc<RuleSet>,
+        events: &crate::config::Events,
+        config: &crate::config::Config,
         outbox: Outbox,
-        outbox_config: &crate::config::OutboxConfig,
-        capture_limit: u64,
-        default_source: String,
         metrics: Metrics,
+        tail: broadcast::Sender<Arc<CloudEvent>>,
     ) -> EventPath {
+        let rules = events.rules.clone();
         let emitted = rules
             .rules()
             .iter()
@@ -75,11 +79,12 @@ impl EventPath {
         EventPath {
             rules,
             outbox,
-            durability: outbox_config.durability,
-            when_full: outbox_config.when_full,
-            capture_limit: usize::try_from(capture_limit).unwrap_or(usize::MAX),
-            default_source,
-            tail: broadcast::channel(1024).0,
+            durability: config.outbox.durability,
+            when_full: config.outbox.when_full,
+            capture_limit: usize::try_from(config.limits.capture_body).unwrap_or(usize::MAX),
+            default_source: events.source.clone(),
+            sinks: config.sinks.iter().map(|s| s.name.clone()).collect(),
+            tail,
             metrics,
             emitted,
             largest: std::sync::atomic::AtomicU64::new(0),
@@ -470,7 +475,9 @@ fn emit(
         match outcome {
             Outcome::Emit(draft) => {
                 let rule = draft.rule.clone();
-                let sinks = draft.sinks.clone();
+                // A rule without `sinks` means the sinks configured now, written down by
+                // name: a sink added (or back) after a reload gets only what was meant for it.
+                let sinks = draft.sinks.clone().or_else(|| Some(events.sinks.clone()));
                 let event = cloud_event(draft, &ctx);
                 let envelope = Envelope {
                     sinks,

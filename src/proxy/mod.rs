@@ -17,19 +17,23 @@ pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::header::HeaderValue;
 use http::Request;
 use hyper::body::Incoming;
+use hyper_util::rt::TokioExecutor;
+use hyper_util::server::conn::auto;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::routing::{Router, Target};
 use client::{ClientError, UpstreamClient};
 
-/// What every connection's stack shares: built once from the config.
+/// The request path's state for one config: what every request's stack reads. A reload builds
+/// a new one and swaps it in ([`Live`]); each request takes the one current at its arrival.
 pub struct ProxyState {
-    pub upstreams: Vec<UpstreamClient>,
+    pub upstreams: Vec<Arc<UpstreamClient>>,
     pub router: Router,
     pub metrics: Metrics,
     pub trust_forwarded_headers: bool,
@@ -43,18 +47,34 @@ pub struct ProxyState {
     pub fallbacks: Vec<prometheus::IntCounter>,
     /// Shadow bookkeeping per route (`None` for routes without a shadow).
     pub shadows: Vec<Option<shadow::ShadowState>>,
+    /// How new client connections are served (`limits`): HTTP/1 and HTTP/2 settings.
+    pub http: Arc<auto::Builder<TokioExecutor>>,
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
 }
 
+/// The state in force, swapped whole by a reload.
+pub type Live = arc_swap::ArcSwap<ProxyState>;
+
 impl ProxyState {
+    /// `previous`: the state being replaced, whose upstream clients are kept where the
+    /// upstream's settings did not change.
     pub fn new(
         config: &Config,
         metrics: Metrics,
         events: Option<Arc<events::EventPath>>,
+        previous: Option<&ProxyState>,
     ) -> Result<ProxyState, ClientError> {
+        let kept = |u: &crate::config::Upstream| {
+            previous.and_then(|p| p.upstreams.iter().find(|c| c.config == *u).cloned())
+        };
         let upstreams = config
             .upstreams
             .iter()
-            .map(|u| UpstreamClient::new(u, &metrics))
+            .map(|u| match kept(u) {
+                Some(client) => Ok(client),
+                None => UpstreamClient::new(u, &metrics).map(Arc::new),
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(ProxyState {
             upstreams,
@@ -84,6 +104,9 @@ impl ProxyState {
             trust_forwarded_headers: config.listen.trust_forwarded_headers,
             access_log: config.log.access,
             events,
+            http: Arc::new(server::http_builder(&config.limits)),
+            header_read_timeout: config.limits.header_read_timeout,
+            max_header_bytes: config.limits.max_header_bytes,
         })
     }
 }

@@ -7,55 +7,54 @@ use std::time::Duration;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::smuggling::Watched;
-use super::{stack::stack, ConnInfo, ProxyState};
+use super::stack::ConnectionService;
+use super::{ConnInfo, Live};
 use crate::config::Limits;
+
+/// How client connections are served under `limits`; part of the [`super::ProxyState`], so a
+/// reload's limits apply to the connections accepted after it.
+pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        // A request head that does not fit this buffer is answered 431 by hyper.
+        .max_buf_size(limits.max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    builder
+}
 
 pub struct Server {
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
-    state: Arc<ProxyState>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    header_read_timeout: Duration,
-    max_header_bytes: usize,
+    live: Arc<Live>,
 }
 
 impl Server {
-    pub fn new(
-        listener: TcpListener,
-        tls: Option<TlsAcceptor>,
-        state: Arc<ProxyState>,
-        limits: &Limits,
-    ) -> Server {
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout)
-            // A request head that does not fit this buffer is answered 431 by hyper.
-            .max_buf_size(limits.max_header_bytes);
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    pub fn new(listener: TcpListener, tls: Option<TlsAcceptor>, live: Arc<Live>) -> Server {
         Server {
             listener,
             tls,
-            state,
-            builder: Arc::new(builder),
-            header_read_timeout: limits.header_read_timeout,
-            max_header_bytes: limits.max_header_bytes,
+            live,
         }
     }
 
     /// Accepts until `stop` is cancelled, then lets open connections finish their in-flight
     /// requests for up to `drain_timeout`. Returns how many connections were still open.
-    pub async fn serve(self, stop: CancellationToken, drain_timeout: Duration) -> usize {
+    pub async fn serve(
+        self,
+        stop: CancellationToken,
+        drain_timeout: tokio::sync::watch::Receiver<Duration>,
+    ) -> usize {
         let graceful = GracefulShutdown::new();
         loop {
             let accepted = tokio::select! {
@@ -75,12 +74,19 @@ impl Server {
             let _ = tcp.set_nodelay(true);
             let conn = Arc::new(ConnInfo::new(remote, self.tls.is_some()));
             let flag = conn.ambiguous.clone();
-            let head_limit = self.max_header_bytes;
-            let service = TowerToHyperService::new(stack(self.state.clone(), conn));
-            let builder = self.builder.clone();
+            // The connection is served with the limits in force when it was accepted; each
+            // of its requests with the config in force when the request arrives.
+            let (builder, head_timeout, head_limit) = {
+                let state = self.live.load();
+                (
+                    state.http.clone(),
+                    state.header_read_timeout,
+                    state.max_header_bytes,
+                )
+            };
+            let service = ConnectionService::new(self.live.clone(), conn);
             let watcher = graceful.watcher();
             let tls = self.tls.clone();
-            let head_timeout = self.header_read_timeout;
             tokio::spawn(async move {
                 match tls {
                     None => {
@@ -118,6 +124,7 @@ impl Server {
             });
         }
         drop(self.listener);
+        let drain_timeout = *drain_timeout.borrow();
         let open = graceful.count();
         tracing::info!(connections = open, timeout = ?drain_timeout, "draining connections");
         match tokio::time::timeout(drain_timeout, graceful.shutdown()).await {

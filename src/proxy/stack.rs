@@ -6,13 +6,14 @@ use std::task::{Context, Poll};
 
 use http::Request;
 use hyper::body::Incoming;
-use tower::{Layer, Service, ServiceBuilder};
+use tower::util::Oneshot;
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 use super::events::Events;
 use super::forward::Forward;
 use super::framing::Framing;
 use super::telemetry::Telemetry;
-use super::{ConnInfo, ProxyState, Routed};
+use super::{ConnInfo, Live, ProxyState, Routed};
 
 /// The whole request path as one type, so that hyper can see it is `Send`.
 pub type ProxyStack = Route<Telemetry<Framing<Events<Forward>>>>;
@@ -39,6 +40,33 @@ pub fn stack(state: Arc<ProxyState>, conn: Arc<ConnInfo>) -> ProxyStack {
             state: state.clone(),
         })
         .service(Forward::new(state, conn))
+}
+
+/// The hyper service of one client connection. Each request gets the stack of the config in
+/// force when it arrives, so that after a reload a keep-alive connection's next request sees
+/// the new routes and rules while the requests already in flight finish under the old ones.
+/// Building the stack is a handful of reference-count increments, the same work as cloning a
+/// per-connection stack for each request.
+#[derive(Clone)]
+pub struct ConnectionService {
+    live: Arc<Live>,
+    conn: Arc<ConnInfo>,
+}
+
+impl ConnectionService {
+    pub fn new(live: Arc<Live>, conn: Arc<ConnInfo>) -> ConnectionService {
+        ConnectionService { live, conn }
+    }
+}
+
+impl hyper::service::Service<Request<Incoming>> for ConnectionService {
+    type Response = <ProxyStack as Service<Request<Incoming>>>::Response;
+    type Error = <ProxyStack as Service<Request<Incoming>>>::Error;
+    type Future = Oneshot<ProxyStack, Request<Incoming>>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        stack(self.live.load_full(), self.conn.clone()).oneshot(request)
+    }
 }
 
 #[derive(Clone)]

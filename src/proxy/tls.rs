@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -13,6 +13,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ServerTls;
+use crate::reload::{stamp, Stamp};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -29,13 +30,29 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
 }
 
-/// How often the certificate files are checked for a change.
-const RELOAD_POLL: Duration = Duration::from_secs(5);
+/// How often the certificate files are checked for a change (a `stat` of each).
+const RELOAD_POLL: Duration = Duration::from_secs(2);
+
+/// The identity of both files: either changing (rewritten, renamed over, or swapped by the
+/// kubelet's `..data` symlink as for a cert-manager Secret) means a new pair to load.
+type PairStamp = (Option<Stamp>, Option<Stamp>);
+
+#[derive(Debug)]
+struct Loaded {
+    key: Arc<CertifiedKey>,
+    stamp: PairStamp,
+    /// The last pair refused, so that a broken pair is reported once, not at every poll.
+    refused: Option<PairStamp>,
+}
 
 #[derive(Debug)]
 pub struct ReloadingCert {
     files: ServerTls,
-    current: RwLock<(Arc<CertifiedKey>, Option<SystemTime>)>,
+    current: RwLock<Loaded>,
+}
+
+fn pair_stamp(files: &ServerTls) -> PairStamp {
+    (stamp(&files.cert), stamp(&files.key))
 }
 
 impl ReloadingCert {
@@ -43,29 +60,45 @@ impl ReloadingCert {
         let key = load_pair(&files.cert, &files.key)?;
         Ok(Arc::new(ReloadingCert {
             files: files.clone(),
-            current: RwLock::new((key, modified(files))),
+            current: RwLock::new(Loaded {
+                key,
+                stamp: pair_stamp(files),
+                refused: None,
+            }),
         }))
     }
 
     /// Re-reads the files if they changed since the last load; returns whether it swapped.
     pub fn reload_if_changed(&self) -> bool {
-        let stamp = modified(&self.files);
-        let unchanged = self.current.read().map(|c| c.1 == stamp).unwrap_or(false);
-        if unchanged {
+        let now = pair_stamp(&self.files);
+        let seen = self
+            .current
+            .read()
+            .map(|c| c.stamp == now || c.refused.as_ref() == Some(&now))
+            .unwrap_or(true);
+        if seen {
             return false;
         }
         match load_pair(&self.files.cert, &self.files.key) {
             Ok(key) => {
                 if let Ok(mut current) = self.current.write() {
-                    *current = (key, stamp);
+                    *current = Loaded {
+                        key,
+                        stamp: now,
+                        refused: None,
+                    };
                 }
                 tracing::info!(cert = %self.files.cert.display(), "reloaded TLS certificate");
                 true
             }
             Err(error) => {
-                // The stamp stays old, so the next poll tries again: a pair caught half-written
-                // (certificate replaced, key not yet) is picked up once it is whole.
-                tracing::error!(%error, "new TLS certificate refused; keeping the old one");
+                // Remembered as refused: retried as soon as either file changes again, so a
+                // pair caught half-written (certificate replaced, key not yet) is picked up
+                // once it is whole.
+                if let Ok(mut current) = self.current.write() {
+                    current.refused = Some(now);
+                }
+                tracing::error!(cert = %self.files.cert.display(), key = %self.files.key.display(), %error, "new TLS certificate refused; keeping the old one");
                 false
             }
         }
@@ -86,18 +119,8 @@ impl ReloadingCert {
 
 impl ResolvesServerCert for ReloadingCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.current.read().ok().map(|c| c.0.clone())
+        self.current.read().ok().map(|c| c.key.clone())
     }
-}
-
-fn modified(files: &ServerTls) -> Option<SystemTime> {
-    let a = std::fs::metadata(&files.cert)
-        .and_then(|m| m.modified())
-        .ok()?;
-    let b = std::fs::metadata(&files.key)
-        .and_then(|m| m.modified())
-        .ok()?;
-    Some(a.max(b))
 }
 
 fn load_pair(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
@@ -146,7 +169,7 @@ mod tests {
 
     fn served(cert: &ReloadingCert) -> Vec<u8> {
         let current = cert.current.read().expect("lock");
-        current.0.cert[0].as_ref().to_vec()
+        current.key.cert[0].as_ref().to_vec()
     }
 
     #[test]

@@ -61,7 +61,7 @@ pub const HEADER_PREFIX: &str = "cloudEvents_";
 /// A bound on the ids remembered as confirmed past a failure (normally at most one batch).
 const MAX_REMEMBERED: usize = 10_000;
 
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub struct AmqpSinkSettings {
     pub name: String,
     /// `amqp://user:password@host:port/vhost` (`%2f` is the vhost `/`) or `amqps://` for TLS.

@@ -27,7 +27,7 @@ pub enum HttpMode {
     Batch,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HttpSinkSettings {
     pub name: String,
     pub url: Uri,

@@ -47,7 +47,7 @@ const JS_MESSAGE_TOO_LARGE: ErrorCode = ErrorCode(10054);
 /// Most events published before their acks are awaited.
 const MAX_IN_FLIGHT: usize = 256;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct NatsSinkSettings {
     pub name: String,
     /// One or more server URLs (`nats://`, `tls://`), tried in turn.
@@ -62,7 +62,7 @@ pub struct NatsSinkSettings {
     pub timeout: Duration,
 }
 
-#[derive(Clone, Default)]
+#[derive(Clone, Default, PartialEq)]
 pub enum NatsAuth {
     #[default]
     None,

@@ -24,7 +24,7 @@ use super::template::AttributeTemplate;
 use super::{redacted, BoxFuture, SendResult, Sink, SinkFailure};
 use crate::events::CloudEvent;
 
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub struct RedisSinkSettings {
     pub name: String,
     /// `redis://[user:password@]host:port[/db]` or `rediss://` for TLS.

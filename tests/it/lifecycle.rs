@@ -1,5 +1,6 @@
 //! SIGTERM: `/readyz` turns 503, new connections are refused, the request in flight finishes,
-//! and the process exits 0.
+//! every accepted event is made durable and given `delivery_timeout` to go out, what is left
+//! stays on disk for the next start, and the process exits 0.
 
 use std::sync::Arc;
 
@@ -194,5 +195,111 @@ async fn shutdown_gives_a_slow_sink_delivery_timeout_to_take_the_last_events() {
         sink.requests().len(),
         4,
         "every event delivered before exit"
+    );
+}
+
+/// The rollout case: SIGTERM while clients are sending and the sink is down. Every request
+/// answered 201 before the listener closed has its event on disk at exit, and the next
+/// process on the same outbox (the same volume) delivers all of them once the sink is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_with_a_dead_sink_loses_no_accepted_event() {
+    let upstream = crate::events::shop().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let outbox = dir.path().join("outbox");
+    let sink_port = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let yaml = |sink: std::net::SocketAddr| {
+        config_yaml(
+            upstream.addr,
+            &format!(
+                "events:\n  rules:\n    - name: created\n      match: {{ method: POST, path: /orders }}\n      type: shop.order.created\n      subject: \"{{response.body.id}}\"\nsinks:\n  broker: {{ type: http, url: \"http://{sink}/\" }}\noutbox:\n  dir: {}\n  durability: sync\n  retry: {{ initial: 20ms, max: 200ms }}\nshutdown:\n  drain_timeout: 5s\n  delivery_timeout: 200ms\n",
+                outbox.display()
+            ),
+        )
+    };
+    let mut first = FicusProcess::start(&yaml(sink_port)).await;
+    let accepted = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let addr = first.addr;
+    // Four clients, each sending until ficus stops answering (bounded: 2000 requests each).
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            let accepted = accepted.clone();
+            tokio::spawn(async move {
+                for n in 0..2000 {
+                    let id = format!("c{c}-{n}");
+                    let Ok(tcp) = tokio::net::TcpStream::connect(addr).await else {
+                        return;
+                    };
+                    let Ok((mut sender, conn)) =
+                        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                            .await
+                    else {
+                        return;
+                    };
+                    tokio::spawn(conn);
+                    let req = Request::post("/orders")
+                        .header("host", "shop")
+                        .header("x-order-id", &id)
+                        .body(Full::new(Bytes::from_static(b"{}")))
+                        .expect("request");
+                    match sender.send_request(req).await {
+                        Ok(resp) if resp.status() == 201 => {
+                            accepted.lock().expect("lock").push(id);
+                        }
+                        // Refused or cut by the shutdown: not accepted, so not promised.
+                        _ => return,
+                    }
+                }
+            })
+        })
+        .collect();
+    eventually(WAIT, "load under way", || async {
+        (accepted.lock().expect("lock").len() >= 100).then_some(())
+    })
+    .await;
+    first.signal("TERM");
+    let status = tokio::time::timeout(WAIT, first.child.wait())
+        .await
+        .expect("exits after drain and delivery_timeout")
+        .expect("status");
+    assert_eq!(status.code(), Some(0));
+    for c in clients {
+        c.await.expect("client");
+    }
+    let accepted: Vec<String> = accepted.lock().expect("lock").clone();
+    let on_disk = ficus::outbox::status(&outbox).expect("outbox status");
+    assert!(
+        on_disk.end_seq - on_disk.first_seq >= accepted.len() as u64,
+        "every accepted event on disk at exit: {on_disk:?} for {} accepted",
+        accepted.len()
+    );
+
+    // The next pod start, the sink back.
+    let sink = TestUpstream::with(|req, rec| async move {
+        record(req, &rec).await;
+        http::Response::new(full("ok"))
+    })
+    .await;
+    let _second = FicusProcess::start(&yaml(sink.addr)).await;
+    let delivered: std::collections::HashSet<String> =
+        eventually(WAIT, "every accepted event delivered", || async {
+            let subjects: std::collections::HashSet<String> = sink
+                .requests()
+                .iter()
+                .filter_map(|r| r.header("ce-subject"))
+                .collect();
+            accepted
+                .iter()
+                .all(|id| subjects.contains(id))
+                .then_some(subjects)
+        })
+        .await;
+    eprintln!(
+        "SIGTERM under load: {} accepted before the listener closed, {} delivered after the restart",
+        accepted.len(),
+        delivered.len()
     );
 }

@@ -9,6 +9,7 @@
 //! - `admin`: `/healthz`, `/readyz`, `/metrics`
 //! - `cli`: `ficus check`/`run` exit codes and messages, example configs, access log, demo
 //! - `lifecycle`: SIGTERM drain
+//! - `reload`: hot reload by ConfigMap swap, file replace and SIGHUP; refused configs; sinks kept
 //! - `large`: 100 MiB bodies streamed both ways with flat memory
 //! - `upstream_tls`: https upstreams with a configured CA and mTLS
 //! - `routing`: takeover, split, sticky, fallback, shadow with comparison
@@ -34,6 +35,7 @@ mod limits;
 mod outbox;
 mod pool;
 mod protocols;
+mod reload;
 mod routing;
 mod support;
 mod upstream_tls;

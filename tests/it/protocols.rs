@@ -147,15 +147,15 @@ async fn versioned_echo() -> (TestUpstream, Arc<Mutex<Vec<Version>>>) {
 
 // ---- TLS helpers ----------------------------------------------------------------------------
 
-struct TestCert {
-    cert_pem: String,
-    key_pem: String,
-    der: CertificateDer<'static>,
+pub(crate) struct TestCert {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub der: CertificateDer<'static>,
 }
 
 /// A self-signed certificate for `localhost` and 127.0.0.1 with its own key, common name and
 /// serial number.
-fn make_cert(common_name: &str, serial: u64) -> TestCert {
+pub(crate) fn make_cert(common_name: &str, serial: u64) -> TestCert {
     let key = rcgen::KeyPair::generate().expect("generate key pair");
     let mut params =
         rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
@@ -172,7 +172,7 @@ fn make_cert(common_name: &str, serial: u64) -> TestCert {
     }
 }
 
-fn tls_yaml(upstream: SocketAddr, cert: &Path, key: &Path) -> String {
+pub(crate) fn tls_yaml(upstream: SocketAddr, cert: &Path, key: &Path) -> String {
     format!(
         "listen:\n  address: 127.0.0.1:0\n  tls:\n    cert: \"{}\"\n    key: \"{}\"\nadmin:\n  address: 127.0.0.1:0\nupstreams:\n  monolith:\n    url: http://{upstream}\n",
         cert.display(),
@@ -180,7 +180,7 @@ fn tls_yaml(upstream: SocketAddr, cert: &Path, key: &Path) -> String {
     )
 }
 
-fn write_pair(dir: &Path, cert: &TestCert) -> (PathBuf, PathBuf) {
+pub(crate) fn write_pair(dir: &Path, cert: &TestCert) -> (PathBuf, PathBuf) {
     let cert_path = dir.join("tls.crt");
     let key_path = dir.join("tls.key");
     std::fs::write(&cert_path, &cert.cert_pem).expect("write certificate");
@@ -188,7 +188,7 @@ fn write_pair(dir: &Path, cert: &TestCert) -> (PathBuf, PathBuf) {
     (cert_path, key_path)
 }
 
-fn tls_connector(
+pub(crate) fn tls_connector(
     trusted: &[&CertificateDer<'static>],
     alpn: &[&[u8]],
 ) -> tokio_rustls::TlsConnector {
@@ -209,7 +209,7 @@ fn tls_connector(
     tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
-async fn tls_connect(
+pub(crate) async fn tls_connect(
     connector: &tokio_rustls::TlsConnector,
     addr: SocketAddr,
 ) -> std::io::Result<TlsStream<TcpStream>> {
@@ -219,7 +219,7 @@ async fn tls_connect(
         .await
 }
 
-fn presented_cert(stream: &TlsStream<TcpStream>) -> CertificateDer<'static> {
+pub(crate) fn presented_cert(stream: &TlsStream<TcpStream>) -> CertificateDer<'static> {
     stream
         .get_ref()
         .1

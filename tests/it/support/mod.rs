@@ -85,11 +85,27 @@ impl Ficus {
     }
 
     pub async fn start_config(config: Config) -> Ficus {
+        Ficus::start_app(config, None).await
+    }
+
+    /// Runs the config in `path` and reloads it when the file changes (as `ficus run -c`).
+    pub async fn start_file(path: &std::path::Path) -> Ficus {
+        let config = match Config::load(path) {
+            Ok(c) => c,
+            Err(e) => panic!("test config is valid: {e}"),
+        };
+        Ficus::start_app(config, Some(path.to_path_buf())).await
+    }
+
+    async fn start_app(config: Config, source: Option<PathBuf>) -> Ficus {
         log_to_test_output();
         let listeners = Listeners::bind(&config).await.expect("bind");
         let addr = listeners.proxy_addr();
         let admin = listeners.admin_addr();
-        let app = App::new(config, prometheus::Registry::new()).expect("app");
+        let mut app = App::new(config, prometheus::Registry::new()).expect("app");
+        if let Some(path) = source {
+            app = app.reload_from(path);
+        }
         let stop = CancellationToken::new();
         let task = tokio::spawn(app.run(listeners, stop.clone().cancelled_owned()));
         Ficus {
