@@ -42,7 +42,7 @@ pub enum AppError {
     Upstream(#[from] ClientError),
     #[error("metrics registration failed: {0}")]
     Metrics(#[from] prometheus::Error),
-    #[error("outbox: {0}")]
+    #[error(transparent)]
     Outbox(#[from] OutboxError),
     #[error("sink `{0}`: {1}")]
     Sink(String, ClientError),

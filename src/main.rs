@@ -217,11 +217,29 @@ fn run_async(main: impl std::future::Future<Output = anyhow::Result<()>>) -> Exi
     match runtime.block_on(main) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!(error = format!("{error:#}"), "ficus stopped");
-            eprintln!("ficus: {error:#}");
+            let message = causes(&error);
+            tracing::error!(error = %message, "ficus stopped");
+            eprintln!("ficus: {message}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each said once: library errors often quote their source in
+/// their own message already (`cannot create directory X: Permission denied`).
+fn causes(error: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if message.contains(&text) {
+            continue;
+        }
+        if !message.is_empty() {
+            message.push_str(": ");
+        }
+        message.push_str(&text);
+    }
+    message
 }
 
 fn init_logging(config: &Config) {
