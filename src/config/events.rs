@@ -21,6 +21,7 @@ use crate::rules::{
 };
 use crate::sinks::amqp::{self, AmqpSinkSettings};
 use crate::sinks::http::{HttpMode, HttpSinkSettings};
+use crate::sinks::kafka::{self, KafkaSasl, KafkaSinkSettings, SaslMechanism};
 use crate::sinks::nats::{self, NatsAuth, NatsSinkSettings};
 use crate::sinks::redis::{self, RedisSinkSettings};
 use crate::sinks::template::AttributeTemplate;
@@ -55,6 +56,7 @@ pub enum SinkKind {
     Nats(Box<NatsSinkSettings>),
     Redis(Box<RedisSinkSettings>),
     Amqp(Box<AmqpSinkSettings>),
+    Kafka(Box<KafkaSinkSettings>),
 }
 
 impl SinkKind {
@@ -66,6 +68,7 @@ impl SinkKind {
             SinkKind::Nats(_) => "nats",
             SinkKind::Redis(_) => "redis",
             SinkKind::Amqp(_) => "amqp",
+            SinkKind::Kafka(_) => "kafka",
         }
     }
 }
@@ -97,11 +100,8 @@ impl Default for OutboxConfig {
 /// The default CloudEvents `source` when `events.source` is left out.
 pub const DEFAULT_SOURCE: &str = "/ficus";
 
-/// Sink types of the SPEC that this build does not have yet.
-const SINK_TYPES_NOT_YET: &[&str] = &["kafka"];
-
 /// The sink types this build has, for messages.
-const SINK_TYPES: &str = "file, stdout, http, nats, redis or amqp";
+const SINK_TYPES: &str = "file, stdout, http, nats, redis, amqp or kafka";
 
 pub(super) fn decode_sinks(d: &mut Decoder<'_>, node: Option<&Node>) -> Vec<SinkConfig> {
     let Some(node) = node else {
@@ -143,51 +143,45 @@ pub(super) fn decode_sinks(d: &mut Decoder<'_>, node: Option<&Node>) -> Vec<Sink
         let Some(ty) = d.string(ty_node, &join(&path, "type")) else {
             continue;
         };
-        let kind = match ty.as_str() {
-            "file" => {
-                let Some(f) = d.map(node, &path, &["type", "path"]) else {
-                    continue;
-                };
-                match f.get("path") {
-                    Some(n) => d.string(n, &join(&path, "path")).map(|p| SinkKind::File {
-                        path: PathBuf::from(p),
-                    }),
-                    None => {
-                        d.error(f.mark, &join(&path, "path"), "is required");
-                        None
+        let kind =
+            match ty.as_str() {
+                "file" => {
+                    let Some(f) = d.map(node, &path, &["type", "path"]) else {
+                        continue;
+                    };
+                    match f.get("path") {
+                        Some(n) => d.string(n, &join(&path, "path")).map(|p| SinkKind::File {
+                            path: PathBuf::from(p),
+                        }),
+                        None => {
+                            d.error(f.mark, &join(&path, "path"), "is required");
+                            None
+                        }
                     }
                 }
-            }
-            "stdout" => d.map(node, &path, &["type"]).map(|_| SinkKind::Stdout),
-            "http" => {
-                decode_http_sink(d, node, &path, &key.name).map(|s| SinkKind::Http(Box::new(s)))
-            }
-            "nats" => {
-                decode_nats_sink(d, node, &path, &key.name).map(|s| SinkKind::Nats(Box::new(s)))
-            }
-            "redis" => {
-                decode_redis_sink(d, node, &path, &key.name).map(|s| SinkKind::Redis(Box::new(s)))
-            }
-            "amqp" => {
-                decode_amqp_sink(d, node, &path, &key.name).map(|s| SinkKind::Amqp(Box::new(s)))
-            }
-            other if SINK_TYPES_NOT_YET.contains(&other) => {
-                d.error(
-                    ty_node.mark,
-                    &join(&path, "type"),
-                    format!("sink type `{other}` is not supported by ficus {} yet (file, stdout, http, nats, redis and amqp are)", env!("CARGO_PKG_VERSION")),
-                );
-                None
-            }
-            other => {
-                d.error(
-                    ty_node.mark,
-                    &join(&path, "type"),
-                    format!("unknown sink type `{other}` (expected {SINK_TYPES})"),
-                );
-                None
-            }
-        };
+                "stdout" => d.map(node, &path, &["type"]).map(|_| SinkKind::Stdout),
+                "http" => {
+                    decode_http_sink(d, node, &path, &key.name).map(|s| SinkKind::Http(Box::new(s)))
+                }
+                "nats" => {
+                    decode_nats_sink(d, node, &path, &key.name).map(|s| SinkKind::Nats(Box::new(s)))
+                }
+                "redis" => decode_redis_sink(d, node, &path, &key.name)
+                    .map(|s| SinkKind::Redis(Box::new(s))),
+                "amqp" => {
+                    decode_amqp_sink(d, node, &path, &key.name).map(|s| SinkKind::Amqp(Box::new(s)))
+                }
+                "kafka" => decode_kafka_sink(d, node, &path, &key.name)
+                    .map(|s| SinkKind::Kafka(Box::new(s))),
+                other => {
+                    d.error(
+                        ty_node.mark,
+                        &join(&path, "type"),
+                        format!("unknown sink type `{other}` (expected {SINK_TYPES})"),
+                    );
+                    None
+                }
+            };
         if let Some(kind) = kind {
             out.push(SinkConfig {
                 name: key.name.clone(),
@@ -536,6 +530,94 @@ fn decode_amqp_sink(
         exchange: exchange?,
         routing_key: routing_key?,
         tls,
+        timeout,
+    })
+}
+
+fn decode_kafka_sink(
+    d: &mut Decoder<'_>,
+    node: &Node,
+    path: &str,
+    name: &str,
+) -> Option<KafkaSinkSettings> {
+    let f = d.map(
+        node,
+        path,
+        &["type", "brokers", "topic", "tls", "sasl", "timeout"],
+    )?;
+    // A list, or one string of comma-separated addresses (what `${KAFKA_BROKERS}` gives).
+    let brokers = required(d, &f, path, "brokers").and_then(|n| {
+        let bpath = join(path, "brokers");
+        let items: Vec<(String, String, super::yaml::Mark)> = match &n.value {
+            Value::Seq(_) => strings(d, n, &bpath)
+                .into_iter()
+                .enumerate()
+                .map(|(i, (s, mark))| (s, format!("{bpath}[{i}]"), mark))
+                .collect(),
+            _ => d
+                .string(n, &bpath)?
+                .split(',')
+                .map(|s| (s.to_string(), bpath.clone(), n.mark))
+                .collect(),
+        };
+        if items.is_empty() {
+            d.error(n.mark, &bpath, "needs at least one HOST:PORT");
+            return None;
+        }
+        let count = items.len();
+        let mut out = Vec::with_capacity(count);
+        for (s, ipath, mark) in items {
+            match kafka::parse_broker(&s) {
+                Ok(b) => out.push(b),
+                Err(msg) => d.error(mark, &ipath, msg),
+            }
+        }
+        (out.len() == count).then_some(out)
+    });
+    let topic = required(d, &f, path, "topic").and_then(|n| {
+        d.parse(n, &join(path, "topic"), |s| {
+            let t = AttributeTemplate::parse(s)?;
+            kafka::check_topic(&t)?;
+            Ok(t)
+        })
+    });
+    let tls = f.get("tls").and_then(|n| {
+        let tpath = join(path, "tls");
+        match &n.value {
+            Value::Map(_) => decode_tls_files(d, n, &tpath),
+            _ => d
+                .parse(n, &tpath, super::decode::parse_bool)
+                .and_then(|on| on.then(UpstreamTls::default)),
+        }
+    });
+    let sasl = f.get("sasl").and_then(|n| {
+        let spath = join(path, "sasl");
+        let s = d.map(n, &spath, &["mechanism", "user", "password"])?;
+        let mechanism = required(d, &s, &spath, "mechanism")
+            .and_then(|n| d.parse(n, &join(&spath, "mechanism"), SaslMechanism::parse));
+        let user = required(d, &s, &spath, "user").and_then(|n| d.string(n, &join(&spath, "user")));
+        let password = required(d, &s, &spath, "password")
+            .and_then(|n| d.string(n, &join(&spath, "password")));
+        if mechanism == Some(SaslMechanism::Plain) && tls.is_none() {
+            d.warn(
+                n.mark,
+                &spath,
+                "PLAIN without `tls` sends the password in clear text",
+            );
+        }
+        Some(KafkaSasl {
+            mechanism: mechanism?,
+            user: user?,
+            password: password?,
+        })
+    });
+    let timeout = d.field(&f, path, "timeout", Duration::from_secs(5), parse_duration);
+    Some(KafkaSinkSettings {
+        name: name.to_string(),
+        brokers: brokers?,
+        topic: topic?,
+        tls,
+        sasl,
         timeout,
     })
 }
@@ -995,6 +1077,103 @@ mod tests {
         }
         assert_eq!(errors.len(), expected.len(), "{errors:#?}");
         assert!(errors.iter().all(|e| !e.contains("secret")), "{errors:#?}");
+    }
+
+    #[test]
+    fn kafka_sinks_decode() {
+        let config = load(concat!(
+            "  kafka: { type: kafka, brokers: [\"kafka-0:9092\", \"[::1]:9093\"], topic: \"shop.{type}\" }\n",
+            "  secure: { type: kafka, brokers: \"k1:9093, k2:9093\", topic: shop-events, tls: { ca: /etc/ca.pem }, sasl: { mechanism: SCRAM-SHA-512, user: ficus, password: \"${NATS_TOKEN}\" }, timeout: 2s }\n",
+            "  plain: { type: kafka, brokers: [\"k:9092\"], topic: t, tls: true, sasl: { mechanism: plain, user: u, password: p } }\n",
+        ))
+        .expect("valid");
+        let SinkKind::Kafka(kafka) = &config.sinks[0].kind else {
+            panic!("kafka: {:?}", config.sinks[0]);
+        };
+        assert_eq!(config.sinks[0].kind.type_name(), "kafka");
+        assert_eq!(kafka.brokers, ["kafka-0:9092", "[::1]:9093"]);
+        assert_eq!(kafka.topic.to_string(), "shop.{type}");
+        assert!(kafka.tls.is_none() && kafka.sasl.is_none());
+        assert_eq!(kafka.timeout, Duration::from_secs(5));
+        let SinkKind::Kafka(secure) = &config.sinks[1].kind else {
+            panic!("kafka");
+        };
+        assert_eq!(
+            secure.brokers,
+            ["k1:9093", "k2:9093"],
+            "a comma-separated string"
+        );
+        assert_eq!(
+            secure.tls.as_ref().and_then(|t| t.ca.clone()),
+            Some(PathBuf::from("/etc/ca.pem"))
+        );
+        let sasl = secure.sasl.as_ref().expect("sasl");
+        assert_eq!(sasl.mechanism, SaslMechanism::ScramSha512);
+        assert_eq!(
+            (sasl.user.as_str(), sasl.password.as_str()),
+            ("ficus", "t0k")
+        );
+        assert_eq!(secure.timeout, Duration::from_secs(2));
+        assert!(
+            !format!("{secure:?}").contains("t0k"),
+            "secrets stay out of Debug"
+        );
+        let SinkKind::Kafka(plain) = &config.sinks[2].kind else {
+            panic!("kafka");
+        };
+        assert!(
+            plain.tls.as_ref().is_some_and(|t| t.ca.is_none()),
+            "system roots"
+        );
+        assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+    }
+
+    #[test]
+    fn kafka_errors_are_located() {
+        let errors = load(concat!(
+            "  a: { type: kafka, brokers: [\"kafka://k:9092\", \"k:x\"], topic: \"shop/{type}\" }\n",
+            "  b: { type: kafka, brokers: [], topic: \"{nope}\", partitions: 3 }\n",
+            "  c: { type: kafka, topic: t, sasl: { mechanism: gssapi, user: u } }\n",
+            "  d: { type: kafka, brokers: \"k:9092,\", topic: \"..\", tls: { cert: /c.pem } }\n",
+        ))
+        .expect_err("invalid");
+        let expected = [
+            "f.yaml:4:31: sinks.a.brokers[0]: expected HOST:PORT without a scheme",
+            "f.yaml:4:49: sinks.a.brokers[1]: `x` is not a port",
+            "f.yaml:4:64: sinks.a.topic: `shop/{type}` cannot make a Kafka topic name",
+            "f.yaml:5:30: sinks.b.brokers: needs at least one HOST:PORT",
+            "f.yaml:5:41: sinks.b.topic: unknown placeholder `{nope}`",
+            "f.yaml:5:51: sinks.b.partitions: unknown key",
+            "f.yaml:6:6: sinks.c.brokers: is required",
+            "f.yaml:6:50: sinks.c.sasl.mechanism: expected plain, scram-sha-256 or scram-sha-512, found `gssapi`",
+            "f.yaml:6:37: sinks.c.sasl.password: is required",
+            "f.yaml:7:30: sinks.d.brokers: expected HOST:PORT, found ``",
+            "f.yaml:7:48: sinks.d.topic: `..` is not a Kafka topic name",
+            "f.yaml:7:59: sinks.d.tls: `cert` and `key` go together",
+        ];
+        for want in expected {
+            assert!(
+                errors.iter().any(|e| e.starts_with(want)),
+                "missing `{want}` in {errors:#?}"
+            );
+        }
+        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+    }
+
+    #[test]
+    fn kafka_plain_without_tls_is_warned_about() {
+        let config = load(
+            "  k: { type: kafka, brokers: [\"k:9092\"], topic: t, sasl: { mechanism: plain, user: u, password: p } }\n",
+        )
+        .expect("valid");
+        assert!(
+            config
+                .warnings
+                .iter()
+                .any(|w| w.contains("sinks.k.sasl: PLAIN without `tls`")),
+            "{:?}",
+            config.warnings
+        );
     }
 
     #[test]

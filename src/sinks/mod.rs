@@ -1,11 +1,12 @@
 //! Where events go. A [`Sink`] sends a batch in order and says how far it got; the dispatcher
 //! (not the sink) owns retries, backoff, cursors and dead letters, so a new sink type (Kafka...)
 //! implements `send` and nothing else. Settings that name a destination per event (`subject`,
-//! `stream`, `routing_key`) are [`template::AttributeTemplate`]s over the event's attributes.
+//! `stream`, `routing_key`, `topic`) are [`template::AttributeTemplate`]s over the event's attributes.
 
 pub mod amqp;
 pub mod file;
 pub mod http;
+pub mod kafka;
 pub mod nats;
 pub mod redis;
 pub mod stdout;
@@ -85,6 +86,7 @@ pub fn build(kind: &SinkKind) -> Result<Arc<dyn Sink>, ClientError> {
         SinkKind::Nats(settings) => Arc::new(nats::NatsSink::new((**settings).clone())?),
         SinkKind::Redis(settings) => Arc::new(redis::RedisSink::new((**settings).clone())),
         SinkKind::Amqp(settings) => Arc::new(amqp::AmqpSink::new((**settings).clone())?),
+        SinkKind::Kafka(settings) => Arc::new(kafka::KafkaSink::new((**settings).clone())?),
     })
 }
 

@@ -867,7 +867,8 @@ fn invalid_rules_are_located_config_errors() {
         ":7:13: events.rules[0].type:",
         ":8:11: events.rules[0].if:",
         ":9:15: events.rules[0].sinks[0]: no sink named `nope`",
-        ":11:18: sinks.audit.type: sink type `kafka` is not supported",
+        ":11:10: sinks.audit.brokers: is required",
+        ":11:10: sinks.audit.topic: is required",
     ] {
         assert!(stderr.contains(want), "missing `{want}` in:\n{stderr}");
     }
