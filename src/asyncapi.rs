@@ -57,7 +57,7 @@ pub fn build(config: &Config) -> Value {
 }
 
 fn status_text(rule: &Rule) -> String {
-    format!("{:?}", rule.status)
+    rule.status.to_string()
 }
 
 fn attribute(template: Option<&Template>, fallback: Value) -> Value {

@@ -13,6 +13,7 @@
 //! - `large`: 100 MiB bodies streamed both ways with flat memory
 //! - `upstream_tls`: https upstreams with a configured CA and mTLS
 //! - `routing`: takeover, split, sticky, fallback, shadow with comparison
+//! - `asyncapi`: generated documents checked by the official AsyncAPI parser
 //! - `events`: rules, CloudEvents (checked with the SDK), outbox, file and HTTP sinks
 //! - `crash`: `kill -9` under load with sync durability loses nothing a client saw
 //! - `disk_full`: a real full disk (tmpfs) under the outbox
@@ -21,6 +22,7 @@
 //!   Grafana dashboard queries exactly the metrics ficus exports
 
 mod admin;
+mod asyncapi;
 mod brokers;
 mod cli;
 mod crash;
