@@ -29,9 +29,9 @@ use crate::events::shop;
 use crate::support::{config_yaml, eventually, get, sample, send, Ficus, FicusProcess, WAIT};
 
 /// How long a broker may take to start (JetStream recovers its streams first).
-const BROKER_START: Duration = Duration::from_secs(20);
+pub(crate) const BROKER_START: Duration = Duration::from_secs(20);
 /// How long a whole load may take to be delivered after the broker returns.
-const DELIVERY: Duration = Duration::from_secs(60);
+pub(crate) const DELIVERY: Duration = Duration::from_secs(60);
 
 // ---------------------------------------------------------------------------------------------
 // Brokers
@@ -63,7 +63,7 @@ struct Broker {
     child: Option<Child>,
 }
 
-fn find_binary(name: &str) -> Option<PathBuf> {
+pub(crate) fn find_binary(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/usr/local/sbin", "/usr/local/bin", "/usr/bin"].map(PathBuf::from))
@@ -72,7 +72,7 @@ fn find_binary(name: &str) -> Option<PathBuf> {
 }
 
 /// A port nobody listens on right now: bind port 0, note the port, release it.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind an ephemeral port")
         .local_addr()
@@ -253,7 +253,7 @@ async fn ping(kind: Kind, port: u16) -> bool {
 /// Rules over the test shop: `POST /orders` (subject and partition key from `x-order-id`, data
 /// naming the customer and the padding), `POST /text` (text data, no subject),
 /// `DELETE /orders/{id}`.
-fn ficus_yaml(upstream: std::net::SocketAddr, sinks: &str, outbox: &Path) -> String {
+pub(crate) fn ficus_yaml(upstream: std::net::SocketAddr, sinks: &str, outbox: &Path) -> String {
     config_yaml(
         upstream,
         &format!(
@@ -288,7 +288,7 @@ log: {{ format: json, level: info }}
     )
 }
 
-fn order(key: &str, customer: &str, pad: usize) -> Request<Full<Bytes>> {
+pub(crate) fn order(key: &str, customer: &str, pad: usize) -> Request<Full<Bytes>> {
     Request::post("/orders")
         .header("host", "shop")
         .header("content-type", "application/json")
@@ -304,7 +304,7 @@ fn order(key: &str, customer: &str, pad: usize) -> Request<Full<Bytes>> {
         .expect("request")
 }
 
-fn text() -> Request<Full<Bytes>> {
+pub(crate) fn text() -> Request<Full<Bytes>> {
     Request::post("/text")
         .header("host", "shop")
         .header("content-type", "text/plain")
@@ -321,7 +321,7 @@ fn cancel(id: &str) -> Request<Full<Bytes>> {
 
 /// `keys.len()` clients, one per partition key, each sending `per_key` orders in sequence
 /// (`customer` = `KEY-N`), so the order per key is the client's. `done` counts responses.
-fn load(
+pub(crate) fn load(
     addr: std::net::SocketAddr,
     keys: &[String],
     per_key: usize,
@@ -346,18 +346,18 @@ fn load(
         .collect()
 }
 
-async fn metric(ficus: &Ficus, name: &str, sink: &str) -> f64 {
+pub(crate) async fn metric(ficus: &Ficus, name: &str, sink: &str) -> f64 {
     sample(&ficus.metrics().await, name, &[("sink", sink)]).unwrap_or(0.0)
 }
 
-async fn process_metric(admin: std::net::SocketAddr, name: &str, sink: &str) -> f64 {
+pub(crate) async fn process_metric(admin: std::net::SocketAddr, name: &str, sink: &str) -> f64 {
     let (status, body) = get(admin, "/metrics").await;
     assert_eq!(status, 200);
     sample(&body, name, &[("sink", sink)]).unwrap_or(0.0)
 }
 
 /// For each set of needles, a stderr line of the ficus process that contains them all.
-async fn log_lines(process: &mut FicusProcess, wanted: &[&[&str]]) -> Vec<String> {
+pub(crate) async fn log_lines(process: &mut FicusProcess, wanted: &[&[&str]]) -> Vec<String> {
     let mut found: Vec<Option<String>> = vec![None; wanted.len()];
     let scan = async {
         while found.iter().any(Option::is_none) {
@@ -379,7 +379,11 @@ async fn log_lines(process: &mut FicusProcess, wanted: &[&[&str]]) -> Vec<String
 
 /// Each key's customers in arrival order, first occurrence of each event id only, checked
 /// against the order the clients sent them in.
-fn assert_in_order_per_key(arrived: &[(String, String, String)], keys: &[String], per_key: usize) {
+pub(crate) fn assert_in_order_per_key(
+    arrived: &[(String, String, String)],
+    keys: &[String],
+    per_key: usize,
+) {
     let mut seen = HashSet::new();
     let mut per_key_seen: HashMap<&str, Vec<&str>> = HashMap::new();
     for (id, key, customer) in arrived {
@@ -471,7 +475,7 @@ fn to_sdk_event(message: &async_nats::Message) -> cloudevents::Event {
         .expect("a valid CloudEvent in binary mode")
 }
 
-fn data_json(event: &cloudevents::Event) -> serde_json::Value {
+pub(crate) fn data_json(event: &cloudevents::Event) -> serde_json::Value {
     match event.data() {
         Some(cloudevents::Data::Json(v)) => v.clone(),
         Some(cloudevents::Data::String(s)) => serde_json::Value::String(s.clone()),
@@ -647,7 +651,7 @@ async fn nats_jetstream_and_core_deliver_binary_mode_cloudevents() {
 }
 
 /// A CA, and a server and a client certificate signed by it, as PEM files in `dir`.
-fn pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf, PathBuf) {
+pub(crate) fn pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf, PathBuf) {
     let ca_key = rcgen::KeyPair::generate().expect("ca key");
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);

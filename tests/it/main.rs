@@ -18,6 +18,7 @@
 //! - `crash`: `kill -9` under load with sync durability loses nothing a client saw
 //! - `disk_full`: a real full disk (tmpfs) under the outbox
 //! - `brokers`: NATS JetStream, Redis Streams and RabbitMQ sinks against real brokers (started, killed)
+//! - `kafka`: the Kafka sink against a real Kafka-protocol broker (tansu: started, killed)
 //! - `deploy`: the configs deploy/kubernetes ships pass `ficus check` and their samples; the
 //!   Grafana dashboard queries exactly the metrics ficus exports
 
@@ -31,6 +32,7 @@ mod disk_full;
 mod events;
 mod failures;
 mod forwarding;
+mod kafka;
 mod large;
 mod lifecycle;
 mod limits;
