@@ -18,7 +18,7 @@ use crate::config::{Upstream, UpstreamTls};
 use crate::metrics::{Metrics, UpstreamMetrics};
 
 pub type RequestBody = Idle<super::events::Tee<super::body::UpstreamBody>>;
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
+pub type HttpClient = Client<Bare<HttpsConnector<HttpConnector>>, RequestBody>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -80,7 +80,7 @@ impl UpstreamClient {
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
-            .build(connector);
+            .build(Bare(connector));
         Ok(UpstreamClient {
             config: upstream.clone(),
             name: Arc::from(upstream.name.as_str()),
@@ -176,4 +176,98 @@ fn read_certs(
         .map_err(pem_error)?
         .collect::<Result<Vec<_>, _>>()
         .map_err(pem_error)
+}
+
+/// A connector whose connections report no [`hyper_util::client::legacy::connect::HttpInfo`]:
+/// hyper-util copies a connection's "extra" into the extensions of every response it
+/// receives (three allocations per request), and ficus never reads the peer addresses there.
+#[derive(Clone)]
+pub struct Bare<C>(pub C);
+
+impl<C> tower::Service<http::Uri> for Bare<C>
+where
+    C: tower::Service<http::Uri>,
+{
+    type Response = BareIo<C::Response>;
+    type Error = C::Error;
+    type Future = futures_util::future::MapOk<C::Future, fn(C::Response) -> BareIo<C::Response>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        use futures_util::TryFutureExt;
+        self.0
+            .call(uri)
+            .map_ok(bare as fn(C::Response) -> BareIo<C::Response>)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A connection that says nothing about itself beyond being HTTP/1.1 (ficus never asks
+    /// its upstreams for HTTP/2).
+    pub struct BareIo<T> {
+        #[pin]
+        inner: T,
+    }
+}
+
+fn bare<T>(inner: T) -> BareIo<T> {
+    BareIo { inner }
+}
+
+impl<T> hyper_util::client::legacy::connect::Connection for BareIo<T> {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        hyper_util::client::legacy::connect::Connected::new()
+    }
+}
+
+impl<T: hyper::rt::Read> hyper::rt::Read for BareIo<T> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.project().inner.poll_read(cx, buf)
+    }
+}
+
+impl<T: hyper::rt::Write> hyper::rt::Write for BareIo<T> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
 }
