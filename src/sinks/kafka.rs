@@ -886,19 +886,82 @@ mod tests {
         assert!(!r.headers.contains_key("content-type"));
     }
 
-    #[test]
-    fn secrets_stay_out_of_debug() {
-        let settings = KafkaSinkSettings {
+    fn settings() -> KafkaSinkSettings {
+        KafkaSinkSettings {
             name: "k".into(),
             brokers: vec!["kafka:9092".into()],
             topic: AttributeTemplate::parse("shop").expect("template"),
             tls: None,
+            sasl: None,
+            timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn refusals_are_permanent_and_the_rest_retried() {
+        let inner = Inner {
+            settings: settings(),
+            state: tokio::sync::Mutex::new(State::default()),
+            delivered_past_failure: std::sync::Mutex::new(HashSet::new()),
+        };
+        let server = |protocol_error| KafkaError::ServerError {
+            protocol_error,
+            error_message: None,
+            request: rskafka::client::error::RequestContext::Partition("shop".into(), 2),
+            response: None,
+            is_virtual: false,
+        };
+        let cases = [
+            (ProtocolError::MessageTooLarge, true, Recovery::Keep),
+            (ProtocolError::RecordListTooLarge, true, Recovery::Keep),
+            (ProtocolError::InvalidRecord, true, Recovery::Keep),
+            (
+                ProtocolError::TopicAuthorizationFailed,
+                true,
+                Recovery::Keep,
+            ),
+            (
+                ProtocolError::UnknownTopicOrPartition,
+                false,
+                Recovery::ForgetTopic,
+            ),
+            (
+                ProtocolError::NotLeaderOrFollower,
+                false,
+                Recovery::ForgetTopic,
+            ),
+            (ProtocolError::NotEnoughReplicas, false, Recovery::Keep),
+            (ProtocolError::RequestTimedOut, false, Recovery::Keep),
+            (ProtocolError::CorruptMessage, false, Recovery::Keep),
+        ];
+        for (error, permanent, recovery) in cases {
+            let (failure, got) = inner.classify("shop", 2, &server(error));
+            assert_eq!(
+                failure.permanent, permanent,
+                "{error:?}: {}",
+                failure.message
+            );
+            assert_eq!(got, recovery, "{error:?}");
+            assert!(
+                failure.message.contains("topic `shop` partition 2"),
+                "{}",
+                failure.message
+            );
+        }
+        let (failure, recovery) = inner.classify("shop", 0, &KafkaError::Timeout);
+        assert!(!failure.permanent);
+        assert_eq!(recovery, Recovery::Reconnect);
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug() {
+        let settings = KafkaSinkSettings {
             sasl: Some(KafkaSasl {
                 mechanism: SaslMechanism::ScramSha512,
                 user: "ficus".into(),
                 password: "s3cret".into(),
             }),
-            timeout: Duration::from_secs(1),
+            ..settings()
         };
         let shown = format!("{settings:?}");
         assert!(
