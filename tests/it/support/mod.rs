@@ -225,6 +225,26 @@ pub struct FicusProcess {
     pub admin: SocketAddr,
     pub dir: tempfile::TempDir,
     pub stderr_lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+    /// The last lines ficus wrote, printed if the test fails while it runs.
+    transcript: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
+}
+
+/// Lines of a ficus process's log kept for a failure report.
+const TRANSCRIPT_LINES: usize = 60;
+
+impl Drop for FicusProcess {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Ok(lines) = self.transcript.lock() {
+                let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+                eprintln!(
+                    "--- ficus process log (last {} lines) ---\n{}",
+                    lines.len(),
+                    lines.join("\n")
+                );
+            }
+        }
+    }
 }
 
 pub fn binary() -> PathBuf {
@@ -250,12 +270,21 @@ impl FicusProcess {
             .expect("spawn ficus");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let transcript = std::sync::Arc::new(std::sync::Mutex::new(
+            std::collections::VecDeque::with_capacity(TRANSCRIPT_LINES),
+        ));
+        let kept = transcript.clone();
         tokio::spawn(async move {
             let mut lines = BufReader::new(stderr).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                if tx.send(line).is_err() {
-                    break;
+                if let Ok(mut kept) = kept.lock() {
+                    if kept.len() == TRANSCRIPT_LINES {
+                        kept.pop_front();
+                    }
+                    kept.push_back(line.clone());
                 }
+                // The test may have stopped reading; the transcript still keeps the lines.
+                let _ = tx.send(line);
             }
         });
         let (addr, admin) = tokio::time::timeout(WAIT, async {
@@ -282,6 +311,7 @@ impl FicusProcess {
             admin,
             dir,
             stderr_lines: rx,
+            transcript,
         }
     }
 
