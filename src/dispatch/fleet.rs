@@ -19,8 +19,9 @@ use crate::outbox::Outbox;
 use crate::proxy::client::ClientError;
 use crate::sinks::{self, Sink};
 
-/// Events one delivery attempt sends at most.
-const BATCH: usize = 100;
+/// Events one delivery attempt sends at most (and about 1 MiB of them). Large, so that a
+/// backlog goes out in few sends: each costs the sink a round trip or an fsync.
+const BATCH: usize = 1000;
 
 struct Running {
     config: SinkConfig,

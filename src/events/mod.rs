@@ -72,6 +72,12 @@ impl CloudEvent {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
+    /// [`to_json`](Self::to_json) appended to `out`, for sinks that join many events.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        // Strings and JSON values always serialise; writing to a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, self);
+    }
+
     /// The data as bytes for binary-mode bindings: JSON serialised, text as is.
     pub fn data_bytes(&self) -> Option<Bytes> {
         match &self.data {

@@ -666,3 +666,43 @@ async fn a_second_outbox_on_the_same_directory_is_refused() {
         .expect("reopen after release");
     again.close().await.expect("close");
 }
+
+/// Tickets are resolved by a task on the runtime that opened the outbox, and sleeping writers
+/// are woken from tasks: an outbox that outlives that runtime (or is used from another, or
+/// from no runtime) must still resolve every ticket and wake its writer.
+#[test]
+fn tickets_resolve_after_the_opening_runtime_is_gone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (outbox, ticket) = first.block_on(async {
+        let outbox =
+            Outbox::open(settings(dir.path()), OutboxMetrics::unregistered()).expect("open");
+        let ticket = outbox.append(payloads(0..3, 64)).expect("append");
+        (outbox, ticket)
+    });
+    drop(first);
+    let second = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    second.block_on(async {
+        ticket.durable().await.expect("the first runtime's ticket");
+        for i in 0..20u64 {
+            let t = outbox.append(payloads(3 + i..4 + i, 64)).expect("append");
+            tokio::time::timeout(std::time::Duration::from_secs(10), t.durable())
+                .await
+                .expect("resolved without the first runtime")
+                .expect("durable");
+        }
+    });
+    // And from a plain thread, with no runtime at all.
+    let ticket = outbox.append(payloads(23..24, 64)).expect("append");
+    second
+        .block_on(ticket.durable())
+        .expect("durable without a runtime at append");
+    assert_eq!(outbox.durable_end(), 24);
+}
