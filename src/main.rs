@@ -204,10 +204,7 @@ fn config_error(error: &LoadError) -> ExitCode {
 }
 
 fn run_async(main: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime_builder().enable_all().build() {
         Ok(rt) => rt,
         Err(error) => {
             eprintln!("ficus: cannot start the runtime: {error}");
@@ -240,6 +237,23 @@ fn causes(error: &anyhow::Error) -> String {
         message.push_str(&text);
     }
     message
+}
+
+/// One CPU (a sidecar's usual limit, or `taskset`): the single-threaded scheduler, which does
+/// the same work without the cross-thread queues and wakeups of a one-worker multi-threaded
+/// one. More CPUs: a worker per CPU. `FICUS_RUNTIME=multi|single` overrides, for comparisons.
+fn runtime_builder() -> tokio::runtime::Builder {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let single = match std::env::var("FICUS_RUNTIME").as_deref() {
+        Ok("single") => true,
+        Ok("multi") => false,
+        _ => cpus == 1,
+    };
+    if single {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    }
 }
 
 fn init_logging(config: &Config) {
