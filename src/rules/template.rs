@@ -138,7 +138,7 @@ impl Expr {
             Expr::RequestPath => owned(Some(ex.path.clone())),
             Expr::RequestQuery(name) => owned(ex.query_param(name)),
             Expr::RequestHeader(name) => owned(header_text(&ex.request_headers, name)),
-            Expr::RequestBody(steps) => descend(ex.request_body.value(), steps),
+            Expr::RequestBody(steps) => ex.request_body.lookup(steps),
             Expr::Path(name) => owned(
                 params
                     .iter()
@@ -147,7 +147,7 @@ impl Expr {
             ),
             Expr::ResponseStatus => Cow::Owned(Value::from(ex.status)),
             Expr::ResponseHeader(name) => owned(header_text(&ex.response_headers, name)),
-            Expr::ResponseBody(steps) => descend(ex.response_body.value(), steps),
+            Expr::ResponseBody(steps) => ex.response_body.lookup(steps),
         }
     }
 
@@ -213,7 +213,7 @@ pub(crate) fn parse_steps(s: &str, mut rest: &str, every: bool) -> Result<Vec<St
     Ok(steps)
 }
 
-fn descend<'a>(mut v: &'a Value, steps: &[Step]) -> Cow<'a, Value> {
+pub(crate) fn descend<'a>(mut v: &'a Value, steps: &[Step]) -> Cow<'a, Value> {
     for step in steps {
         let next = match (step, v) {
             (Step::Field(f), Value::Object(map)) => map.get(f),
