@@ -143,7 +143,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prometheus::IntGauge;
-use tokio::runtime::RuntimeFlavor;
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use log::MIN_SEGMENT_BYTES;
@@ -447,7 +446,8 @@ impl Ticket {
 
 impl Outbox {
     /// Creates the directory (and its subdirectories) if needed, recovers it, and starts the
-    /// writer thread.
+    /// writer thread. Called on a runtime, it also starts there the task that resolves
+    /// [`Ticket`]s (see "Writing"): that runtime must keep running while the outbox is used.
     pub fn open(settings: OutboxSettings, metrics: OutboxMetrics) -> Result<Outbox, OutboxError> {
         if settings.max_bytes < 4 * MIN_SEGMENT_BYTES {
             return Err(OutboxError::Settings(format!(
@@ -581,15 +581,14 @@ impl Outbox {
         })
     }
 
-    /// Wakes the sleeping writer for the first append since it went to sleep. On a runtime
-    /// worker, the wake-up waits until the worker has run the tasks that are ready now: the
-    /// appends they make join the same group commit, where waking at once would let the writer
-    /// (on a shared core) preempt the worker and fsync for one event. Elsewhere (no runtime, a
-    /// current-thread runtime that may not be driven again) it wakes at once; a task the
-    /// runtime drops unrun (shutting down) wakes it as it goes.
+    /// Wakes the sleeping writer for the first append since it went to sleep. On a runtime,
+    /// the wake-up waits until the runtime has run the tasks that are ready now: the appends
+    /// they make join the same group commit, where waking at once would let the writer (on a
+    /// shared core) preempt the runtime's thread and fsync for one event. Outside a runtime it
+    /// wakes at once; a task the runtime drops unrun (shutting down) wakes it as it goes.
     fn wake_writer(&self) {
         match tokio::runtime::Handle::try_current() {
-            Ok(runtime) if runtime.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            Ok(runtime) => {
                 let wake = WakeWriter(self.handle.shared.clone());
                 // `yield_now` puts the task behind everything ready and the next I/O poll.
                 runtime.spawn(async move {
@@ -597,7 +596,7 @@ impl Outbox {
                     drop(wake);
                 });
             }
-            _ => self.shared().wake.notify_one(),
+            Err(_) => self.shared().wake.notify_one(),
         }
     }
 
@@ -798,24 +797,23 @@ impl Drop for Completions {
 }
 
 impl Resolver {
-    /// On a multi-thread runtime only: its workers run the task whether or not anyone drives
-    /// the runtime, where a current-thread runtime left idle would leave tickets unresolved.
+    /// On the current runtime, if any. The runtime must go on running while the outbox is
+    /// used (ficus opens it on the runtime that serves; a current-thread runtime left idle
+    /// would leave tickets waiting). One that shuts down hands the resolving back to the
+    /// writer.
     fn start() -> Resolver {
-        let tx = tokio::runtime::Handle::try_current()
-            .ok()
-            .filter(|runtime| runtime.runtime_flavor() == RuntimeFlavor::MultiThread)
-            .map(|runtime| {
-                let (tx, rx) = mpsc::unbounded_channel::<Vec<Completion>>();
-                let mut rx = Completions(rx);
-                runtime.spawn(async move {
-                    while let Some(completions) = rx.0.recv().await {
-                        for (ticket, result) in completions {
-                            let _ = ticket.send(result);
-                        }
+        let tx = tokio::runtime::Handle::try_current().ok().map(|runtime| {
+            let (tx, rx) = mpsc::unbounded_channel::<Vec<Completion>>();
+            let mut rx = Completions(rx);
+            runtime.spawn(async move {
+                while let Some(completions) = rx.0.recv().await {
+                    for (ticket, result) in completions {
+                        let _ = ticket.send(result);
                     }
-                });
-                tx
+                }
             });
+            tx
+        });
         Resolver { tx }
     }
 
