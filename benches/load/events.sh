@@ -102,7 +102,13 @@ start_ficus() {
     echo "$port $pid"
 }
 
-BODY=$(python3 -c 'import json; print(json.dumps({"id": "ord-0001", "customer_id": "c-42", "items": [{"sku": "s-%d" % i, "qty": 1} for i in range(9)], "note": "x" * 40})[:300].ljust(300))')
+# A valid JSON document of exactly 300 bytes (`note` pads it). Before 2026-11-27 19:10 the
+# body was cut at 300 bytes, so it did not parse and `{request.body.id}` read null.
+BODY=$(python3 -c '
+import json
+d = {"id": "ord-0001", "customer_id": "c-42", "items": [{"sku": "s-%d" % i, "qty": 1} for i in range(9)], "note": ""}
+d["note"] = "x" * (300 - len(json.dumps(d)))
+print(json.dumps(d))')
 printf '%s' "$BODY" >"$TMP/body.json"
 
 # oha at saturation: prints "req/s p50_ms p99_ms".
@@ -122,23 +128,29 @@ print(f'{s["requestsPerSec"]:.0f} {p.get("p50", 0)*1000:.3f} {p.get("p99", 0)*10
 PY
 }
 
-declare -A RPS P50 P99
+declare -A RPS P50 P99 CPU
 read -r F50 F99 < <(measure_fsync)
 log "fdatasync: p50 ${F50} ms, p99 ${F99} ms"
 for round in $(seq 1 "$ROUNDS"); do
     for case in none routed async sync; do
         rule=x; [[ $case == none || $case == routed ]] && rule=""
         read -r port pid < <(start_ficus "$case-$round" "$case" "$rule")
+        t0=$(awk '{print $14+$15}' "/proc/$pid/stat")
         read -r rps p50 p99 ok bad < <(run_load "$port")
+        # CPU per answer: utime+stime of ficus (all its threads: proxy, outbox writer,
+        # dispatcher and sink) over the run; robust where req/s is not (a busy machine).
+        t1=$(awk '{print $14+$15}' "/proc/$pid/stat")
+        cpu=$(python3 -c "print(f'{($t1 - $t0) * 1e6 / $(getconf CLK_TCK) / max($ok, 1):.2f}')")
         kill "$pid" 2>/dev/null || true
         for _ in $(seq 1 400); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
-        log "round $round $case: $rps req/s, p50 $p50 ms, p99 $p99 ms ($ok ok, $bad other)"
+        log "round $round $case: $rps req/s, p50 $p50 ms, p99 $p99 ms, ficus CPU $cpu us/request ($ok ok, $bad other)"
         RPS[$case]="${RPS[$case]:-} $rps"; P50[$case]="${P50[$case]:-} $p50"; P99[$case]="${P99[$case]:-} $p99"
+        CPU[$case]="${CPU[$case]:-} $cpu"
     done
 done
 read -r F50b F99b < <(measure_fsync)
 
-python3 - "$CONNS" "$F50" "$F50b" "${RPS[none]}" "${RPS[async]}" "${RPS[sync]}" "${P50[none]}" "${P50[async]}" "${P50[sync]}" "${P99[none]}" "${P99[async]}" "${P99[sync]}" "${RPS[routed]}" "${P50[routed]}" "${P99[routed]}" <<'PY'
+python3 - "$CONNS" "$F50" "$F50b" "${RPS[none]}" "${RPS[async]}" "${RPS[sync]}" "${P50[none]}" "${P50[async]}" "${P50[sync]}" "${P99[none]}" "${P99[async]}" "${P99[sync]}" "${RPS[routed]}" "${P50[routed]}" "${P99[routed]}" "${CPU[none]}" "${CPU[async]}" "${CPU[sync]}" "${CPU[routed]}" <<'PY'
 import statistics as st, sys
 a = sys.argv[1:]
 conns = int(a[0]); F = (float(a[1]) + float(a[2])) / 2
@@ -148,11 +160,12 @@ rps = {k: st.median(nums(v)) for k, v in zip(keys, a[3:6])}
 p50 = {k: st.median(nums(v)) for k, v in zip(keys, a[6:9])}
 p99 = {k: st.median(nums(v)) for k, v in zip(keys, a[9:12])}
 rps["routed"], p50["routed"], p99["routed"] = (st.median(nums(v)) for v in a[12:15])
+cpu = {k: st.median(nums(v)) for k, v in zip(["none", "async", "sync", "routed"], a[15:19])}
 bound = conns / (F / 1000)
 print(f"POST 300 B, {conns} connections, medians; fdatasync F (p50) = {F:.3f} ms, C/F = {bound:.0f}/s")
-print(f"{'case':<8}{'req/s':>10}{'vs none':>9}{'p50 ms':>9}{'p99 ms':>9}")
+print(f"{'case':<8}{'req/s':>10}{'vs none':>9}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}{'+ vs none':>10}")
 for k in ["none", "routed", "async", "sync"]:
-    print(f"{k:<8}{rps[k]:>10.0f}{rps[k]/rps['none']*100:>8.1f}%{p50[k]:>9.3f}{p99[k]:>9.3f}")
+    print(f"{k:<8}{rps[k]:>10.0f}{rps[k]/rps['none']*100:>8.1f}%{p50[k]:>9.3f}{p99[k]:>9.3f}{cpu[k]:>12.2f}{cpu[k]-cpu['none']:>+10.2f}")
 t_async = rps["async"] >= 0.9 * rps["none"]
 need = 0.8 * min(rps["none"], bound)
 t_sync = rps["sync"] >= need

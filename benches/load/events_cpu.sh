@@ -86,7 +86,13 @@ start_ficus() {
     echo "$port $pid"
 }
 
-BODY=$(python3 -c 'import json; print(json.dumps({"id": "ord-0001", "customer_id": "c-42", "items": [{"sku": "s-%d" % i, "qty": 1} for i in range(9)], "note": "x" * 40})[:300].ljust(300))')
+# A valid JSON document of exactly 300 bytes (`note` pads it). Before 2026-11-27 19:10 the
+# body was cut at 300 bytes, so it did not parse and `{request.body.id}` read null.
+BODY=$(python3 -c '
+import json
+d = {"id": "ord-0001", "customer_id": "c-42", "items": [{"sku": "s-%d" % i, "qty": 1} for i in range(9)], "note": ""}
+d["note"] = "x" * (300 - len(json.dumps(d)))
+print(json.dumps(d))')
 printf '%s' "$BODY" >"$TMP/body.json"
 
 load() {

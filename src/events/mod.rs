@@ -40,6 +40,9 @@ pub struct CloudEvent {
     pub data: Option<serde_json::Value>,
 }
 
+/// The first allocation for an encoded envelope: most events fit.
+const ENCODE_CAPACITY: usize = 768;
+
 /// What the outbox stores: the event and the sinks it is for (`None`: every sink).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Envelope {
@@ -51,8 +54,12 @@ pub struct Envelope {
 
 impl Envelope {
     pub fn encode(&self) -> Bytes {
-        // A struct of strings and JSON values always serialises.
-        Bytes::from(serde_json::to_vec(self).unwrap_or_default())
+        // Sized for a typical event up front: growing from empty reallocates a handful of
+        // times per event.
+        let mut out = Vec::with_capacity(ENCODE_CAPACITY);
+        // A struct of strings and JSON values always serialises; a Vec cannot fail to take it.
+        let _ = serde_json::to_writer(&mut out, self);
+        Bytes::from(out)
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Envelope, serde_json::Error> {

@@ -190,8 +190,9 @@ impl Captured {
     /// value: the rest of the document is checked as [`value`](Self::value) would parse it
     /// (syntax, string encoding, number range, nesting, trailing bytes), so the answer is the
     /// same, but none of it is built. A 300-byte body of a dozen small objects costs a few
-    /// dozen allocations to build, which was most of a rule's evaluation. Anything the quick
-    /// read cannot settle (a body that does not parse) goes the full way.
+    /// dozen allocations to build, which was most of a rule's evaluation. A body the quick
+    /// read refuses is one the full parse refuses too: it is settled as text (or `null` when
+    /// truncated) without parsing it again.
     pub(crate) fn lookup(&self, steps: &[Step]) -> Cow<'_, Value> {
         if self.parsed.get().is_none()
             && self.json
@@ -203,8 +204,11 @@ impl Captured {
             let found = Find(steps)
                 .deserialize(&mut de)
                 .and_then(|v| de.end().map(|()| v));
-            if let Ok(v) = found {
-                return Cow::Owned(v);
+            match found {
+                Ok(v) => return Cow::Owned(v),
+                Err(_) => {
+                    let _ = self.parsed.set(not_json(&self.bytes, self.truncated));
+                }
             }
         }
         descend(self.value(), steps)
@@ -249,13 +253,22 @@ fn parse(bytes: &[u8], json: bool, truncated: bool) -> Parsed {
         return doc(Value::Null);
     }
     if json {
-        match serde_json::from_slice(bytes) {
-            Ok(v) => return doc(v),
-            // A cut JSON document is not the monolith's data: reading it as text would hand
-            // rules and consumers half a document that looks like a string value.
-            Err(_) if truncated => return doc(Value::Null),
-            Err(_) => {}
+        if let Ok(v) = serde_json::from_slice(bytes) {
+            return doc(v);
         }
+    }
+    not_json(bytes, truncated && json)
+}
+
+/// What a body that is not a JSON document reads as: its text; but a JSON body that does not
+/// parse because it was cut (`truncated`) is `null`, since reading it as text would hand rules
+/// and consumers half a document that looks like a string value.
+fn not_json(bytes: &[u8], truncated: bool) -> Parsed {
+    if truncated {
+        return Parsed {
+            value: Value::Null,
+            text: false,
+        };
     }
     Parsed {
         value: Value::String(String::from_utf8_lossy(bytes).into_owned()),
@@ -573,8 +586,11 @@ mod tests {
                 "{:?} at {steps:?}",
                 String::from_utf8_lossy(body)
             );
-            // The second lookup parses the whole body; same answer.
+            // The second lookup parses the whole body (or knows it does not parse); same
+            // answer, and the same value for whatever reads the whole body next.
             assert_eq!(quick.lookup(steps).into_owned(), expected);
+            assert_eq!(quick.value(), full.value());
+            assert_eq!(quick.is_text(), full.is_text());
         }
     }
 
