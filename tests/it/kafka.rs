@@ -197,10 +197,14 @@ impl Tansu {
         .await
     }
 
+    /// A connected test client; attempts repeat (each bounded by 1 s), since a SCRAM login
+    /// to a broker on a loaded machine can take longer than one attempt's deadline.
     async fn client(&self) -> Client {
-        self.try_client()
-            .await
-            .unwrap_or_else(|| panic!("test client connects to tansu at {}", self.client_addr()))
+        let what = format!(
+            "the test client connected to tansu at {}",
+            self.client_addr()
+        );
+        crate::support::eventually(crate::support::WAIT, &what, || self.try_client()).await
     }
 
     /// A SCRAM-SHA-512 user, with `tansu user create` against the running broker (which then

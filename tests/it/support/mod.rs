@@ -107,7 +107,14 @@ impl Ficus {
             app = app.reload_from(path);
         }
         let stop = CancellationToken::new();
+        let readiness = app.readiness();
         let task = tokio::spawn(app.run(listeners, stop.clone().cancelled_owned()));
+        // Started means serving: the app says ready once its dispatchers run and its listener
+        // accepts (a loaded machine can take a while to get there).
+        eventually(WAIT, "ficus ready", || async {
+            readiness.reason().is_none().then_some(())
+        })
+        .await;
         Ficus {
             addr,
             admin,
