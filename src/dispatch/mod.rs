@@ -180,13 +180,19 @@ impl Dispatcher {
                 }
             }
             self.update_pending(cursor.delivered);
-            let records = tokio::select! {
+            tokio::select! {
                 _ = stop.cancelled() => return self.stop(&mut cursor).await,
-                next = reader.next(self.batch_size, MAX_BATCH_BYTES) => next?,
+                ready = reader.ready() => ready?,
                 // A replay file may appear while no new event does.
                 _ = tokio::time::sleep(REPLAY_CHECK) => continue,
                 // Nothing new: the cursor of what was delivered is committed now.
                 _ = sleep_until_due(cursor.due) => continue,
+            }
+            // Not raced against the timers: a read cancelled midway loses its place in the
+            // segment (see `Reader::ready`). It returns at once: records are there.
+            let records = tokio::select! {
+                _ = stop.cancelled() => return self.stop(&mut cursor).await,
+                next = reader.next(self.batch_size, MAX_BATCH_BYTES) => next?,
             };
             let Some(last) = records.last().map(|r| r.seq) else {
                 continue;

@@ -993,17 +993,7 @@ impl Reader {
         max_bytes: usize,
     ) -> Result<Vec<Record>, OutboxError> {
         loop {
-            loop {
-                if self.position < *self.durable.borrow_and_update() {
-                    break;
-                }
-                if self.durable.changed().await.is_err() {
-                    if self.position < *self.durable.borrow() {
-                        break;
-                    }
-                    return Err(OutboxError::Closed);
-                }
-            }
+            self.ready().await?;
             let mut inner = match self.inner.take() {
                 Some(r) => r,
                 None => self.store.reader(self.position),
@@ -1022,6 +1012,24 @@ impl Reader {
                 return Ok(records);
             }
             // The position was below the oldest retained record and moved up: wait again.
+        }
+    }
+
+    /// Waits until a durable record at or after the position exists; [`Reader::next`] then
+    /// returns without waiting. Cheap to cancel, where cancelling `next` during its read
+    /// drops the open segment and the next read finds its place again by scanning the segment
+    /// from its start: a caller that races the wait against timers races this instead.
+    pub async fn ready(&mut self) -> Result<(), OutboxError> {
+        loop {
+            if self.position < *self.durable.borrow_and_update() {
+                return Ok(());
+            }
+            if self.durable.changed().await.is_err() {
+                if self.position < *self.durable.borrow() {
+                    return Ok(());
+                }
+                return Err(OutboxError::Closed);
+            }
         }
     }
 
