@@ -158,7 +158,13 @@ async fn kill_9_before_a_lagging_cursor_commit_redelivers_rather_than_loses() {
             .collect();
         // Kill as soon as the sink has everything: the cursor commit is likely still due.
         let deadline = tokio::time::Instant::now() + WAIT;
-        while read_events(&file).len() < EVENTS {
+        // Whole lines only: the sink may be mid-write when this reads.
+        let complete = || {
+            std::fs::read_to_string(&file)
+                .map(|t| t.matches('\n').count())
+                .unwrap_or(0)
+        };
+        while complete() < EVENTS {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "events not delivered"
