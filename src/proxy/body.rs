@@ -85,6 +85,10 @@ impl<B> Idle<B> {
             activity,
         }
     }
+
+    pub fn into_inner(self) -> B {
+        self.inner
+    }
 }
 
 impl<B> Body for Idle<B>
@@ -140,11 +144,29 @@ where
 pub enum UpstreamBody {
     Stream(hyper::body::Incoming),
     Buffered(Option<Bytes>),
+    /// A body too large to keep: the bytes read while trying, then the rest of the stream.
+    Resumed {
+        read: Option<Bytes>,
+        trailers: Option<Frame<Bytes>>,
+        rest: hyper::body::Incoming,
+    },
 }
 
 impl UpstreamBody {
     pub fn buffered(bytes: Bytes) -> Self {
         UpstreamBody::Buffered((!bytes.is_empty()).then_some(bytes))
+    }
+
+    pub fn resumed(
+        read: Bytes,
+        trailers: Option<Frame<Bytes>>,
+        rest: hyper::body::Incoming,
+    ) -> Self {
+        UpstreamBody::Resumed {
+            read: (!read.is_empty()).then_some(read),
+            trailers,
+            rest,
+        }
     }
 }
 
@@ -159,6 +181,19 @@ impl Body for UpstreamBody {
         match self.get_mut() {
             UpstreamBody::Stream(b) => Pin::new(b).poll_frame(cx),
             UpstreamBody::Buffered(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            UpstreamBody::Resumed {
+                read,
+                trailers,
+                rest,
+            } => {
+                if let Some(d) = read.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
+                }
+                if let Some(t) = trailers.take() {
+                    return Poll::Ready(Some(Ok(t)));
+                }
+                Pin::new(rest).poll_frame(cx)
+            }
         }
     }
 
@@ -166,6 +201,11 @@ impl Body for UpstreamBody {
         match self {
             UpstreamBody::Stream(b) => b.is_end_stream(),
             UpstreamBody::Buffered(data) => data.is_none(),
+            UpstreamBody::Resumed {
+                read,
+                trailers,
+                rest,
+            } => read.is_none() && trailers.is_none() && rest.is_end_stream(),
         }
     }
 
@@ -174,6 +214,16 @@ impl Body for UpstreamBody {
             UpstreamBody::Stream(b) => b.size_hint(),
             UpstreamBody::Buffered(data) => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            UpstreamBody::Resumed { read, rest, .. } => {
+                let n = read.as_ref().map_or(0, |d| d.len() as u64);
+                let inner = rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(inner.lower().saturating_add(n));
+                if let Some(upper) = inner.upper() {
+                    hint.set_upper(upper.saturating_add(n));
+                }
+                hint
             }
         }
     }

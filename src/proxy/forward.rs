@@ -109,20 +109,10 @@ async fn forward(state: &Arc<ProxyState>, conn: &ConnInfo, routed: Routed) -> Re
     let shadow = state.router.shadow(target).filter(|s| {
         s.methods.contains(&parts.method) && (s.sample >= 1.0 || fastrand::f64() < s.sample)
     });
-    let replayable = (fallback.is_some() || shadow.is_some()) && body_fits(&body);
-    let (first_body, replay) = if replayable {
-        match http_body_util::BodyExt::collect(body).await {
-            Ok(collected) => {
-                let bytes = collected.to_bytes();
-                (UpstreamBody::buffered(bytes.clone()), Some(bytes))
-            }
-            Err(error) => {
-                return proxy_error(
-                    StatusCode::BAD_REQUEST,
-                    "client",
-                    format!("ficus: the request body could not be read: {error}\n"),
-                );
-            }
+    let (first_body, replay) = if fallback.is_some() || shadow.is_some() {
+        match keep(body, state.upstreams[target.upstream].idle_timeout).await {
+            Ok(kept) => kept,
+            Err(response) => return response,
         }
     } else {
         (UpstreamBody::Stream(body), None)
@@ -230,10 +220,62 @@ fn failure(kind: UpstreamErrorKind, message: String) -> Response<ProxyBody> {
     proxy_error(status, kind.as_str(), message)
 }
 
-/// Whether a request body is known to be small enough to keep for a second sending.
-fn body_fits(body: &hyper::body::Incoming) -> bool {
+/// Reads a request body so that it can be sent twice: kept whole when it ends within
+/// [`REPLAY_LIMIT`], whatever its framing (a chunked or HTTP/2 body announces no length), else
+/// what was read goes out followed by the rest, streamed once and never sent again. A client
+/// that goes quiet for the upstream's `idle_timeout` meanwhile gets `408`.
+async fn keep(
+    body: hyper::body::Incoming,
+    idle: std::time::Duration,
+) -> Result<(UpstreamBody, Option<bytes::Bytes>), Response<ProxyBody>> {
     use http_body::Body as _;
-    body.is_end_stream() || body.size_hint().upper().is_some_and(|n| n <= REPLAY_LIMIT)
+    use http_body_util::BodyExt as _;
+    if body.size_hint().lower() > REPLAY_LIMIT {
+        return Ok((UpstreamBody::Stream(body), None));
+    }
+    let mut body = Idle::new(body, Activity::new(idle, None));
+    let mut read = bytes::BytesMut::new();
+    loop {
+        let frame = match body.frame().await {
+            None => {
+                let bytes = read.freeze();
+                return Ok((UpstreamBody::buffered(bytes.clone()), Some(bytes)));
+            }
+            Some(Ok(frame)) => frame,
+            Some(Err(error)) if error.is::<IdleTimeout>() => {
+                return Err(proxy_error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "client",
+                    format!("ficus: no request body bytes for {idle:?}\n"),
+                ))
+            }
+            Some(Err(error)) => {
+                return Err(proxy_error(
+                    StatusCode::BAD_REQUEST,
+                    "client",
+                    format!("ficus: the request body could not be read: {error}\n"),
+                ))
+            }
+        };
+        match frame.into_data() {
+            Ok(data) => {
+                read.extend_from_slice(&data);
+                if read.len() as u64 > REPLAY_LIMIT {
+                    return Ok((
+                        UpstreamBody::resumed(read.freeze(), None, body.into_inner()),
+                        None,
+                    ));
+                }
+            }
+            // Trailers end the body; kept bodies carry none, so this one goes out once.
+            Err(trailers) => {
+                return Ok((
+                    UpstreamBody::resumed(read.freeze(), Some(trailers), body.into_inner()),
+                    None,
+                ))
+            }
+        }
+    }
 }
 
 /// `strip_prefix` / `add_prefix`; `None` when the route rewrites nothing (or the path does not
@@ -255,10 +297,17 @@ fn rewrite_path(
         }
     }
     let mut out = String::with_capacity(pq.as_str().len() + 16);
-    if let Some(prefix) = &route.add_prefix {
-        out.push_str(prefix);
+    match &route.add_prefix {
+        // `/orders` with `strip_prefix: /orders, add_prefix: /v2/orders` is `/v2/orders`, not
+        // `/v2/orders/`: a trailing slash is a different resource to many servers.
+        Some(prefix) => {
+            out.push_str(prefix);
+            if !path.is_empty() || prefix.is_empty() {
+                out.push_str(if path.is_empty() { "/" } else { path });
+            }
+        }
+        None => out.push_str(if path.is_empty() { "/" } else { path }),
     }
-    out.push_str(if path.is_empty() { "/" } else { path });
     if let Some(q) = pq.query() {
         out.push('?');
         out.push_str(q);
