@@ -30,20 +30,22 @@ use crate::routing::Target;
 /// Bytes of each body kept for comparison; bodies beyond it are compared on status and headers.
 pub const COMPARE_LIMIT: usize = 1 << 20;
 
+/// The `result` label of `ficus_shadow_comparisons_total`: exactly the values SPEC section 5
+/// names, so dashboards and alerts written against the SPEC see every comparison.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Comparison {
     Match,
     StatusMismatch,
-    HeaderMismatch,
+    /// The content differs: the body, or one of the compared headers (which describe it).
     BodyMismatch,
+    /// No comparison possible: the shadow failed or timed out, or the primary's body broke off.
     Error,
 }
 
 impl Comparison {
-    const ALL: [Comparison; 5] = [
+    const ALL: [Comparison; 4] = [
         Comparison::Match,
         Comparison::StatusMismatch,
-        Comparison::HeaderMismatch,
         Comparison::BodyMismatch,
         Comparison::Error,
     ];
@@ -52,9 +54,35 @@ impl Comparison {
         match self {
             Comparison::Match => "match",
             Comparison::StatusMismatch => "status_mismatch",
-            Comparison::HeaderMismatch => "header_mismatch",
             Comparison::BodyMismatch => "body_mismatch",
             Comparison::Error => "error",
+        }
+    }
+}
+
+/// What differed between the two answers; the log line says which, the metric only the kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Difference {
+    Status,
+    Header(http::HeaderName),
+    Body,
+}
+
+impl Difference {
+    pub fn result(&self) -> Comparison {
+        match self {
+            Difference::Status => Comparison::StatusMismatch,
+            Difference::Header(_) | Difference::Body => Comparison::BodyMismatch,
+        }
+    }
+}
+
+impl std::fmt::Display for Difference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Difference::Status => f.write_str("status"),
+            Difference::Header(name) => write!(f, "header {name}"),
+            Difference::Body => f.write_str("body"),
         }
     }
 }
@@ -86,6 +114,13 @@ impl ShadowState {
         }
     }
 
+    /// Whether this mismatch or failure is logged: the first ten, then one in a hundred, so
+    /// that a shadow that differs on every request cannot flood the log.
+    fn sampled(&self) -> bool {
+        let n = self.mismatches.fetch_add(1, Ordering::Relaxed);
+        n < 10 || n.is_multiple_of(100)
+    }
+
     fn count(&self, c: Comparison) {
         if let Some(i) = Comparison::ALL.iter().position(|x| *x == c) {
             self.results[i].inc();
@@ -105,12 +140,18 @@ struct Captured {
 
 impl ShadowTap {
     pub fn wrap(self, inner: Idle<hyper::body::Incoming>) -> Tapped {
-        Tapped {
+        let mut tapped = Tapped {
             inner,
             buf: BytesMut::new(),
             truncated: false,
             tx: Some(self.tx),
+        };
+        // A body known empty (HEAD, 204, 304) may never be polled: hyper drops it unread, which
+        // would otherwise count as a broken-off primary, an `error`.
+        if tapped.inner.is_end_stream() {
+            tapped.finish();
         }
+        tapped
     }
 }
 
@@ -216,7 +257,7 @@ pub fn start(
         };
         let result = match (outcome, rx.await) {
             (Ok((s_status, s_headers, s_body, s_trunc)), Ok(p)) => {
-                let c = compare_responses(
+                let difference = compare_responses(
                     &compare,
                     (status, &headers, &p.bytes, p.truncated),
                     (
@@ -226,25 +267,29 @@ pub fn start(
                         s_trunc,
                     ),
                 );
-                if c != Comparison::Match {
-                    let n = bookkeeping.mismatches.fetch_add(1, Ordering::Relaxed);
-                    // A sample: the first ten, then one in a hundred.
-                    if n < 10 || n % 100 == 0 {
-                        tracing::info!(
-                            route = %bookkeeping.route,
-                            result = c.as_str(),
-                            primary_status = status.as_u16(),
-                            shadow_status = s_status.as_u16(),
-                            primary_body = %truncate(&p.bytes),
-                            shadow_body = %truncate(&s_body),
-                            "shadow response differs"
-                        );
+                match difference {
+                    None => Comparison::Match,
+                    Some(difference) => {
+                        if bookkeeping.sampled() {
+                            tracing::info!(
+                                route = %bookkeeping.route,
+                                result = difference.result().as_str(),
+                                differs = %difference,
+                                primary_status = status.as_u16(),
+                                shadow_status = s_status.as_u16(),
+                                primary_body = %truncate(&p.bytes),
+                                shadow_body = %truncate(&s_body),
+                                "shadow response differs"
+                            );
+                        }
+                        difference.result()
                     }
                 }
-                c
             }
             (Err(error), _) => {
-                tracing::debug!(route = %bookkeeping.route, %error, "shadow request failed");
+                if bookkeeping.sampled() {
+                    tracing::info!(route = %bookkeeping.route, %error, "shadow request failed");
+                }
                 Comparison::Error
             }
             (_, Err(_)) => Comparison::Error,
@@ -327,21 +372,29 @@ fn truncate(bytes: &[u8]) -> String {
     }
 }
 
-/// Compares two answers: (status, the compared headers, body prefix, body truncated).
+/// Compares two answers: (status, the compared headers, body prefix, body truncated); `None`
+/// when they agree.
 pub fn compare_responses(
     compare: &Compare,
     primary: (StatusCode, &HeaderMap, &[u8], bool),
     shadow: (StatusCode, &HeaderMap, &[u8], bool),
-) -> Comparison {
+) -> Option<Difference> {
     if primary.0 != shadow.0 {
-        return Comparison::StatusMismatch;
+        return Some(Difference::Status);
     }
-    if primary.1 != shadow.1 {
-        return Comparison::HeaderMismatch;
+    for name in &compare.headers {
+        if !primary
+            .1
+            .get_all(name)
+            .iter()
+            .eq(shadow.1.get_all(name).iter())
+        {
+            return Some(Difference::Header(name.clone()));
+        }
     }
     // A body cut at the limit cannot be compared fairly; status and headers decided.
     if primary.3 || shadow.3 {
-        return Comparison::Match;
+        return None;
     }
     let same = match (
         serde_json::from_slice::<serde_json::Value>(primary.2),
@@ -356,11 +409,7 @@ pub fn compare_responses(
         }
         _ => primary.2 == shadow.2,
     };
-    if same {
-        Comparison::Match
-    } else {
-        Comparison::BodyMismatch
-    }
+    (!same).then_some(Difference::Body)
 }
 
 fn remove(value: &mut serde_json::Value, path: &[String]) {
@@ -427,7 +476,7 @@ mod tests {
                 (StatusCode::OK, &h, a, false),
                 (StatusCode::OK, &h, b, false)
             ),
-            Comparison::Match
+            None
         );
         let d = br#"{"id":2,"items":[1,2]}"#;
         assert_eq!(
@@ -436,7 +485,7 @@ mod tests {
                 (StatusCode::OK, &h, a, false),
                 (StatusCode::OK, &h, d, false)
             ),
-            Comparison::BodyMismatch
+            Some(Difference::Body)
         );
         assert_eq!(
             compare_responses(
@@ -444,7 +493,7 @@ mod tests {
                 (StatusCode::OK, &h, a, false),
                 (StatusCode::CREATED, &h, a, false)
             ),
-            Comparison::StatusMismatch
+            Some(Difference::Status)
         );
         let other = hm(&[("content-type", "text/html")]);
         assert_eq!(
@@ -453,7 +502,9 @@ mod tests {
                 (StatusCode::OK, &h, a, false),
                 (StatusCode::OK, &other, a, false)
             ),
-            Comparison::HeaderMismatch
+            Some(Difference::Header(http::HeaderName::from_static(
+                "content-type"
+            )))
         );
         assert_eq!(
             compare_responses(
@@ -461,7 +512,32 @@ mod tests {
                 (StatusCode::OK, &h, b"abc", false),
                 (StatusCode::OK, &h, b"abd", false)
             ),
-            Comparison::BodyMismatch
+            Some(Difference::Body)
+        );
+    }
+
+    #[test]
+    fn a_header_difference_is_counted_as_different_content() {
+        let c = cfg(&["content-type"], &[]);
+        let json = hm(&[("content-type", "application/json")]);
+        let html = hm(&[("content-type", "text/html")]);
+        let d = compare_responses(
+            &c,
+            (StatusCode::OK, &json, b"{}", false),
+            (StatusCode::OK, &html, b"{}", false),
+        )
+        .expect("differs");
+        assert_eq!(d.result(), Comparison::BodyMismatch);
+        assert_eq!(d.to_string(), "header content-type");
+        // A header the comparison does not list is not looked at.
+        let other = cfg(&["etag"], &[]);
+        assert_eq!(
+            compare_responses(
+                &other,
+                (StatusCode::OK, &json, b"{}", false),
+                (StatusCode::OK, &html, b"{}", false)
+            ),
+            None
         );
     }
 }
