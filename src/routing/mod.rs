@@ -7,8 +7,6 @@
 //! The decision allocates nothing: path matching is done on the borrowed path, the sticky key
 //! is hashed in place.
 
-use std::hash::{Hash, Hasher};
-
 use http::{HeaderMap, Method, Uri};
 
 use crate::config::routes::{Backend, Fallback, RouteConfig, Shadow, Sticky};
@@ -91,17 +89,18 @@ impl Router {
 
 /// Weighted choice: by the sticky key's hash when present, so the same key always lands on
 /// the same upstream while the weights stay; else random.
+///
+/// The key's hash is read as a fraction of the total weight (not taken modulo it), so that
+/// scaling every weight alike moves nobody, and raising the share of the last choice (a canary
+/// ramp from 10 to 50) only moves keys onto it: a user who already saw the new side stays there.
 fn pick(choices: &[(usize, u32)], sticky: Option<&Sticky>, headers: &HeaderMap) -> usize {
     let total: u64 = choices.iter().map(|(_, w)| u64::from(*w)).sum();
     if total == 0 {
         return choices.first().map_or(0, |(u, _)| *u);
     }
     let point = match sticky.and_then(|s| sticky_key(s, headers)) {
-        Some(key) => {
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            key.hash(&mut h);
-            h.finish() % total
-        }
+        // The product of a u64 and a u32-sum over 2^64 is below `total`: never out of range.
+        Some(key) => ((u128::from(stable_hash(key)) * u128::from(total)) >> 64) as u64,
         None => fastrand::u64(0..total),
     };
     let mut acc = 0u64;
@@ -112,6 +111,23 @@ fn pick(choices: &[(usize, u32)], sticky: Option<&Sticky>, headers: &HeaderMap) 
         }
     }
     choices.last().map_or(0, |(u, _)| *u)
+}
+
+/// FNV-1a with a SplitMix64 finaliser: the same value in every ficus process and every build.
+/// Each pod runs its own sidecar, so a user whose requests reach different pods (or a pod
+/// restarted on a newer ficus) must still land on the same side; std's `DefaultHasher` makes
+/// no such promise across releases.
+fn stable_hash(key: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
 }
 
 fn sticky_key<'a>(sticky: &Sticky, headers: &'a HeaderMap) -> Option<&'a [u8]> {
@@ -221,6 +237,45 @@ mod tests {
             sides.insert(first);
         }
         assert_eq!(sides.len(), 2, "keys spread over both sides");
+    }
+
+    #[test]
+    fn sticky_hash_is_fixed_across_builds() {
+        // Pinned values: a change here re-shuffles every sticky user on upgrade.
+        assert_eq!(stable_hash(b""), 0xf52a_15e9_a9b5_e89b);
+        assert_eq!(stable_hash(b"user-1"), 0xc499_b5f8_a721_df58);
+    }
+
+    #[test]
+    fn ramping_the_canary_up_only_moves_users_onto_it() {
+        let sticky = Sticky::Header(http::HeaderName::from_static("x-user-id"));
+        let side = |weights: [u32; 2], user: usize| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                "x-user-id",
+                http::HeaderValue::from_str(&format!("u{user}")).expect("value"),
+            );
+            pick(&[(0, weights[0]), (1, weights[1])], Some(&sticky), &h)
+        };
+        let mut on_canary = [0usize; 4];
+        for user in 0..2000 {
+            let steps = [[90, 10], [80, 20], [50, 50], [5, 5]].map(|w| side(w, user));
+            for (i, s) in steps.iter().enumerate() {
+                on_canary[i] += s;
+            }
+            assert!(
+                steps[0] <= steps[1] && steps[1] <= steps[2],
+                "u{user} moved back"
+            );
+            assert_eq!(
+                steps[2], steps[3],
+                "u{user} moved when the weights were scaled"
+            );
+        }
+        // Binomial(2000, p): 5 sd is at most 112.
+        for (n, p) in on_canary.iter().zip([0.1, 0.2, 0.5, 0.5]) {
+            assert!((*n as f64 - 2000.0 * p).abs() < 112.0, "{on_canary:?}");
+        }
     }
 
     #[test]
