@@ -253,13 +253,25 @@ impl Config {
         s.push_str(&format!("admin: {}\n", self.admin.address));
         s.push_str(&format!("upstreams: {}\n", self.upstreams.len()));
         for (i, u) in self.upstreams.iter().enumerate() {
-            let default = if i == self.default_upstream {
-                " (default)"
+            let mut notes = Vec::new();
+            if i == self.default_upstream {
+                notes.push("default");
+            }
+            match &u.tls {
+                Some(t) if t.cert.is_some() => notes.push("mTLS"),
+                Some(t) if t.ca.is_some() => notes.push("own CA"),
+                _ => {}
+            }
+            if u.rewrite_host {
+                notes.push("Host rewritten");
+            }
+            let notes = if notes.is_empty() {
+                String::new()
             } else {
-                ""
+                format!(" ({})", notes.join(", "))
             };
             s.push_str(&format!(
-                "  {}: {}://{}{default}\n",
+                "  {}: {}://{}{notes}\n",
                 u.name, u.scheme, u.authority
             ));
         }
@@ -282,19 +294,44 @@ impl Config {
                     format!("split [{}]{sticky}", parts.join(", "))
                 }
             };
+            let mut when = String::new();
+            for (h, v) in &r.headers {
+                when.push_str(&format!(
+                    " [{h}: {}]",
+                    String::from_utf8_lossy(v.as_bytes())
+                ));
+            }
             let mut extra = String::new();
+            if r.strip_prefix.is_some() || r.add_prefix.is_some() {
+                extra.push_str(&format!(
+                    ", path {}/... -> {}/...",
+                    r.strip_prefix.as_deref().unwrap_or(""),
+                    r.add_prefix.as_deref().unwrap_or("")
+                ));
+            }
             if let Some(f) = &r.fallback {
                 extra.push_str(&format!(", fallback {}", name(f.upstream)));
+                if f.methods != routes::idempotent_methods() {
+                    let m: Vec<&str> = f.methods.iter().map(|m| m.as_str()).collect();
+                    extra.push_str(&format!(" for {}", m.join("/")));
+                }
             }
             if let Some(sh) = &r.shadow {
+                let m: Vec<&str> = sh.methods.iter().map(|m| m.as_str()).collect();
                 extra.push_str(&format!(
-                    ", shadow {} ({}%)",
+                    ", shadow {} ({}% of {}{})",
                     name(sh.upstream),
-                    sh.sample * 100.0
+                    sh.sample * 100.0,
+                    m.join("/"),
+                    if sh.compare.is_some() {
+                        ", compared"
+                    } else {
+                        ""
+                    }
                 ));
             }
             s.push_str(&format!(
-                "  {}: {method} {} -> {to}{extra}\n",
+                "  {}: {method} {}{when} -> {to}{extra}\n",
                 r.name,
                 r.path.as_str()
             ));

@@ -446,6 +446,15 @@ fn decode_shadow(
         let cpath = join(path, "compare");
         let cf = d.map(n, &cpath, &["headers", "ignore"])?;
         let mut compare = Compare::default();
+        for key in ["headers", "ignore"] {
+            if let Some(n) = cf.get(key).filter(|n| !matches!(n.value, Value::Seq(_))) {
+                d.error(
+                    n.mark,
+                    &join(&cpath, key),
+                    format!("expected a list, found {}", n.kind()),
+                );
+            }
+        }
         if let Some(Value::Seq(items)) = cf.get("headers").map(|n| &n.value) {
             for (i, item) in items.iter().enumerate() {
                 if let Some(h) = d.parse(item, &format!("{cpath}.headers[{i}]"), |s| {
@@ -458,16 +467,7 @@ fn decode_shadow(
         }
         if let Some(Value::Seq(items)) = cf.get("ignore").map(|n| &n.value) {
             for (i, item) in items.iter().enumerate() {
-                if let Some(p) = d.parse(item, &format!("{cpath}.ignore[{i}]"), |s| {
-                    let rest = s.strip_prefix("response.body").ok_or_else(|| {
-                        format!("expected a path such as response.body.generated_at, found `{s}`")
-                    })?;
-                    Ok(rest
-                        .split('.')
-                        .filter(|p| !p.is_empty())
-                        .map(str::to_string)
-                        .collect::<Vec<_>>())
-                }) {
+                if let Some(p) = d.parse(item, &format!("{cpath}.ignore[{i}]"), ignore_path) {
                     compare.ignore.push(p);
                 }
             }
@@ -482,4 +482,61 @@ fn decode_shadow(
         max_in_flight,
         timeout,
     })
+}
+
+/// `response.body.a.b[2].c` into `["a", "b", "2", "c"]`: the rules' own path syntax, so that a
+/// path copied from a rule means the same here.
+fn ignore_path(s: &str) -> Result<Vec<String>, String> {
+    let bad = || {
+        format!("expected a path such as response.body.generated_at or response.body.items[0].ts, found `{s}`")
+    };
+    let mut rest = s.strip_prefix("response.body").ok_or_else(bad)?;
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        if let Some(after) = rest.strip_prefix('.') {
+            let end = after.find(['.', '[']).unwrap_or(after.len());
+            if end == 0 {
+                return Err(bad());
+            }
+            out.push(after[..end].to_string());
+            rest = &after[end..];
+        } else if let Some(after) = rest.strip_prefix('[') {
+            let (index, tail) = after.split_once(']').ok_or_else(bad)?;
+            if index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(bad());
+            }
+            out.push(index.to_string());
+            rest = tail;
+        } else {
+            return Err(bad());
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ignore_path;
+
+    #[test]
+    fn ignore_paths_read_like_rule_paths() {
+        assert_eq!(
+            ignore_path("response.body.items[0].ts").expect("valid"),
+            ["items", "0", "ts"]
+        );
+        assert_eq!(
+            ignore_path("response.body.meta.generated_at").expect("valid"),
+            ["meta", "generated_at"]
+        );
+        assert!(ignore_path("response.body").expect("valid").is_empty());
+        for bad in [
+            "request.body.x",
+            "response.bodyx",
+            "response.body..x",
+            "response.body[x]",
+            "response.body[1",
+        ] {
+            assert!(ignore_path(bad).is_err(), "{bad}");
+        }
+    }
 }
