@@ -11,7 +11,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 
 use crate::support::upstream::{Recorder, TestUpstream, UpstreamBehaviour};
-use crate::support::{get, sample, Ficus};
+use crate::support::{get, sample, send, Ficus};
 
 struct Pki {
     ca_pem: String,
@@ -181,5 +181,67 @@ async fn unreadable_tls_files_stop_start_up_with_a_clear_error() {
     assert!(
         text.contains("upstream `monolith`") && text.contains("/nonexistent/ca.pem"),
         "{text}"
+    );
+}
+
+/// Point 1 of the routing issue end to end: a route hands its requests to a serverless-style
+/// https endpoint over mutual TLS, with the function's own `Host` and its path prefix, while
+/// everything else stays on the plain-http monolith.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_takes_over_to_an_mtls_function_with_its_host_and_prefix() {
+    let pki = pki();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = write(dir.path(), "ca.pem", &pki.ca_pem);
+    let cert = write(dir.path(), "client.pem", &pki.client_cert);
+    let key = write(dir.path(), "client.key", &pki.client_key);
+    let (addr, function) = tls_upstream(&pki, true).await;
+    let monolith = TestUpstream::echo().await;
+    let config = format!(
+        "listen:\n  address: 127.0.0.1:0\nadmin:\n  address: 127.0.0.1:0\nupstreams:\n  monolith: {{ url: \"http://{}\" }}\n  orders-fn:\n    url: https://localhost:{}\n    rewrite_host: true\n    tls: {{ ca: {ca}, cert: {cert}, key: {key} }}\ndefault_upstream: monolith\nroutes:\n  - name: orders\n    match: {{ method: GET, path: \"/api/orders/{{*rest}}\", headers: {{ x-canary: \"1\" }} }}\n    upstream: orders-fn\n    strip_prefix: /api\n    add_prefix: /fn\n",
+        monolith.addr,
+        addr.port()
+    );
+    let ficus = Ficus::start_yaml(&config).await;
+    let request = |canary: bool| {
+        let mut b = http::Request::get("/api/orders/7?full=1").header("host", "shop.example");
+        if canary {
+            b = b.header("x-canary", "1");
+        }
+        b.body(http_body_util::Full::new(bytes::Bytes::new()))
+            .expect("request")
+    };
+    assert_eq!(send(ficus.addr, request(true)).await.status(), 200);
+    assert_eq!(send(ficus.addr, request(false)).await.status(), 200);
+
+    let at_function = function.requests();
+    assert_eq!(
+        at_function.len(),
+        1,
+        "only the canary request went to the function"
+    );
+    assert_eq!(at_function[0].uri, "/fn/orders/7?full=1");
+    assert_eq!(
+        at_function[0].header("host").as_deref(),
+        Some(format!("localhost:{}", addr.port()).as_str()),
+        "the function's own host"
+    );
+    assert_eq!(
+        at_function[0].header("x-forwarded-host").as_deref(),
+        Some("shop.example")
+    );
+    let at_monolith = monolith.requests();
+    assert_eq!(at_monolith.len(), 1);
+    assert_eq!(
+        at_monolith[0].uri, "/api/orders/7?full=1",
+        "unrouted: unchanged"
+    );
+    assert_eq!(
+        at_monolith[0].header("host").as_deref(),
+        Some("shop.example")
+    );
+    let m = ficus.metrics().await;
+    assert_eq!(
+        sample(&m, "ficus_requests_total", &[("route", "orders")]),
+        Some(1.0)
     );
 }
