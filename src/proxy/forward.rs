@@ -230,6 +230,13 @@ async fn keep(
 ) -> Result<(UpstreamBody, Option<bytes::Bytes>), Response<ProxyBody>> {
     use http_body::Body as _;
     use http_body_util::BodyExt as _;
+    // Most retried requests (GET, HEAD, DELETE) have no body: no timer, no buffer.
+    if body.is_end_stream() {
+        return Ok((
+            UpstreamBody::buffered(bytes::Bytes::new()),
+            Some(bytes::Bytes::new()),
+        ));
+    }
     if body.size_hint().lower() > REPLAY_LIMIT {
         return Ok((UpstreamBody::Stream(body), None));
     }
