@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 use prometheus::{IntCounter, IntGauge};
 use tokio_util::sync::CancellationToken;
 
-use crate::events::{CloudEvent, Envelope};
+use crate::events::StoredEvent;
 use crate::outbox::{Outbox, OutboxError, Record};
 use crate::sinks::Sink;
 
@@ -280,15 +280,18 @@ impl Dispatcher {
         stop: &CancellationToken,
         replay: bool,
     ) -> Result<bool, OutboxError> {
-        let mut events: Vec<CloudEvent> = Vec::with_capacity(records.len());
+        // Each envelope is checked and located, not decoded: sinks that write the event's
+        // JSON take it from the stored bytes (see `Sink::send_stored`).
+        let mut events: Vec<StoredEvent> = Vec::with_capacity(records.len());
         let mut sources: Vec<&Record> = Vec::with_capacity(records.len());
+        let sink = (!replay).then_some(self.name.as_str());
         for record in records {
-            match Envelope::decode(&record.payload) {
-                Ok(envelope) if replay || envelope.is_for(&self.name) => {
-                    events.push(envelope.event);
+            match StoredEvent::parse(&record.payload, sink) {
+                Ok(Some(event)) => {
+                    events.push(event);
                     sources.push(record);
                 }
-                Ok(_) => {}
+                Ok(None) => {}
                 Err(error) => {
                     // Unreadable payloads cannot be sent; they are kept as dead letters.
                     tracing::error!(sink = %self.name, seq = record.seq, %error, "undecodable event moved to dead letters");
@@ -303,7 +306,7 @@ impl Dispatcher {
             self.metrics.lag_seconds.set(age_seconds(&events[next]));
             let end = if one_by_one { next + 1 } else { events.len() };
             let sent = &events[next..end];
-            let result = self.sink.send(sent).await;
+            let result = self.sink.send_stored(sent).await;
             let delivered = result.delivered.min(sent.len());
             self.metrics.delivered.inc_by(delivered as u64);
             next += delivered;
@@ -320,7 +323,11 @@ impl Dispatcher {
                     continue;
                 }
                 if let Some(record) = sources.get(next) {
-                    tracing::warn!(sink = %self.name, id = %events[next].id, reason = %failure.message, "sink refused event; moved to dead letters");
+                    let id = events[next]
+                        .view()
+                        .map(|e| e.id.into_owned())
+                        .unwrap_or_default();
+                    tracing::warn!(sink = %self.name, %id, reason = %failure.message, "sink refused event; moved to dead letters");
                     self.dead_letter(record).await?;
                 }
                 next += 1;
@@ -341,9 +348,11 @@ impl Dispatcher {
     }
 }
 
-fn age_seconds(event: &CloudEvent) -> f64 {
-    humantime::parse_rfc3339(&event.time)
+fn age_seconds(event: &StoredEvent) -> f64 {
+    event
+        .view()
         .ok()
+        .and_then(|e| humantime::parse_rfc3339(&e.time).ok())
         .and_then(|t| SystemTime::now().duration_since(t).ok())
         .map_or(0.0, |d| d.as_secs_f64())
 }

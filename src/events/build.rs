@@ -2,11 +2,16 @@
 //! from the exchange (`time`, `traceparent`, `ficusupstream`) or from defaults (`id` a new
 //! UUIDv7, `partitionkey` the subject, `source` the `events.source`).
 
+use std::fmt::Display;
+use std::io::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::Serialize;
 
 use crate::rules::EventDraft;
 
-use super::{CloudEvent, SPEC_VERSION};
+use super::{CloudEvent, ENCODE_CAPACITY, SPEC_VERSION};
 
 /// What the exchange contributes to every event it yields.
 pub struct Context<'a> {
@@ -16,14 +21,18 @@ pub struct Context<'a> {
     pub traceparent: Option<&'a str>,
 }
 
-pub fn cloud_event(draft: EventDraft, ctx: &Context<'_>) -> CloudEvent {
-    let datacontenttype = draft.data.as_ref().map(|d| {
+fn content_type(draft: &EventDraft) -> Option<&'static str> {
+    draft.data.as_ref().map(|d| {
         if draft.data_text && d.is_string() {
-            "text/plain; charset=utf-8".to_string()
+            "text/plain; charset=utf-8"
         } else {
-            "application/json".to_string()
+            "application/json"
         }
-    });
+    })
+}
+
+pub fn cloud_event(draft: EventDraft, ctx: &Context<'_>) -> CloudEvent {
+    let datacontenttype = content_type(&draft).map(str::to_string);
     let partitionkey = draft.partition_key.or_else(|| draft.subject.clone());
     CloudEvent {
         specversion: SPEC_VERSION.to_string(),
@@ -48,11 +57,111 @@ pub fn cloud_event(draft: EventDraft, ctx: &Context<'_>) -> CloudEvent {
     }
 }
 
+/// [`super::Envelope`] with borrowed fields, in the same field order: serialises to the same
+/// bytes.
+#[derive(Serialize)]
+struct EnvelopeRef<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sinks: Option<&'a [String]>,
+    rule: &'a str,
+    event: EventRef<'a>,
+}
+
+/// [`CloudEvent`] with borrowed fields, in the same order and with the same omissions.
+#[derive(Serialize)]
+struct EventRef<'a> {
+    specversion: &'a str,
+    id: &'a str,
+    source: &'a str,
+    #[serde(rename = "type")]
+    ty: &'a str,
+    time: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subject: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    datacontenttype: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    partitionkey: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ficusupstream: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sequence: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    traceparent: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ficustruncated: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<&'a serde_json::Value>,
+}
+
+/// The stored envelope of the event `draft` makes, for `sinks`: the bytes of
+/// `Envelope { sinks: Some(sinks), rule, event: cloud_event(draft, ctx) }.encode()`, written
+/// from borrowed attributes. The tap does this for every event; building the owned event
+/// first cost a dozen short-lived allocations (its strings, a copy of the sink list).
+pub fn envelope(draft: &EventDraft, sinks: &[String], ctx: &Context<'_>) -> Bytes {
+    let mut id_buf = uuid::Uuid::encode_buffer();
+    let id = match draft.id.as_deref().filter(|id| !id.is_empty()) {
+        Some(id) => id,
+        None => uuid_v7_into(ctx.seen_at, &mut id_buf),
+    };
+    let mut time_buf = [0u8; 40];
+    let formatted = humantime::format_rfc3339_millis(ctx.seen_at);
+    let owned_time;
+    let time = match format_into(&mut time_buf, &formatted) {
+        Some(t) => t,
+        None => {
+            owned_time = formatted.to_string();
+            &owned_time
+        }
+    };
+    let envelope = EnvelopeRef {
+        sinks: Some(sinks),
+        rule: &draft.rule,
+        event: EventRef {
+            specversion: SPEC_VERSION,
+            id,
+            source: draft
+                .source
+                .as_deref()
+                .filter(|s| !s.is_empty())
+                .unwrap_or(ctx.default_source),
+            ty: &draft.ty,
+            time,
+            subject: draft.subject.as_deref(),
+            datacontenttype: content_type(draft),
+            partitionkey: draft.partition_key.as_deref().or(draft.subject.as_deref()),
+            ficusupstream: Some(ctx.upstream),
+            sequence: draft.sequence.as_deref(),
+            traceparent: ctx.traceparent,
+            ficustruncated: draft.data_truncated.then_some(true),
+            data: draft.data.as_ref(),
+        },
+    };
+    let mut out = Vec::with_capacity(ENCODE_CAPACITY);
+    // Strings and JSON values always serialise; writing to a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut out, &envelope);
+    Bytes::from(out)
+}
+
+/// `value` formatted into `buf`, when it fits.
+fn format_into(buf: &mut [u8], value: impl Display) -> Option<&str> {
+    let len = buf.len();
+    let mut rest = &mut buf[..];
+    write!(rest, "{value}").ok()?;
+    let written = len - rest.len();
+    std::str::from_utf8(&buf[..written]).ok()
+}
+
 /// A UUIDv7 (RFC 9562) for an event seen at `at`: its millisecond timestamp, then 74 random
 /// bits from `fastrand` (seeded per thread from the OS). `Uuid::now_v7` would read the clock
 /// again and the OS's random source for each id (a `getrandom` syscall per event here); ids
 /// only need to be unique, and 74 random bits within one millisecond are.
 fn uuid_v7(at: SystemTime) -> String {
+    uuid_v7_into(at, &mut uuid::Uuid::encode_buffer()).to_string()
+}
+
+/// [`uuid_v7`] written into `buf`.
+fn uuid_v7_into(at: SystemTime, buf: &mut [u8]) -> &str {
     let millis = at
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
@@ -60,7 +169,8 @@ fn uuid_v7(at: SystemTime) -> String {
     fastrand::fill(&mut random);
     uuid::Builder::from_unix_timestamp_millis(millis, &random)
         .into_uuid()
-        .to_string()
+        .hyphenated()
+        .encode_lower(buf)
 }
 
 #[cfg(test)]
@@ -69,6 +179,75 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::events::Envelope;
+
+    fn draft() -> EventDraft {
+        EventDraft {
+            rule: "order-created".into(),
+            ty: "shop.order.created".into(),
+            source: None,
+            subject: Some("caf\u{e9} \"42\"\n".into()),
+            partition_key: None,
+            id: None,
+            sequence: None,
+            data: Some(serde_json::json!({"id": 42, "b": [1.5, null, "x"], "a": {"z": true}})),
+            data_truncated: false,
+            data_text: false,
+            sinks: None,
+        }
+    }
+
+    /// The borrowed encoder against the owned event's, over the attributes' variants.
+    #[test]
+    fn envelope_is_the_owned_events_encoding() {
+        let ctx = Context {
+            default_source: "/legacy/shop",
+            upstream: "monolith",
+            seen_at: UNIX_EPOCH + Duration::from_millis(1_790_000_000_123),
+            traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        };
+        let sinks = vec!["bus".to_string(), "audit".to_string()];
+        let mut drafts = vec![draft()];
+        let mut d = draft();
+        (d.source, d.partition_key, d.sequence) =
+            (Some("/x".into()), Some("k".into()), Some("7".into()));
+        (d.data, d.data_text, d.data_truncated) = (Some("plain".into()), true, true);
+        drafts.push(d);
+        let mut d = draft();
+        (d.source, d.subject, d.data, d.id) =
+            (Some(String::new()), None, None, Some(String::new()));
+        drafts.push(d);
+        let mut d = draft();
+        d.id = Some("given-id".into());
+        drafts.push(d);
+        for (i, draft) in drafts.into_iter().enumerate() {
+            let ctx = Context {
+                traceparent: ctx.traceparent.filter(|_| i != 2),
+                ..ctx
+            };
+            let new = envelope(&draft, &sinks, &ctx);
+            let decoded = Envelope::decode(&new).expect("decodes");
+            let given = draft.id.clone().filter(|id| !id.is_empty());
+            let mut old = Envelope {
+                sinks: Some(sinks.clone()),
+                rule: draft.rule.clone(),
+                event: cloud_event(draft, &ctx),
+            };
+            match given {
+                Some(id) => assert_eq!(decoded.event.id, id),
+                None => {
+                    let uuid = uuid::Uuid::parse_str(&decoded.event.id).expect("uuid");
+                    assert_eq!(uuid.get_version_num(), 7);
+                    old.event.id = decoded.event.id.clone();
+                }
+            }
+            assert_eq!(
+                String::from_utf8_lossy(&new),
+                String::from_utf8_lossy(&old.encode()),
+                "draft {i}"
+            );
+        }
+    }
 
     #[test]
     fn ids_are_version_7_carry_the_time_and_do_not_repeat() {

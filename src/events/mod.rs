@@ -3,9 +3,13 @@
 
 pub mod build;
 
+use std::borrow::Cow;
+use std::ops::Range;
+
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 pub const SPEC_VERSION: &str = "1.0";
 pub const STRUCTURED: &str = "application/cloudevents+json";
@@ -41,7 +45,7 @@ pub struct CloudEvent {
 }
 
 /// The first allocation for an encoded envelope: most events fit.
-const ENCODE_CAPACITY: usize = 768;
+pub(crate) const ENCODE_CAPACITY: usize = 768;
 
 /// What the outbox stores: the event and the sinks it is for (`None`: every sink).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,6 +74,120 @@ impl Envelope {
         self.sinks
             .as_ref()
             .is_none_or(|list| list.iter().any(|s| s == sink))
+    }
+}
+
+/// An event as the outbox stores it: the envelope's bytes and where the event's JSON sits in
+/// them. The event JSON is what the structured and batch encodings and JSON Lines carry, byte
+/// for byte (the envelope was written by the same serialiser), so sinks that write it copy
+/// [`json`](Self::json) instead of decoding the event into owned strings and a JSON tree and
+/// encoding it again; the others [`decode`](Self::decode) it.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    payload: Bytes,
+    event: Range<usize>,
+}
+
+/// The part of a stored envelope the dispatcher reads: whom it is for, and where the event is.
+#[derive(Deserialize)]
+struct StoredHead<'a> {
+    #[serde(default, borrow)]
+    sinks: Option<Vec<Cow<'a, str>>>,
+    // Required as in `Envelope`, so that what one refuses the other refuses too.
+    #[serde(borrow)]
+    #[allow(dead_code)]
+    rule: Cow<'a, str>,
+    #[serde(borrow)]
+    event: &'a RawValue,
+}
+
+/// A [`CloudEvent`] read in place: the same attributes with the same types (so it accepts
+/// exactly what `CloudEvent` does, bar JSON nesting deeper than serde_json's limit inside
+/// `data`), borrowed from the stored bytes, and `data` left unparsed.
+#[derive(Debug, Deserialize)]
+pub struct EventView<'a> {
+    #[serde(borrow)]
+    pub specversion: Cow<'a, str>,
+    #[serde(borrow)]
+    pub id: Cow<'a, str>,
+    #[serde(borrow)]
+    pub source: Cow<'a, str>,
+    #[serde(rename = "type", borrow)]
+    pub ty: Cow<'a, str>,
+    #[serde(borrow)]
+    pub time: Cow<'a, str>,
+    #[serde(default, borrow)]
+    pub subject: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub datacontenttype: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub partitionkey: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub ficusupstream: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub sequence: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub traceparent: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub ficustruncated: Option<bool>,
+    #[serde(default, borrow)]
+    pub data: Option<&'a RawValue>,
+}
+
+impl StoredEvent {
+    /// Reads a stored envelope: `Ok(None)` when it is not for `sink` (`None`: for whoever asks,
+    /// as replayed dead letters are), an error when it is not an envelope with a JSON object
+    /// as its event. The event's attributes are not checked here: a second pass over the
+    /// event cost as much as the rest of delivering it. Every envelope ficus writes holds a
+    /// valid event (and records are CRC-checked); should one not, the sinks that decode refuse
+    /// it for good ([`crate::sinks::send_decoded`]) and it goes to dead letters, as before.
+    pub fn parse(
+        payload: &Bytes,
+        sink: Option<&str>,
+    ) -> Result<Option<StoredEvent>, serde_json::Error> {
+        let head: StoredHead<'_> = serde_json::from_slice(payload)?;
+        if let (Some(sink), Some(list)) = (sink, &head.sinks) {
+            if !list.iter().any(|s| s == sink) {
+                return Ok(None);
+            }
+        }
+        let json = head.event.get();
+        if !json.starts_with('{') {
+            return Err(<serde_json::Error as serde::de::Error>::custom(
+                "the envelope's event is not a JSON object",
+            ));
+        }
+        // The raw value borrows from `payload`, so its offset is in range.
+        let start = (json.as_ptr() as usize)
+            .checked_sub(payload.as_ptr() as usize)
+            .filter(|start| start + json.len() <= payload.len())
+            .ok_or_else(|| {
+                <serde_json::Error as serde::de::Error>::custom("event outside its envelope")
+            })?;
+        Ok(Some(StoredEvent {
+            payload: payload.clone(),
+            event: start..start + json.len(),
+        }))
+    }
+
+    /// The event in the JSON event format (`application/cloudevents+json`).
+    pub fn json(&self) -> &[u8] {
+        &self.payload[self.event.clone()]
+    }
+
+    /// [`json`](Self::json) without a copy: a view of the stored buffer.
+    pub fn json_bytes(&self) -> Bytes {
+        self.payload.slice(self.event.clone())
+    }
+
+    /// The attributes, borrowed.
+    pub fn view(&self) -> Result<EventView<'_>, serde_json::Error> {
+        serde_json::from_slice(self.json())
+    }
+
+    /// The event as an owned [`CloudEvent`], for sinks that map attributes to headers.
+    pub fn decode(&self) -> Result<CloudEvent, serde_json::Error> {
+        serde_json::from_slice(self.json())
     }
 }
 
@@ -224,6 +342,82 @@ mod tests {
         );
         assert_eq!(get("content-type").as_deref(), Some("application/json"));
         assert_eq!(get("ce-data"), None);
+    }
+
+    #[test]
+    fn a_stored_event_is_the_structured_json_of_its_envelope() {
+        let mut e = event();
+        e.subject = Some("caf\u{e9} \"x\"\n\u{1}".into());
+        e.data = Some(serde_json::json!({"z": [1, 2.5, null], "a": "\u{2028}"}));
+        let env = Envelope {
+            sinks: Some(vec!["audit".into(), "bus".into()]),
+            rule: "order-created".into(),
+            event: e.clone(),
+        };
+        let payload = env.encode();
+        let stored = StoredEvent::parse(&payload, Some("bus"))
+            .expect("parses")
+            .expect("for bus");
+        assert_eq!(stored.json(), e.to_json().as_slice());
+        assert_eq!(stored.json_bytes(), stored.json());
+        assert_eq!(stored.decode().expect("decodes"), e);
+        let view = stored.view().expect("view");
+        assert_eq!((&*view.id, &*view.time), (e.id.as_str(), e.time.as_str()));
+        assert!(StoredEvent::parse(&payload, Some("other"))
+            .expect("parses")
+            .is_none());
+        assert!(StoredEvent::parse(&payload, None)
+            .expect("parses")
+            .is_some());
+        let everyone = Envelope { sinks: None, ..env }.encode();
+        assert!(StoredEvent::parse(&everyone, Some("x"))
+            .expect("parses")
+            .is_some());
+    }
+
+    /// What `Envelope::decode` refuses, `StoredEvent::parse` refuses, or `decode` does (then a
+    /// sink that decodes refuses it for good): either way it goes to dead letters.
+    #[test]
+    fn a_stored_event_that_is_no_cloudevent_is_refused() {
+        let good = serde_json::to_value(Envelope {
+            sinks: None,
+            rule: "r".into(),
+            event: event(),
+        })
+        .expect("value");
+        let mut cases: Vec<Vec<u8>> = vec![b"not json".to_vec(), b"{}".to_vec(), b"".to_vec()];
+        for (pointer, value) in [
+            ("/event/id", serde_json::Value::Null),
+            ("/event/time", serde_json::json!(5)),
+            ("/event/subject", serde_json::json!(["x"])),
+            ("/event/ficustruncated", serde_json::json!("yes")),
+            ("/rule", serde_json::json!(1)),
+            ("/event", serde_json::json!("x")),
+            ("/event", serde_json::json!([1])),
+        ] {
+            let mut bad = good.clone();
+            let mut at = &mut bad;
+            for key in pointer.split('/').skip(1) {
+                at = &mut at[key];
+            }
+            *at = value;
+            cases.push(serde_json::to_vec(&bad).expect("json"));
+        }
+        let mut no_id = good.clone();
+        no_id["event"].as_object_mut().expect("object").remove("id");
+        cases.push(serde_json::to_vec(&no_id).expect("json"));
+        for case in cases {
+            let text = String::from_utf8_lossy(&case).into_owned();
+            assert!(Envelope::decode(&case).is_err(), "{text}");
+            match StoredEvent::parse(&Bytes::from(case), None) {
+                Err(_) => {}
+                Ok(stored) => {
+                    let stored = stored.expect("for every sink");
+                    assert!(stored.decode().is_err(), "{text}");
+                    assert!(stored.view().is_err(), "{text}");
+                }
+            }
+        }
     }
 
     #[test]

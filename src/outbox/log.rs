@@ -1054,15 +1054,20 @@ impl LogReader {
                     .saturating_add(self.avg_frame * 2),
             )
             .clamp(16 << 10, READ_CHUNK);
+        // The scratch buffer keeps its length between reads, so it is zeroed only when it
+        // grows: zeroing `want` bytes (up to 1 MiB) for every read, of which a dispatcher that
+        // keeps up uses a few KiB, was a tenth of the event path's instructions. Only the
+        // first `len` bytes are this read's.
         let buf = &mut self.scratch;
-        buf.clear();
-        buf.resize(want, 0);
+        if buf.len() < want {
+            buf.resize(want, 0);
+        }
         (&seg.file)
             .seek(SeekFrom::Start(seg.offset))
             .map_err(io_err(&seg.path, "seek segment"))?;
-        let n =
-            format::read_full(&mut &seg.file, buf).map_err(io_err(&seg.path, "read segment"))?;
-        buf.truncate(n);
+        let n = format::read_full(&mut &seg.file, &mut buf[..want])
+            .map_err(io_err(&seg.path, "read segment"))?;
+        let mut len = n;
         let mut eof = n < want;
         let mut pos = 0usize;
         let mut found: Vec<(u64, Range<usize>)> = Vec::new();
@@ -1071,7 +1076,7 @@ impl LogReader {
             && out.len() + found.len() < max_records
             && (out.len() + found.len() == 0 || *bytes < max_bytes)
         {
-            match format::decode_record(&buf[pos..]) {
+            match format::decode_record(&buf[pos..len]) {
                 Decoded::Record {
                     seq,
                     payload,
@@ -1107,7 +1112,7 @@ impl LogReader {
                         break;
                     }
                     // Nothing found yet, so the record starts at the chunk's start.
-                    let have = buf.len() as u64;
+                    let have = len as u64;
                     if !eof {
                         let file_len = seg
                             .file
@@ -1117,12 +1122,14 @@ impl LogReader {
                         // Read the rest of a record larger than the chunk, unless its length
                         // runs past the end of the file (then it is damaged: no allocation).
                         if seg.offset + need <= file_len {
-                            let old = buf.len();
                             let more = usize::try_from(need - have).unwrap_or(usize::MAX);
-                            buf.resize(old + more, 0);
-                            let k = format::read_full(&mut &seg.file, &mut buf[old..])
+                            let end = len.saturating_add(more);
+                            if buf.len() < end {
+                                buf.resize(end, 0);
+                            }
+                            let k = format::read_full(&mut &seg.file, &mut buf[len..end])
                                 .map_err(io_err(&seg.path, "read segment"))?;
-                            buf.truncate(old + k);
+                            len += k;
                             eof = k < more;
                             continue;
                         }

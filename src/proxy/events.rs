@@ -23,7 +23,7 @@ use std::time::SystemTime;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::future::Either;
-use http::header::HeaderValue;
+use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -33,11 +33,11 @@ use tokio::sync::broadcast;
 use super::body::{BoxError, ProxyBody};
 use super::forward::proxy_error;
 use super::{ProxyState, Routed};
-use crate::events::build::{cloud_event, Context as BuildContext};
+use crate::events::build::{cloud_event, envelope, Context as BuildContext};
 use crate::events::{CloudEvent, Envelope};
 use crate::metrics::{DropReason, Metrics};
 use crate::outbox::{Durability, Outbox, OutboxError, Ticket, WhenFull};
-use crate::rules::{Candidates, Captured, Exchange, Outcome, RuleSet, SkipReason};
+use crate::rules::{Candidates, Captured, Exchange, Needs, Outcome, RuleSet, SkipReason};
 
 /// Everything the event tap needs, shared by all connections.
 pub struct EventPath {
@@ -98,9 +98,31 @@ struct RequestParts {
     method: Method,
     path: String,
     query: Option<String>,
+    /// The headers the candidates may read (see [`kept_headers`]).
     headers: HeaderMap,
+    /// How the captured request body is parsed.
+    content_type: Option<HeaderValue>,
+    /// Copied into the events.
+    traceparent: Option<HeaderValue>,
+    needs: Needs,
     body: Option<Arc<CaptureSlot>>,
     upstream: Arc<str>,
+}
+
+/// The headers of `all` that rules may read: every one when a condition may read the map
+/// whole, otherwise only those a rule names (usually none, and then nothing is copied).
+/// Cloning the whole head of every exchange was a good part of the tap's cost.
+fn kept_headers(all: &HeaderMap, needs: &Needs, named: &[HeaderName]) -> HeaderMap {
+    if needs.header_maps {
+        return all.clone();
+    }
+    let mut kept = HeaderMap::new();
+    for name in named {
+        for value in all.get_all(name) {
+            kept.append(name.clone(), value.clone());
+        }
+    }
+    kept
 }
 
 /// A capture buffer filled by a body while it streams.
@@ -281,7 +303,10 @@ where
             method: request.method().clone(),
             path: request.uri().path().to_string(),
             query: request.uri().query().map(str::to_string),
-            headers: request.headers().clone(),
+            headers: kept_headers(request.headers(), &needs, &needs.request_headers),
+            content_type: request.headers().get(http::header::CONTENT_TYPE).cloned(),
+            traceparent: request.headers().get("traceparent").cloned(),
+            needs,
             body: slot,
             upstream,
         };
@@ -340,7 +365,8 @@ async fn respond(
             head.headers.get(http::header::CONTENT_TYPE),
             false,
         );
-        let ticket = emit(&events, parts, status, &head.headers, captured, seen_at);
+        let kept = kept_headers(&head.headers, &parts.needs, &parts.needs.response_headers);
+        let ticket = emit(&events, parts, status, kept, captured, seen_at);
         if events.durability == Durability::Sync {
             if let Err(response) = wait_durable(ticket).await {
                 return response;
@@ -350,9 +376,10 @@ async fn respond(
     }
     let finish = Finish {
         events: events.clone(),
-        parts,
         status,
-        headers: head.headers.clone(),
+        headers: kept_headers(&head.headers, &parts.needs, &parts.needs.response_headers),
+        content_type: head.headers.get(http::header::CONTENT_TYPE).cloned(),
+        parts,
         seen_at,
     };
     let body = EventBody {
@@ -408,22 +435,20 @@ struct Finish {
     events: Arc<EventPath>,
     parts: RequestParts,
     status: u16,
+    /// The response headers the candidates may read (see [`kept_headers`]).
     headers: HeaderMap,
+    content_type: Option<HeaderValue>,
     seen_at: SystemTime,
 }
 
 impl Finish {
     fn emit(self, body: Bytes, truncated: bool) -> Emitted {
-        let captured = Captured::new(
-            body,
-            self.headers.get(http::header::CONTENT_TYPE),
-            truncated,
-        );
+        let captured = Captured::new(body, self.content_type.as_ref(), truncated);
         emit(
             &self.events,
             self.parts,
             self.status,
-            &self.headers,
+            self.headers,
             captured,
             self.seen_at,
         )
@@ -436,19 +461,15 @@ fn emit(
     events: &EventPath,
     parts: RequestParts,
     status: u16,
-    response_headers: &HeaderMap,
+    response_headers: HeaderMap,
     response_body: Captured,
     seen_at: SystemTime,
 ) -> Emitted {
     let request_body = match &parts.body {
-        Some(slot) => slot.take(parts.headers.get(http::header::CONTENT_TYPE)),
+        Some(slot) => slot.take(parts.content_type.as_ref()),
         None => Captured::empty(),
     };
-    let traceparent = parts
-        .headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    let traceparent = parts.traceparent.as_ref().and_then(|v| v.to_str().ok());
     let exchange = Exchange {
         method: parts.method,
         path: parts.path,
@@ -456,14 +477,14 @@ fn emit(
         request_headers: parts.headers,
         request_body,
         status,
-        response_headers: response_headers.clone(),
+        response_headers,
         response_body,
     };
     let ctx = BuildContext {
         default_source: &events.default_source,
         upstream: &parts.upstream,
         seen_at,
-        traceparent: traceparent.as_deref(),
+        traceparent,
     };
     let outcomes = events.rules.evaluate(&parts.candidates, exchange);
     let mut payloads = Vec::new();
@@ -474,21 +495,23 @@ fn emit(
     for outcome in outcomes {
         match outcome {
             Outcome::Emit(draft) => {
-                let rule = draft.rule.clone();
                 // A rule without `sinks` means the sinks configured now, written down by
                 // name: a sink added (or back) after a reload gets only what was meant for it.
-                let sinks = draft.sinks.clone().or_else(|| Some(events.sinks.clone()));
-                let event = cloud_event(draft, &ctx);
-                let envelope = Envelope {
-                    sinks,
-                    rule: rule.clone(),
-                    event,
-                };
-                payloads.push(envelope.encode());
+                let sinks = draft.sinks.as_deref().unwrap_or(&events.sinks);
                 if watching {
+                    let rule = draft.rule.clone();
+                    let envelope = Envelope {
+                        sinks: Some(sinks.to_vec()),
+                        rule: rule.clone(),
+                        event: cloud_event(draft, &ctx),
+                    };
+                    payloads.push(envelope.encode());
                     tail.push(Arc::new(envelope.event));
+                    rules.push(rule);
+                } else {
+                    payloads.push(envelope(&draft, sinks, &ctx));
+                    rules.push(draft.rule);
                 }
-                rules.push(rule);
             }
             Outcome::Skipped { rule, reason } => match reason {
                 SkipReason::ConditionError(ref e) => {

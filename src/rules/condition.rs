@@ -92,6 +92,9 @@ impl Condition {
         if let Some(e) = errors.into_iter().next() {
             return Err(e);
         }
+        // What a CEL expression reads cannot always be known from its text (map iteration,
+        // computed keys), so a condition is taken to read every header.
+        needs.header_maps = true;
         // Beyond what the walk finds (`request.headers.authorization`), a condition names a
         // sensitive header when its text mentions it at all, e.g. `'authorization' in
         // request.headers` or a key built at run time: only then does it see the header.

@@ -92,20 +92,25 @@ pub fn is_sensitive(name: &HeaderName) -> bool {
 }
 
 /// What rules read from an exchange beyond its request line and status: which bodies to
-/// capture, and the headers they name. Every header but the [`SENSITIVE_HEADERS`] is kept
-/// anyway; the header lists matter for those three.
+/// capture, and the headers they name. The header lists also decide which of the
+/// [`SENSITIVE_HEADERS`] a condition sees.
 #[derive(Default, Clone, Debug, PartialEq, Eq)]
 pub struct Needs {
     pub request_body: bool,
     pub response_body: bool,
     pub request_headers: Vec<HeaderName>,
     pub response_headers: Vec<HeaderName>,
+    /// A condition may read the header maps whole (`'x-a' in request.headers`, a key built
+    /// at run time), so every header but the unnamed sensitive ones must be in the exchange.
+    /// Without one, templates read only the headers the lists name.
+    pub header_maps: bool,
 }
 
 impl Needs {
     pub fn merge(&mut self, other: &Needs) {
         self.request_body |= other.request_body;
         self.response_body |= other.response_body;
+        self.header_maps |= other.header_maps;
         for h in &other.request_headers {
             self.add_request_header(h.clone());
         }

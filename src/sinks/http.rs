@@ -15,9 +15,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use super::{BoxFuture, SendResult, Sink, SinkFailure};
+use super::{send_decoded, BoxFuture, SendResult, Sink, SinkFailure};
 use crate::config::UpstreamTls;
-use crate::events::{batch_json, CloudEvent, BATCH, STRUCTURED};
+use crate::events::{batch_json, CloudEvent, StoredEvent, BATCH, STRUCTURED};
 use crate::proxy::client::{tls_config, ClientError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,5 +161,39 @@ impl Sink for HttpSink {
                 }
             }
         })
+    }
+
+    fn send_stored<'a>(&'a self, events: &'a [StoredEvent]) -> BoxFuture<'a, SendResult> {
+        match self.settings.mode {
+            // Attributes become `ce-*` headers: that needs them decoded.
+            HttpMode::Binary => send_decoded(self, events),
+            HttpMode::Batch => Box::pin(async move {
+                // `batch_json` of the decoded events, without decoding them.
+                let size = events.iter().map(|e| e.json().len() + 1).sum::<usize>() + 1;
+                let mut body = Vec::with_capacity(size);
+                body.push(b'[');
+                for (i, e) in events.iter().enumerate() {
+                    if i > 0 {
+                        body.push(b',');
+                    }
+                    body.extend_from_slice(e.json());
+                }
+                body.push(b']');
+                let request = self.request(Some(BATCH), Vec::new(), Bytes::from(body));
+                match self.post(request).await {
+                    Ok(()) => SendResult::all(events.len()),
+                    Err(f) => SendResult::failed(0, f),
+                }
+            }),
+            HttpMode::Structured => Box::pin(async move {
+                for (i, event) in events.iter().enumerate() {
+                    let request = self.request(Some(STRUCTURED), Vec::new(), event.json_bytes());
+                    if let Err(f) = self.post(request).await {
+                        return SendResult::failed(i, f);
+                    }
+                }
+                SendResult::all(events.len())
+            }),
+        }
     }
 }

@@ -17,7 +17,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use crate::config::SinkKind;
-use crate::events::CloudEvent;
+use crate::events::{CloudEvent, StoredEvent};
 use crate::proxy::client::ClientError;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -74,6 +74,52 @@ pub trait Sink: Send + Sync {
     /// Sends `events` in order. Must not return before the events it reports delivered are
     /// accepted by the other side (acknowledged, fsynced...): at-least-once rests on it.
     fn send<'a>(&'a self, events: &'a [CloudEvent]) -> BoxFuture<'a, SendResult>;
+
+    /// Sends events as the outbox stores them; what the dispatcher calls. Same contract as
+    /// [`send`](Self::send). Sinks that write the structured JSON (JSON Lines, HTTP structured
+    /// and batch) override it to copy [`StoredEvent::json`]: decoding each event into owned
+    /// strings and a JSON tree only to serialise it back was most of the dispatcher's cost
+    /// per event. The others get the events decoded.
+    fn send_stored<'a>(&'a self, events: &'a [StoredEvent]) -> BoxFuture<'a, SendResult> {
+        send_decoded(self, events)
+    }
+}
+
+/// [`Sink::send_stored`] by way of [`Sink::send`]. An event that does not decode (the
+/// dispatcher checked it, so only JSON nested deeper than serde_json's limit) is refused for
+/// good after the ones before it are sent: it goes to the dead letters, as an undecodable
+/// envelope does.
+pub fn send_decoded<'a, S: Sink + ?Sized>(
+    sink: &'a S,
+    events: &'a [StoredEvent],
+) -> BoxFuture<'a, SendResult> {
+    Box::pin(async move {
+        let mut decoded = Vec::with_capacity(events.len());
+        let mut refused = None;
+        for event in events {
+            match event.decode() {
+                Ok(e) => decoded.push(e),
+                Err(error) => {
+                    refused = Some(error);
+                    break;
+                }
+            }
+        }
+        let result = if decoded.is_empty() {
+            SendResult::all(0)
+        } else {
+            sink.send(&decoded).await
+        };
+        match refused {
+            Some(error) if result.failure.is_none() && result.delivered >= decoded.len() => {
+                SendResult::failed(
+                    decoded.len(),
+                    SinkFailure::permanent(format!("undecodable event: {error}")),
+                )
+            }
+            _ => result,
+        }
+    })
 }
 
 /// The sink a config entry describes. Only local checks happen here (TLS files, URLs): a
@@ -102,6 +148,53 @@ pub(crate) fn redacted(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::events::{sample_event, Envelope};
+
+    /// Records what `send` was given.
+    #[derive(Default)]
+    struct Recording(Mutex<Vec<String>>);
+
+    impl Sink for Recording {
+        fn send<'a>(&'a self, events: &'a [CloudEvent]) -> BoxFuture<'a, SendResult> {
+            Box::pin(async move {
+                let mut seen = self.0.lock().expect("lock");
+                seen.extend(events.iter().map(|e| e.id.clone()));
+                SendResult::all(events.len())
+            })
+        }
+    }
+
+    fn stored(payload: Vec<u8>) -> StoredEvent {
+        StoredEvent::parse(&payload.into(), None)
+            .expect("an envelope")
+            .expect("for every sink")
+    }
+
+    /// A sink that decodes gets the events before one that does not decode, which is then
+    /// refused for good (a dead letter), as an undecodable envelope is.
+    #[tokio::test]
+    async fn an_event_that_does_not_decode_is_refused_for_good() {
+        let good = Envelope {
+            sinks: None,
+            rule: "r".into(),
+            event: sample_event(),
+        }
+        .encode()
+        .to_vec();
+        let bad = br#"{"rule":"r","event":{"id":1}}"#.to_vec();
+        let sink = Recording::default();
+        let events = [stored(good.clone()), stored(bad), stored(good)];
+        let result = sink.send_stored(&events).await;
+        assert_eq!(result.delivered, 1);
+        assert!(result.failure.expect("refused").permanent);
+        assert_eq!(*sink.0.lock().expect("lock"), ["0190-a"]);
+        let result = sink.send_stored(&events[2..]).await;
+        assert_eq!((result.delivered, result.failure.is_none()), (1, true));
+    }
+
     #[test]
     fn urls_are_redacted() {
         assert_eq!(super::redacted("redis://:pw@h:1/0"), "redis://***@h:1/0");
