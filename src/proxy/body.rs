@@ -233,7 +233,7 @@ pin_project! {
     /// What ficus answers with: the upstream's body, or a short body ficus made itself.
     #[project = ProxyBodyProj]
     pub enum ProxyBody {
-        Upstream { #[pin] body: Idle<hyper::body::Incoming> },
+        Upstream { #[pin] body: Idle<super::pool::Leased> },
         Full { data: Option<Bytes> },
         // Boxed: only responses some rule matches take this path.
         Events { body: Box<super::events::EventBody> },

@@ -5,20 +5,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::uri::{Authority, Scheme};
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderMap, HeaderValue, Uri};
+use hyper_rustls::HttpsConnectorBuilder;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::body::Idle;
+use super::pool::Pool;
 use crate::config::{Upstream, UpstreamTls};
 use crate::metrics::{Metrics, UpstreamMetrics};
 
 pub type RequestBody = Idle<super::events::Tee<super::body::UpstreamBody>>;
-pub type HttpClient = Client<Bare<HttpsConnector<HttpConnector>>, RequestBody>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -38,6 +37,8 @@ pub enum ClientError {
     },
     #[error("`{upstream}`: no system root certificates could be loaded: {detail}")]
     Roots { upstream: String, detail: String },
+    #[error("`{upstream}`: cannot address it: {detail}")]
+    Target { upstream: String, detail: String },
 }
 
 /// Everything the request path needs to forward to one upstream.
@@ -51,14 +52,9 @@ pub struct UpstreamClient {
     pub timeout: Duration,
     pub idle_timeout: Duration,
     pub rewrite_host: bool,
-    pub client: HttpClient,
+    pub client: Pool,
     pub metrics: UpstreamMetrics,
 }
-
-/// Idle pooled connections are closed after this long; shorter than the 120 s most servers
-/// and load balancers use, so ficus closes first and rarely reuses a connection the upstream is
-/// closing.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 impl UpstreamClient {
     pub fn new(upstream: &Upstream, metrics: &Metrics) -> Result<UpstreamClient, ClientError> {
@@ -76,11 +72,16 @@ impl UpstreamClient {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(Bare(connector));
+        let target = Uri::builder()
+            .scheme(upstream.scheme.clone())
+            .authority(upstream.authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|error| ClientError::Target {
+                upstream: upstream.name.clone(),
+                detail: error.to_string(),
+            })?;
+        let client = Pool::new(connector, target);
         Ok(UpstreamClient {
             config: upstream.clone(),
             name: Arc::from(upstream.name.as_str()),
@@ -92,6 +93,20 @@ impl UpstreamClient {
             client,
             metrics: metrics.for_upstream(&upstream.name),
         })
+    }
+}
+
+impl UpstreamClient {
+    /// The origin-form target of a request to this upstream (an HTTP/1.1 client connection
+    /// writes the URI as given), with `Host` rewritten when configured and supplied when the
+    /// client sent none (HTTP/1.0).
+    pub fn target(&self, path_and_query: Option<PathAndQuery>, headers: &mut HeaderMap) -> Uri {
+        if self.rewrite_host || !headers.contains_key(http::header::HOST) {
+            if let Ok(host) = HeaderValue::from_str(self.authority.as_str()) {
+                headers.insert(http::header::HOST, host);
+            }
+        }
+        Uri::from(path_and_query.unwrap_or_else(|| PathAndQuery::from_static("/")))
     }
 }
 
@@ -176,98 +191,4 @@ fn read_certs(
         .map_err(pem_error)?
         .collect::<Result<Vec<_>, _>>()
         .map_err(pem_error)
-}
-
-/// A connector whose connections report no [`hyper_util::client::legacy::connect::HttpInfo`]:
-/// hyper-util copies a connection's "extra" into the extensions of every response it
-/// receives (three allocations per request), and ficus never reads the peer addresses there.
-#[derive(Clone)]
-pub struct Bare<C>(pub C);
-
-impl<C> tower::Service<http::Uri> for Bare<C>
-where
-    C: tower::Service<http::Uri>,
-{
-    type Response = BareIo<C::Response>;
-    type Error = C::Error;
-    type Future = futures_util::future::MapOk<C::Future, fn(C::Response) -> BareIo<C::Response>>;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, uri: http::Uri) -> Self::Future {
-        use futures_util::TryFutureExt;
-        self.0
-            .call(uri)
-            .map_ok(bare as fn(C::Response) -> BareIo<C::Response>)
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A connection that says nothing about itself beyond being HTTP/1.1 (ficus never asks
-    /// its upstreams for HTTP/2).
-    pub struct BareIo<T> {
-        #[pin]
-        inner: T,
-    }
-}
-
-fn bare<T>(inner: T) -> BareIo<T> {
-    BareIo { inner }
-}
-
-impl<T> hyper_util::client::legacy::connect::Connection for BareIo<T> {
-    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
-        hyper_util::client::legacy::connect::Connected::new()
-    }
-}
-
-impl<T: hyper::rt::Read> hyper::rt::Read for BareIo<T> {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        self.project().inner.poll_read(cx, buf)
-    }
-}
-
-impl<T: hyper::rt::Write> hyper::rt::Write for BareIo<T> {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        self.project().inner.poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        self.project().inner.poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_write_vectored(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        self.project().inner.poll_write_vectored(cx, bufs)
-    }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
@@ -17,6 +17,7 @@ use super::body::{Activity, Idle, IdleTimeout, ProxyBody, UpstreamBody};
 use super::client::UpstreamClient;
 use super::events::Tee;
 use super::headers;
+use super::pool::{Leased, PoolError};
 use super::{ConnInfo, ProxyState, Routed};
 use crate::metrics::UpstreamErrorKind;
 
@@ -63,7 +64,7 @@ pub struct ServedBy(pub usize);
 
 /// How one attempt at an upstream ended, before ficus turns failures into its own answers.
 enum Attempt {
-    Answered(Response<hyper::body::Incoming>),
+    Answered(Response<Leased>),
     Failed(UpstreamErrorKind, String),
 }
 
@@ -334,28 +335,8 @@ async fn send(
         upstream.idle_timeout,
         Some(upstream.metrics.counter(UpstreamErrorKind::Idle).clone()),
     );
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(upstream.scheme.clone());
-    uri.authority = Some(upstream.authority.clone());
-    uri.path_and_query = path_and_query;
     let mut request = Request::from_parts(parts, Idle::new(body, activity.clone()));
-    match Uri::from_parts(uri) {
-        Ok(uri) => *request.uri_mut() = uri,
-        Err(_) => {
-            return (
-                Attempt::Failed(
-                    UpstreamErrorKind::Protocol,
-                    "ficus: request target cannot be forwarded\n".into(),
-                ),
-                activity,
-            )
-        }
-    }
-    if upstream.rewrite_host {
-        if let Ok(host) = HeaderValue::from_str(upstream.authority.as_str()) {
-            request.headers_mut().insert(header::HOST, host);
-        }
-    }
+    *request.uri_mut() = upstream.target(path_and_query, request.headers_mut());
     let started = Instant::now();
     let result = tokio::time::timeout(upstream.timeout, upstream.client.request(request)).await;
     let attempt = match result {
@@ -410,22 +391,21 @@ async fn splice(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
     }
 }
 
-fn classify(error: &hyper_util::client::legacy::Error) -> UpstreamErrorKind {
-    if error.is_connect() {
-        return UpstreamErrorKind::Connect;
+fn classify(error: &PoolError) -> UpstreamErrorKind {
+    let error = match error {
+        PoolError::Connect(_) | PoolError::Handshake(_) => return UpstreamErrorKind::Connect,
+        PoolError::Exchange(error) => error,
+    };
+    if error.is_parse() || error.is_parse_status() || error.is_parse_too_large() {
+        return UpstreamErrorKind::Protocol;
+    }
+    if error.is_timeout() {
+        return UpstreamErrorKind::Timeout;
     }
     let mut source = error.source();
     while let Some(e) = source {
         if e.is::<IdleTimeout>() {
             return UpstreamErrorKind::Idle;
-        }
-        if let Some(h) = e.downcast_ref::<hyper::Error>() {
-            if h.is_parse() || h.is_parse_status() || h.is_parse_too_large() {
-                return UpstreamErrorKind::Protocol;
-            }
-            if h.is_timeout() {
-                return UpstreamErrorKind::Timeout;
-            }
         }
         source = e.source();
     }
@@ -449,7 +429,7 @@ fn describe(kind: UpstreamErrorKind, upstream: &str) -> String {
     }
 }
 
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut out = error.to_string();
     let mut source = error.source();
     while let Some(e) = source {

@@ -8,6 +8,7 @@ pub mod events;
 pub mod forward;
 pub mod framing;
 pub mod headers;
+pub mod pool;
 pub mod server;
 pub mod shadow;
 pub mod smuggling;

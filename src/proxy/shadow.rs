@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, Response, StatusCode, Uri};
+use http::{HeaderMap, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use prometheus::IntCounter;
@@ -139,7 +139,7 @@ struct Captured {
 }
 
 impl ShadowTap {
-    pub fn wrap(self, inner: Idle<hyper::body::Incoming>) -> Tapped {
+    pub fn wrap(self, inner: Idle<super::pool::Leased>) -> Tapped {
         let mut tapped = Tapped {
             inner,
             buf: BytesMut::new(),
@@ -157,7 +157,7 @@ impl ShadowTap {
 
 /// The primary's response body, teed for the comparison.
 pub struct Tapped {
-    inner: Idle<hyper::body::Incoming>,
+    inner: Idle<super::pool::Leased>,
     buf: BytesMut,
     truncated: bool,
     tx: Option<oneshot::Sender<Captured>>,
@@ -221,7 +221,7 @@ pub fn start(
     parts: http::request::Parts,
     path_and_query: Option<http::uri::PathAndQuery>,
     body: Bytes,
-    primary: &Response<hyper::body::Incoming>,
+    primary: &Response<super::pool::Leased>,
 ) -> Option<ShadowTap> {
     let Some(Some(bookkeeping)) = state.shadows.get(target.route) else {
         return None;
@@ -313,27 +313,18 @@ async fn send_copy(
         .upstreams
         .get(upstream_index)
         .ok_or("no such upstream")?;
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(upstream.scheme.clone());
-    uri.authority = Some(upstream.authority.clone());
-    uri.path_and_query = path_and_query;
     let activity = Activity::new(upstream.idle_timeout, None);
     let mut request = http::Request::from_parts(
         parts,
         Idle::new(Tee::plain(UpstreamBody::buffered(body)), activity),
     );
-    *request.uri_mut() = Uri::from_parts(uri).map_err(|e| e.to_string())?;
-    if upstream.rewrite_host {
-        if let Ok(host) = http::HeaderValue::from_str(upstream.authority.as_str()) {
-            request.headers_mut().insert(http::header::HOST, host);
-        }
-    }
+    *request.uri_mut() = upstream.target(path_and_query, request.headers_mut());
     let exchange = async {
         let response = upstream
             .client
             .request(request)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| super::forward::error_chain(&e))?;
         let (head, body) = response.into_parts();
         let mut buf = BytesMut::new();
         let mut truncated = false;

@@ -71,6 +71,23 @@ impl Tracker {
         while !data.is_empty() {
             match self.state {
                 State::Done => return false,
+                State::Head if self.head.is_empty() => {
+                    // The usual case: the whole head arrived in one read; judged in place.
+                    let Some(end) = find_head_end(data, 0) else {
+                        if data.len() > self.limit {
+                            self.state = State::Done;
+                            return false;
+                        }
+                        self.head.extend_from_slice(data);
+                        return false;
+                    };
+                    let (ambiguous, next) = judge(&data[..end]);
+                    self.state = next;
+                    if ambiguous {
+                        return true;
+                    }
+                    data = &data[end..];
+                }
                 State::Head => {
                     let start = self.head.len().saturating_sub(3);
                     self.head.extend_from_slice(data);
@@ -81,10 +98,10 @@ impl Tracker {
                         return false;
                     };
                     let consumed_from_data = end - (self.head.len() - data.len());
-                    let verdict = self.finish_head(end);
+                    let (ambiguous, next) = judge(&self.head[..end]);
                     self.head.clear();
-                    if verdict {
-                        self.state = State::Done;
+                    self.state = next;
+                    if ambiguous {
                         return true;
                     }
                     data = &data[consumed_from_data..];
@@ -167,72 +184,69 @@ impl Tracker {
         }
         false
     }
+}
 
-    /// Judges the head in `self.head[..end]` and sets the state for its body.
-    fn finish_head(&mut self, end: usize) -> bool {
-        let bytes = &self.head[..end];
-        // Empty lines before a request line are allowed (RFC 9112 §2.2).
-        let trimmed = bytes
-            .iter()
-            .position(|b| *b != b'\r' && *b != b'\n')
-            .unwrap_or(bytes.len());
-        if trimmed == bytes.len() {
-            self.state = State::Head;
-            return false;
-        }
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut request = httparse::Request::new(&mut headers);
-        match request.parse(&bytes[trimmed..]) {
-            Ok(httparse::Status::Complete(_)) => {}
-            _ => {
-                self.state = State::Done;
-                return false;
-            }
-        }
-        if request.method == Some("PRI") || request.method == Some("CONNECT") {
-            self.state = State::Done;
-            return false;
-        }
-        let mut length: Option<&[u8]> = None;
-        let mut lengths_differ = false;
-        let mut chunked = None;
-        let mut upgrade = false;
-        for h in request.headers.iter() {
-            if h.name.eq_ignore_ascii_case("content-length") {
-                match length {
-                    Some(prev) if prev != h.value => lengths_differ = true,
-                    _ => length = Some(h.value),
-                }
-            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                let last = h.value.rsplit(|b| *b == b',').next().unwrap_or(&[]);
-                chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-            } else if h.name.eq_ignore_ascii_case("upgrade") {
-                upgrade = true;
-            }
-        }
-        if length.is_some() && chunked.is_some() {
-            return true;
-        }
-        self.state = match (chunked, length) {
-            _ if upgrade || lengths_differ => State::Done,
-            (Some(true), _) => State::ChunkSize {
-                size: 0,
-                digits: false,
-                ext: false,
-            },
-            (Some(false), _) => State::Done,
-            (None, Some(len)) => match std::str::from_utf8(len)
-                .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok())
-            {
-                Some(0) => State::Head,
-                Some(n) => State::Body(n),
-                None => State::Done,
-            },
-            (None, None) => State::Head,
-        };
-        false
+/// Judges one request head: whether its framing is ambiguous, and how its body is framed
+/// (the state to follow it with).
+fn judge(bytes: &[u8]) -> (bool, State) {
+    // Empty lines before a request line are allowed (RFC 9112 §2.2).
+    let trimmed = bytes
+        .iter()
+        .position(|b| *b != b'\r' && *b != b'\n')
+        .unwrap_or(bytes.len());
+    if trimmed == bytes.len() {
+        return (false, State::Head);
     }
+    // Uninitialised slots: zeroing 128 of them would cost more than parsing a small head.
+    let mut headers =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut []);
+    match request.parse_with_uninit_headers(&bytes[trimmed..], &mut headers) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return (false, State::Done),
+    }
+    if request.method == Some("PRI") || request.method == Some("CONNECT") {
+        return (false, State::Done);
+    }
+    let mut length: Option<&[u8]> = None;
+    let mut lengths_differ = false;
+    let mut chunked = None;
+    let mut upgrade = false;
+    for h in request.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            match length {
+                Some(prev) if prev != h.value => lengths_differ = true,
+                _ => length = Some(h.value),
+            }
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            let last = h.value.rsplit(|b| *b == b',').next().unwrap_or(&[]);
+            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if h.name.eq_ignore_ascii_case("upgrade") {
+            upgrade = true;
+        }
+    }
+    if length.is_some() && chunked.is_some() {
+        return (true, State::Done);
+    }
+    let next = match (chunked, length) {
+        _ if upgrade || lengths_differ => State::Done,
+        (Some(true), _) => State::ChunkSize {
+            size: 0,
+            digits: false,
+            ext: false,
+        },
+        (Some(false), _) => State::Done,
+        (None, Some(len)) => match std::str::from_utf8(len)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+        {
+            Some(0) => State::Head,
+            Some(n) => State::Body(n),
+            None => State::Done,
+        },
+        (None, None) => State::Head,
+    };
+    (false, next)
 }
 
 /// The index just past the first `\r\n\r\n` (or `\n\n`) at or after `from`.
