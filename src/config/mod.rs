@@ -356,12 +356,13 @@ impl Config {
         for sink in &self.sinks {
             s.push_str(&format!("  {}: {}\n", sink.name, sink.kind.type_name()));
         }
+        // The settings as the config spells them (`sync`, `reject`).
+        let durability = format!("{:?}", self.outbox.durability).to_lowercase();
+        let when_full = format!("{:?}", self.outbox.when_full).to_lowercase();
         s.push_str(&format!(
-            "outbox: {} ({:?}, max {} bytes, when full: {:?})\n",
+            "outbox: {} (durability: {durability}, max_bytes: {}, when_full: {when_full})\n",
             self.outbox.dir.display(),
-            self.outbox.durability,
             self.outbox.max_bytes,
-            self.outbox.when_full
         ));
         s
     }
