@@ -20,7 +20,8 @@ LOADGEN_CPU=${LOADGEN_CPU:-0}
 SERVER_CPU=${SERVER_CPU:-1}
 TARGET=${CARGO_TARGET_DIR:-target}
 
-log() { printf '%s\n' "$*" >&2; }
+# shellcheck source=benches/load/common.sh
+source benches/load/common.sh
 OHA=$(command -v oha || echo "$HOME/.cargo/bin/oha")
 if [[ ! -x $OHA ]]; then
     log "installing oha (cargo install oha --locked)"
@@ -33,28 +34,8 @@ cargo build --release --bin ficus --example bench_upstream >&2
 FICUS_BIN=$TARGET/release/ficus
 UPSTREAM_BIN=$TARGET/release/examples/bench_upstream
 
-TMP=$(mktemp -d /tmp/ficus-events-bench.XXXXXX)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}" $(cat "$TMP/pids" 2>/dev/null); do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
-wait_port() {
-    for _ in $(seq 1 200); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    log "port $1 did not open"; exit 1
-}
-
-UP_PORT=$(free_port)
-taskset -c "$SERVER_CPU" "$UPSTREAM_BIN" "127.0.0.1:$UP_PORT" >"$TMP/upstream.log" 2>&1 &
-PIDS+=($!)
-wait_port "$UP_PORT"
+bench_tmp ficus-events-bench
+start_upstream "$SERVER_CPU"
 
 # F: fdatasync latency of 4 KiB appends in the outbox's directory, p50 and p99 in ms.
 measure_fsync() {
@@ -72,44 +53,7 @@ print(f"{lat[len(lat)//2]*1000:.3f} {lat[int(len(lat)*0.99)]*1000:.3f}")
 PY
 }
 
-# One ficus config per case; `rule` is empty for the no-rule case.
-start_ficus() {
-    local name=$1 durability=$2 rule=$3
-    local port admin
-    port=$(free_port); admin=$(free_port)
-    mkdir -p "$TMP/$name"
-    {
-        printf 'listen: { address: "127.0.0.1:%s" }\nadmin: { address: "127.0.0.1:%s" }\n' "$port" "$admin"
-        printf 'upstreams:\n  monolith: { url: "http://127.0.0.1:%s" }\n' "$UP_PORT"
-        printf 'log: { format: json, level: warn, access: false }\n'
-        if [[ $durability == routed ]]; then
-            printf 'routes:\n'
-            for i in $(seq 0 48); do
-                printf '  - name: r%s\n    match: { path: "/api/v1/resource%s/{id}" }\n    upstream: monolith\n' "$i" "$i"
-            done
-            printf '  - name: orders\n    match: { path: "/orders" }\n    split: [{ upstream: monolith, weight: 90 }, { upstream: monolith, weight: 10 }]\n    sticky: { header: x-user-id }\n'
-        fi
-        if [[ -n $rule ]]; then
-            printf 'events:\n  rules:\n    - name: accepted\n      match: { method: POST, path: "/orders" }\n      type: shop.order.accepted\n      subject: "{request.body.id}"\n'
-            printf 'sinks:\n  audit: { type: file, path: "%s/events.jsonl" }\n' "$TMP/$name"
-            printf 'outbox:\n  dir: "%s/outbox"\n  durability: %s\n  max_bytes: 4GiB\n' "$TMP/$name" "$durability"
-        fi
-    } >"$TMP/$name/ficus.yaml"
-    TOKIO_WORKER_THREADS=1 taskset -c "$SERVER_CPU" "$FICUS_BIN" run -c "$TMP/$name/ficus.yaml" >"$TMP/$name/log" 2>&1 &
-    local pid=$!
-    echo "$pid" >>"$TMP/pids"
-    wait_port "$port"
-    echo "$port $pid"
-}
-
-# A valid JSON document of exactly 300 bytes (`note` pads it). Before 2026-11-27 19:10 the
-# body was cut at 300 bytes, so it did not parse and `{request.body.id}` read null.
-BODY=$(python3 -c '
-import json
-d = {"id": "ord-0001", "customer_id": "c-42", "items": [{"sku": "s-%d" % i, "qty": 1} for i in range(9)], "note": ""}
-d["note"] = "x" * (300 - len(json.dumps(d)))
-print(json.dumps(d))')
-printf '%s' "$BODY" >"$TMP/body.json"
+write_body
 
 # oha at saturation: prints "req/s p50_ms p99_ms".
 run_load() {
@@ -133,8 +77,7 @@ read -r F50 F99 < <(measure_fsync)
 log "fdatasync: p50 ${F50} ms, p99 ${F99} ms"
 for round in $(seq 1 "$ROUNDS"); do
     for case in none routed async sync; do
-        rule=x; [[ $case == none || $case == routed ]] && rule=""
-        read -r port pid < <(start_ficus "$case-$round" "$case" "$rule")
+        read -r port pid < <(start_ficus "$case-$round" "$case")
         t0=$(awk '{print $14+$15}' "/proc/$pid/stat")
         read -r rps p50 p99 ok bad < <(run_load "$port")
         # CPU per answer: utime+stime of ficus (all its threads: proxy, outbox writer,

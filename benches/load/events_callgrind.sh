@@ -20,7 +20,8 @@ CASES=${CASES:-none async sync}
 OUT_DIR=${OUT_DIR:-/tmp/ficus-events-callgrind}
 TARGET=${CARGO_TARGET_DIR:-target}
 
-log() { printf '%s\n' "$*" >&2; }
+# shellcheck source=benches/load/common.sh
+source benches/load/common.sh
 command -v valgrind >/dev/null || { log "valgrind is needed"; exit 1; }
 
 if [[ ${NO_BUILD:-0} != 1 ]]; then
@@ -31,34 +32,11 @@ FICUS_BIN=${FICUS_BIN:-$TARGET/release/ficus}
 UPSTREAM_BIN=${UPSTREAM_BIN:-$TARGET/release/examples/bench_upstream}
 mkdir -p "$OUT_DIR"
 
-TMP=$(mktemp -d /tmp/ficus-events-cg.XXXXXX)
-cleanup() {
-    for p in $(cat "$TMP/pids" 2>/dev/null); do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
-wait_port() {
-    for _ in $(seq 1 600); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        sleep 0.1
-    done
-    log "port $1 did not open"; exit 1
-}
-
-UP_PORT=$(free_port)
-"$UPSTREAM_BIN" "127.0.0.1:$UP_PORT" >"$TMP/upstream.log" 2>&1 &
-echo $! >>"$TMP/pids"
-wait_port "$UP_PORT"
-
-BODY=$(python3 -c '
-import json
-d = {"id": "ord-0001", "customer_id": "c-42", "items": [{"sku": "s-%d" % i, "qty": 1} for i in range(9)], "note": ""}
-d["note"] = "x" * (300 - len(json.dumps(d)))
-print(json.dumps(d))')
-printf '%s' "$BODY" >"$TMP/body.json"
+bench_tmp ficus-events-cg
+# ficus starts slowly under valgrind.
+WAIT_PORT_SECONDS=60
+start_upstream
+write_body
 
 # CONNS keep-alive connections sending $2 requests in all. Speed does not matter under
 # valgrind (ficus is the bottleneck), so Python's http.client does, and oha is not needed.
@@ -99,17 +77,7 @@ printf '%-6s %12s %14s\n' case requests "instr/request"
 for case in $CASES; do
     name=$case
     port=$(free_port); admin=$(free_port)
-    mkdir -p "$TMP/$name"
-    {
-        printf 'listen: { address: "127.0.0.1:%s" }\nadmin: { address: "127.0.0.1:%s" }\n' "$port" "$admin"
-        printf 'upstreams:\n  monolith: { url: "http://127.0.0.1:%s" }\n' "$UP_PORT"
-        printf 'log: { format: json, level: warn, access: false }\n'
-        if [[ $case != none ]]; then
-            printf 'events:\n  rules:\n    - name: accepted\n      match: { method: POST, path: "/orders" }\n      type: shop.order.accepted\n      subject: "{request.body.id}"\n'
-            printf 'sinks:\n  audit: { type: file, path: "%s/events.jsonl" }\n' "$TMP/$name"
-            printf 'outbox:\n  dir: "%s/outbox"\n  durability: %s\n  max_bytes: 4GiB\n' "$TMP/$name" "$case"
-        fi
-    } >"$TMP/$name/ficus.yaml"
+    write_ficus_config "$TMP/$name" "$port" "$admin" "$case"
     out="$OUT_DIR/callgrind.out.$case"
     rm -f "$out"*
     TOKIO_WORKER_THREADS=1 taskset -c "${SERVER_CPU:-1}" valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out" \

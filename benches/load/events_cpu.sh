@@ -30,7 +30,8 @@ OUT_DIR=${OUT_DIR:-/tmp/ficus-events-cpu}
 STAT_EVENTS=${STAT_EVENTS:-context-switches,syscalls:sys_enter_fdatasync,syscalls:sys_enter_fsync,syscalls:sys_enter_futex,syscalls:sys_enter_openat,syscalls:sys_enter_rename,syscalls:sys_enter_write,syscalls:sys_enter_writev,syscalls:sys_enter_read,syscalls:sys_enter_recvfrom,syscalls:sys_enter_sendto,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_close,syscalls:sys_enter_statx,syscalls:sys_enter_mkdir}
 TARGET=${CARGO_TARGET_DIR:-target}
 
-log() { printf '%s\n' "$*" >&2; }
+# shellcheck source=benches/load/common.sh
+source benches/load/common.sh
 OHA=$(command -v oha || echo "$HOME/.cargo/bin/oha")
 [[ -x $OHA ]] || { log "oha is needed (cargo install oha --locked)"; exit 1; }
 
@@ -42,58 +43,9 @@ FICUS_BIN=${FICUS_BIN:-$TARGET/release/ficus}
 UPSTREAM_BIN=$TARGET/release/examples/bench_upstream
 mkdir -p "$OUT_DIR"
 
-TMP=$(mktemp -d /tmp/ficus-events-cpu.XXXXXX)
-cleanup() {
-    for p in $(cat "$TMP/pids" 2>/dev/null); do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
-wait_port() {
-    for _ in $(seq 1 200); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    log "port $1 did not open"; exit 1
-}
-
-UP_PORT=$(free_port)
-taskset -c "$SERVER_CPU" "$UPSTREAM_BIN" "127.0.0.1:$UP_PORT" >"$TMP/upstream.log" 2>&1 &
-echo $! >>"$TMP/pids"
-wait_port "$UP_PORT"
-
-start_ficus() {
-    local name=$1 durability=$2
-    local port admin
-    port=$(free_port); admin=$(free_port)
-    mkdir -p "$TMP/$name"
-    {
-        printf 'listen: { address: "127.0.0.1:%s" }\nadmin: { address: "127.0.0.1:%s" }\n' "$port" "$admin"
-        printf 'upstreams:\n  monolith: { url: "http://127.0.0.1:%s" }\n' "$UP_PORT"
-        printf 'log: { format: json, level: warn, access: false }\n'
-        if [[ $durability != none ]]; then
-            printf 'events:\n  rules:\n    - name: accepted\n      match: { method: POST, path: "/orders" }\n      type: shop.order.accepted\n      subject: "{request.body.id}"\n'
-            printf 'sinks:\n  audit: { type: file, path: "%s/events.jsonl" }\n' "$TMP/$name"
-            printf 'outbox:\n  dir: "%s/outbox"\n  durability: %s\n  max_bytes: 4GiB\n' "$TMP/$name" "$durability"
-        fi
-    } >"$TMP/$name/ficus.yaml"
-    TOKIO_WORKER_THREADS=1 taskset -c "$SERVER_CPU" "$FICUS_BIN" run -c "$TMP/$name/ficus.yaml" >"$TMP/$name/log" 2>&1 &
-    local pid=$!
-    echo "$pid" >>"$TMP/pids"
-    wait_port "$port"
-    echo "$port $pid"
-}
-
-# A valid JSON document of exactly 300 bytes (`note` pads it). Before 2026-11-27 19:10 the
-# body was cut at 300 bytes, so it did not parse and `{request.body.id}` read null.
-BODY=$(python3 -c '
-import json
-d = {"id": "ord-0001", "customer_id": "c-42", "items": [{"sku": "s-%d" % i, "qty": 1} for i in range(9)], "note": ""}
-d["note"] = "x" * (300 - len(json.dumps(d)))
-print(json.dumps(d))')
-printf '%s' "$BODY" >"$TMP/body.json"
+bench_tmp ficus-events-cpu
+start_upstream "$SERVER_CPU"
+write_body
 
 load() {
     local port=$1 n=$2
