@@ -153,11 +153,6 @@ impl Pool {
         });
         Ok(sender)
     }
-
-    /// Idle connections in the pool now (for tests).
-    pub fn idle(&self) -> usize {
-        self.shared.lock().len()
-    }
 }
 
 impl Shared {
