@@ -189,6 +189,76 @@ impl Tracker {
 /// Judges one request head: whether its framing is ambiguous, and how its body is framed
 /// (the state to follow it with).
 fn judge(bytes: &[u8]) -> (bool, State) {
+    match plain_framing(bytes) {
+        Some(next) => (false, next),
+        None => judge_parsed(bytes),
+    }
+}
+
+/// The framing of the usual head, read line by line without parsing it: no
+/// `Transfer-Encoding`, no `Upgrade`, at most one `Content-Length` (with a plain decimal
+/// value), not `PRI` or `CONNECT`. Such a head cannot be ambiguous, and its body is what its
+/// length says. `None` for any other head, including any line this reading is not sure of
+/// (a name starting with `t` or `u`, a folded line, a stray `\r`): those go to
+/// [`judge_parsed`], which parses the head as hyper does. A head hyper refuses closes the
+/// connection, so what this says about a malformed head does not matter.
+///
+/// This is the per-request cost of the watcher, and a full parse of the head (which hyper
+/// does again anyway) was most of it.
+fn plain_framing(bytes: &[u8]) -> Option<State> {
+    let mut request_line = true;
+    let mut length = None;
+    let mut start = 0;
+    for end in memchr::memchr_iter(b'\n', bytes) {
+        let line = &bytes[start..end];
+        start = end + 1;
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if request_line {
+            // Empty lines before a request line are allowed (RFC 9112 §2.2).
+            if line.is_empty() {
+                continue;
+            }
+            if line.starts_with(b"PRI ") || line.starts_with(b"CONNECT ") {
+                return None;
+            }
+            request_line = false;
+            continue;
+        }
+        match line.first() {
+            // The empty line that ends the head.
+            None => break,
+            Some(b'c' | b'C') => {
+                let Some((name, value)) = line.split_at_checked(b"content-length".len()) else {
+                    continue;
+                };
+                let Some(value) = value.strip_prefix(b":") else {
+                    continue;
+                };
+                if !name.eq_ignore_ascii_case(b"content-length") {
+                    continue;
+                }
+                let value = value.trim_ascii();
+                if length.is_some()
+                    || value.is_empty()
+                    || value.len() > 19
+                    || !value.iter().all(u8::is_ascii_digit)
+                {
+                    return None;
+                }
+                length = Some(value.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')));
+            }
+            Some(b't' | b'T' | b'u' | b'U' | b' ' | b'\t' | b'\r') => return None,
+            Some(_) => {}
+        }
+    }
+    Some(match length {
+        None | Some(0) => State::Head,
+        Some(n) => State::Body(n),
+    })
+}
+
+/// [`judge`] by a full parse of the head.
+fn judge_parsed(bytes: &[u8]) -> (bool, State) {
     // Empty lines before a request line are allowed (RFC 9112 §2.2).
     let trimmed = bytes
         .iter()
@@ -251,19 +321,14 @@ fn judge(bytes: &[u8]) -> (bool, State) {
 
 /// The index just past the first `\r\n\r\n` (or `\n\n`) at or after `from`.
 fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
-    let mut i = from;
-    while i < buf.len() {
-        if buf[i] == b'\n' {
-            if buf.get(i + 1) == Some(&b'\n') {
-                return Some(i + 2);
-            }
-            if buf.get(i + 1) == Some(&b'\r') && buf.get(i + 2) == Some(&b'\n') {
-                return Some(i + 3);
-            }
+    memchr::memchr_iter(b'\n', buf.get(from..)?).find_map(|i| {
+        let i = from + i;
+        match (buf.get(i + 1), buf.get(i + 2)) {
+            (Some(b'\n'), _) => Some(i + 2),
+            (Some(b'\r'), Some(b'\n')) => Some(i + 3),
+            _ => None,
         }
-        i += 1;
-    }
-    None
+    })
 }
 
 pin_project! {
@@ -398,5 +463,68 @@ mod tests {
         wire.extend_from_slice(b"\x81\x05content-length: 1\r\ntransfer-encoding: chunked\r\n\r\n");
         assert!(!verdict(&wire));
         assert!(!verdict(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12content-length: 1\r\ntransfer-encoding: chunked\r\n\r\n"));
+    }
+    /// The line reading of the usual head says what the full parse says, for every head
+    /// httparse (hyper's parser) accepts; heads it refuses are closed by hyper whatever the
+    /// watcher thinks.
+    #[test]
+    fn the_line_reading_agrees_with_the_full_parse() {
+        use proptest::prelude::*;
+        const REQUEST_LINES: &[&str] = &[
+            "GET / HTTP/1.1",
+            "POST /orders?x=1 HTTP/1.1",
+            "PRI * HTTP/2.0",
+            "CONNECT a:443 HTTP/1.1",
+            "PRIX / HTTP/1.1",
+        ];
+        const FIELDS: &[&str] = &[
+            "host: a",
+            "Content-Length: 5",
+            "content-length:7",
+            "CONTENT-LENGTH:  12 ",
+            "Content-Length: 0",
+            "Content-Length: 05",
+            "Content-Length: +5",
+            "Content-Length: 5, 5",
+            "Content-Length: 99999999999999999999",
+            "Content-Length: 18446744073709551615",
+            "Content-Length : 5",
+            "content-lengthx: 3",
+            "content-len: 3",
+            "Transfer-Encoding: chunked",
+            "transfer-encoding: gzip, chunked",
+            "transfer-encoding: chunked, gzip",
+            "TE: trailers",
+            "Upgrade: websocket",
+            "upgrade-insecure-requests: 1",
+            "connection: keep-alive",
+            "cookie: a=b; content-length: 9",
+            "x-a: transfer-encoding: chunked",
+            " folded: line",
+            "\tfolded",
+            "c",
+            "C:",
+        ];
+        let head = (
+            0..REQUEST_LINES.len(),
+            proptest::collection::vec((0..FIELDS.len(), any::<bool>()), 0..6),
+            any::<bool>(),
+        );
+        proptest!(ProptestConfig::with_cases(4000), |((line, fields, lf_only) in head)| {
+            let eol = if lf_only { "\n" } else { "\r\n" };
+            let mut text = format!("{}{eol}", REQUEST_LINES[line]);
+            for (field, bare_lf) in fields {
+                text.push_str(FIELDS[field]);
+                text.push_str(if bare_lf { "\n" } else { eol });
+            }
+            text.push_str(eol);
+            let bytes = text.as_bytes();
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let parsed = httparse::Request::new(&mut headers).parse(bytes);
+            if matches!(parsed, Ok(httparse::Status::Complete(_))) {
+                prop_assert_eq!(judge(bytes), judge_parsed(bytes), "{:?}", text);
+            }
+            prop_assert_eq!(find_head_end(bytes, 0), Some(bytes.len()), "{:?}", text);
+        });
     }
 }
