@@ -428,6 +428,10 @@ impl Core {
             (Some(fleet), Some(prepared)) => fleet.apply(prepared).await,
             _ => Changes::default(),
         };
+        // The removed sinks' dispatchers have ended, so nothing sets their gauges again.
+        for sink in &sinks.stopped {
+            self.metrics.forget_sink(sink);
+        }
         self.asyncapi
             .store(Arc::new(crate::asyncapi::document(&new)));
         self.drain_timeout.send_replace(new.shutdown.drain_timeout);

@@ -297,6 +297,16 @@ impl Metrics {
             .inc_by(n);
     }
 
+    /// Drops the gauge series of a sink that left the config. Nothing updates them once its
+    /// dispatcher has stopped, and a gauge keeps its last value: a removed sink would show a
+    /// backlog and a lag frozen in time. Its counters stay, as Prometheus counters do; all of
+    /// its series come back with [`Metrics::for_sink`] when a sink of that name returns.
+    pub fn forget_sink(&self, sink: &str) {
+        // An error only means the series did not exist.
+        let _ = self.outbox_pending_events.remove_label_values(&[sink]);
+        let _ = self.event_delivery_lag_seconds.remove_label_values(&[sink]);
+    }
+
     /// A sink's series, resolved once and created at zero.
     pub fn for_sink(&self, sink: &str) -> crate::dispatch::SinkMetrics {
         crate::dispatch::SinkMetrics {

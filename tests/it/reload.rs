@@ -371,6 +371,14 @@ async fn sinks_keep_connections_and_cursors_and_a_removed_sink_keeps_its_backlog
         (received(&hook).len() == 3).then_some(())
     })
     .await;
+    // `late` is failing: its gauges say so before it is removed.
+    eventually(WAIT, "late's gauges show its backlog", || async {
+        let m = ficus.metrics().await;
+        let pending = sample(&m, "ficus_outbox_pending_events", &[("sink", "late")]);
+        let lag = sample(&m, "ficus_event_delivery_lag_seconds", &[("sink", "late")]);
+        (pending == Some(3.0) && lag.is_some_and(|l| l > 0.0)).then_some(())
+    })
+    .await;
 
     // New rules, `late` removed, `hook` unchanged.
     map.update(&shop_with_sinks(
@@ -415,6 +423,32 @@ async fn sinks_keep_connections_and_cursors_and_a_removed_sink_keeps_its_backlog
         .expect("the removed sink is still in the outbox status");
     assert_eq!(late.cursor, status.first_seq, "nothing delivered to it");
     assert_eq!(late.pending, 5, "its backlog is kept");
+    // Nothing updates a removed sink's gauges any more, so their last values would be a lie:
+    // the series are gone. Its counters stay, as Prometheus counters do.
+    let m = ficus.metrics().await;
+    for gauge in [
+        "ficus_outbox_pending_events",
+        "ficus_event_delivery_lag_seconds",
+    ] {
+        assert_eq!(
+            sample(&m, gauge, &[("sink", "late")]),
+            None,
+            "{gauge} of the removed sink"
+        );
+        assert!(
+            sample(&m, gauge, &[("sink", "hook")]).is_some(),
+            "{gauge} of the kept sink"
+        );
+    }
+    assert!(
+        sample(
+            &m,
+            "ficus_event_delivery_failures_total",
+            &[("sink", "late")]
+        )
+        .is_some_and(|n| n > 0.0),
+        "the removed sink's failures still counted"
+    );
 
     // `late` returns, reachable now: it gets exactly the three events that were for it.
     let late_sink = tokio::net::TcpListener::bind(late_addr)
