@@ -218,7 +218,7 @@ impl Metrics {
         let shadow_comparisons_total = IntCounterVec::new(
             Opts::new(
                 "ficus_shadow_comparisons_total",
-                "Shadow responses compared with the primary's, by route and result.",
+                "Shadow responses compared with the primary's, by route and result; error: a sampled copy that gave no comparison (not sent, failed or timed out), with or without compare.",
             ),
             &["route", "result"],
         )?;

@@ -4,6 +4,10 @@
 //! at most `max_in_flight` copies per route exist at once (beyond that they are dropped and
 //! counted), so a slow or dead shadow can never pile up.
 //!
+//! Every sampled copy that gives no comparison — it failed, timed out or was not sent — counts
+//! as `ficus_shadow_comparisons_total{result="error"}`, with or without `compare`: SPEC's
+//! shadow metric is the one a dashboard watches, so a dead shadow must show there.
+//!
 //! With `compare`, the primary's body is teed (at most [`COMPARE_LIMIT`] bytes) while it streams
 //! to the client, and the two answers are compared: status, the listed headers, and bodies —
 //! structurally when both are JSON, minus the `ignore` paths; byte for byte otherwise.
@@ -38,7 +42,8 @@ pub enum Comparison {
     StatusMismatch,
     /// The content differs: the body, or one of the compared headers (which describe it).
     BodyMismatch,
-    /// No comparison possible: the shadow failed or timed out, or the primary's body broke off.
+    /// No comparison possible: the shadow copy was not sent, failed or timed out, or the
+    /// primary's body broke off.
     Error,
 }
 
@@ -125,6 +130,12 @@ impl ShadowState {
         if let Some(i) = Comparison::ALL.iter().position(|x| *x == c) {
             self.results[i].inc();
         }
+    }
+
+    /// A sampled copy that was never sent: dropped, and no comparison either.
+    fn not_sent(&self) {
+        self.dropped.inc();
+        self.count(Comparison::Error);
     }
 }
 
@@ -227,7 +238,7 @@ pub fn start(
         return None;
     };
     let Ok(permit) = bookkeeping.permits.clone().try_acquire_owned() else {
-        bookkeeping.dropped.inc();
+        bookkeeping.not_sent();
         return None;
     };
     let compare = shadow.compare.clone();
@@ -250,13 +261,24 @@ pub fn start(
             return;
         };
         let outcome = send_copy(&state, upstream_index, parts, path_and_query, body, timeout).await;
+        let (s_status, s_headers, s_body, s_trunc) = match outcome {
+            Ok(answer) => answer,
+            Err(error) => {
+                if bookkeeping.sampled() {
+                    tracing::info!(route = %bookkeeping.route, %error, "shadow request failed");
+                }
+                bookkeeping.count(Comparison::Error);
+                return;
+            }
+        };
         let (Some(compare), Some((status, headers)), Some(rx)) =
             (compare, primary_head, primary_body)
         else {
+            // Without `compare` an answered copy has nothing to be compared with.
             return;
         };
-        let result = match (outcome, rx.await) {
-            (Ok((s_status, s_headers, s_body, s_trunc)), Ok(p)) => {
+        let result = match rx.await {
+            Ok(p) => {
                 let difference = compare_responses(
                     &compare,
                     (status, &headers, &p.bytes, p.truncated),
@@ -286,13 +308,7 @@ pub fn start(
                     }
                 }
             }
-            (Err(error), _) => {
-                if bookkeeping.sampled() {
-                    tracing::info!(route = %bookkeeping.route, %error, "shadow request failed");
-                }
-                Comparison::Error
-            }
-            (_, Err(_)) => Comparison::Error,
+            Err(_) => Comparison::Error,
         };
         bookkeeping.count(result);
     });

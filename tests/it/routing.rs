@@ -881,7 +881,8 @@ async fn a_failing_or_hanging_shadow_changes_nothing_the_client_sees() {
         let m = ficus.metrics().await;
         (count(&m, "s5xx", "status_mismatch") == 5.0
             && count(&m, "srefused", "error") == 5.0
-            && count(&m, "shang", "error") == 1.0)
+            // The copy that timed out, and the four never sent past `max_in_flight: 1`.
+            && count(&m, "shang", "error") == 5.0)
             .then_some(m)
     })
     .await;
@@ -1127,4 +1128,72 @@ async fn a_client_that_stalls_mid_body_on_a_fallback_route_gets_408() {
     .await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(func.requests().is_empty() && mono.requests().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_shadow_copy_that_fails_or_is_not_sent_counts_as_an_error_with_or_without_compare() {
+    let mono = steady().await;
+    let answering = steady().await;
+    let (hang, hung) = hanging().await;
+    let dead = refused_addr().await;
+    // No `compare` on any route: a failure must show all the same.
+    let shadowed = |name: &str, upstream: &str, extra: &str| {
+        format!("  - name: {name}\n    match: {{ path: /{name} }}\n    upstream: monolith\n    shadow: {{ upstream: {upstream}{extra} }}\n")
+    };
+    let yaml = format!(
+        "listen: {{ address: 127.0.0.1:0 }}\nadmin: {{ address: 127.0.0.1:0 }}\nupstreams:\n  monolith: {{ url: \"http://{}\" }}\n  answering: {{ url: \"http://{}\" }}\n  hanging: {{ url: \"http://{}\" }}\n  dead: {{ url: \"http://{dead}\" }}\ndefault_upstream: monolith\nroutes:\n{}{}{}",
+        mono.addr,
+        answering.addr,
+        hang.addr,
+        shadowed("refused", "dead", ""),
+        shadowed("answered", "answering", ""),
+        shadowed("capped", "hanging", ", max_in_flight: 1, timeout: 30s"),
+    );
+    let ficus = Ficus::start_yaml(&yaml).await;
+    for path in ["/refused", "/answered", "/capped"] {
+        for _ in 0..3 {
+            assert_eq!(get(ficus.addr, path).await.0, 200, "{path}");
+        }
+    }
+    let count = |m: &str, route: &str, result: &str| {
+        sample(
+            m,
+            "ficus_shadow_comparisons_total",
+            &[("route", route), ("result", result)],
+        )
+        .unwrap_or(0.0)
+    };
+    let m = eventually(WAIT, "the failed and dropped copies counted", || async {
+        let m = ficus.metrics().await;
+        (count(&m, "refused", "error") == 3.0
+            && answering.requests().len() == 3
+            && hung.load(Ordering::SeqCst) == 1)
+            .then_some(m)
+    })
+    .await;
+    // One copy hangs in flight and holds the only place: the other two were never sent.
+    assert_eq!(count(&m, "capped", "error"), 2.0, "not sent: no comparison");
+    assert_eq!(
+        sample(&m, "ficus_shadow_dropped_total", &[("route", "capped")]),
+        Some(2.0)
+    );
+    // Answered copies without `compare` have nothing to be compared with: nothing counted.
+    assert_eq!(
+        sample(
+            &m,
+            "ficus_shadow_comparisons_total",
+            &[("route", "answered")]
+        ),
+        Some(0.0)
+    );
+    for route in ["refused", "capped"] {
+        for result in ["match", "status_mismatch", "body_mismatch"] {
+            assert_eq!(count(&m, route, result), 0.0, "{route} {result}");
+        }
+    }
+    assert_eq!(
+        sample(&m, "ficus_shadow_dropped_total", &[("route", "refused")]),
+        Some(0.0),
+        "a copy that was sent and failed is not a dropped one"
+    );
 }
