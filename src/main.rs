@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use ficus::config::{Config, LoadError, LogFormat};
 use ficus::{App, Listeners};
 use tokio_util::sync::CancellationToken;
+use tracing_subscriber::filter::LevelFilter;
 
 /// Exit status for an invalid config, as `ficus check` and `ficus run` promise.
 const EXIT_INVALID_CONFIG: u8 = 2;
@@ -258,8 +259,8 @@ fn runtime_builder() -> tokio::runtime::Builder {
 
 fn init_logging(config: &Config) {
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| config.log.level.clone());
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_new(log_filter(&filter))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_filter("info")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -267,6 +268,60 @@ fn init_logging(config: &Config) {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
     };
+}
+
+/// Libraries whose own logs are held at a level unless the filter names them. rskafka logs
+/// each retry inside a call while a broker is away — `backing off` at info and `Failed to
+/// connect to broker` at warn, about four lines a second — and the Kafka sink already logs
+/// and counts each failed delivery once. Its errors (a request it gives up on) still show.
+const QUIETED: &[(&str, LevelFilter)] = &[("rskafka", LevelFilter::ERROR)];
+
+/// The filter `spec` (`log.level` or `RUST_LOG`) with [`QUIETED`] targets held at their
+/// level. A directive that names such a target, `info,rskafka=debug`, is the user asking for
+/// more and wins; a default level already as quiet is left alone (adding the directive would
+/// make the target louder than the rest).
+fn log_filter(spec: &str) -> String {
+    let directives = split_directives(spec);
+    let default = directives
+        .iter()
+        .filter_map(|d| d.parse::<LevelFilter>().ok())
+        .max();
+    let mut filter = directives.join(",");
+    for (quieted, level) in QUIETED {
+        let named = directives.iter().any(|d| {
+            let target = d.split(['[', '=']).next().unwrap_or_default().trim();
+            target == *quieted
+                || target
+                    .strip_prefix(quieted)
+                    .is_some_and(|rest| rest.starts_with("::"))
+        });
+        if !named && default.is_some_and(|default| default > *level) {
+            filter.push_str(&format!(",{quieted}={level}"));
+        }
+    }
+    filter
+}
+
+/// The comma-separated directives of a filter; a comma inside a span's field list
+/// (`target[span{a=1,b=2}]=debug`) does not end one.
+fn split_directives(spec: &str) -> Vec<&str> {
+    let mut directives = Vec::new();
+    let mut depth = 0usize;
+    let mut start = 0;
+    for (i, c) in spec.char_indices() {
+        match c {
+            '[' | '{' => depth += 1,
+            ']' | '}' => depth = depth.saturating_sub(1),
+            ',' if depth == 0 => {
+                directives.push(spec[start..i].trim());
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    directives.push(spec[start..].trim());
+    directives.retain(|d| !d.is_empty());
+    directives
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -347,4 +402,87 @@ async fn demo() -> anyhow::Result<()> {
     );
     app.run(listeners, shutdown.cancelled_owned()).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn rskafka_is_held_at_error_unless_the_filter_names_it() {
+        assert_eq!(log_filter("info"), "info,rskafka=error");
+        assert_eq!(log_filter("debug"), "debug,rskafka=error");
+        assert_eq!(log_filter("warn"), "warn,rskafka=error");
+        assert_eq!(
+            log_filter("info,ficus::proxy=debug"),
+            "info,ficus::proxy=debug,rskafka=error"
+        );
+        // The user asked for rskafka's logs: theirs is the only rskafka directive.
+        assert_eq!(log_filter("info,rskafka=debug"), "info,rskafka=debug");
+        assert_eq!(
+            log_filter("info,rskafka::connection=info"),
+            "info,rskafka::connection=info"
+        );
+        // As quiet already, or nothing enabled by default: nothing added that would make
+        // rskafka louder than the rest.
+        assert_eq!(log_filter("error"), "error");
+        assert_eq!(log_filter(" info, "), "info,rskafka=error");
+        assert_eq!(log_filter("off"), "off");
+        assert_eq!(log_filter("ficus=debug"), "ficus=debug");
+        // A target that only starts with the same letters is not rskafka.
+        assert_eq!(
+            log_filter("info,rskafkaesque=debug"),
+            "info,rskafkaesque=debug,rskafka=error"
+        );
+        assert_eq!(
+            log_filter("info,ficus[req{a=1,b=2}]=debug"),
+            "info,ficus[req{a=1,b=2}]=debug,rskafka=error"
+        );
+    }
+
+    /// The filter built from the default level really drops rskafka's retry lines and keeps
+    /// its errors and ficus's own info lines.
+    #[test]
+    fn the_default_filter_drops_rskafka_retries_and_keeps_its_errors_and_ficus_info() {
+        use tracing::Level;
+        use tracing_subscriber::layer::SubscriberExt;
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let writer = {
+            let seen = seen.clone();
+            move || Line(seen.clone())
+        };
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_subscriber::EnvFilter::new(log_filter("info")))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(writer)
+                    .with_ansi(false),
+            );
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::event!(target: "rskafka::backoff", Level::INFO, "backing off");
+            tracing::event!(target: "rskafka::connection", Level::WARN, "failed to connect");
+            tracing::event!(target: "rskafka::client", Level::ERROR, "fatal error");
+            tracing::event!(target: "ficus::sinks::kafka", Level::INFO, "connected to Kafka");
+        });
+        let text = seen.lock().map(|l| l.concat()).unwrap_or_default();
+        assert!(!text.contains("backing off"), "{text}");
+        assert!(!text.contains("failed to connect"), "{text}");
+        assert!(text.contains("fatal error"), "{text}");
+        assert!(text.contains("connected to Kafka"), "{text}");
+    }
+
+    struct Line(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+    impl std::io::Write for Line {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if let Ok(mut lines) = self.0.lock() {
+                lines.push(String::from_utf8_lossy(buf).into_owned());
+            }
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
 }
