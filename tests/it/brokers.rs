@@ -26,6 +26,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::events::shop;
+use crate::support::mid_stream::{kill_broker_mid_stream, Arrival, KilledBroker};
 use crate::support::{config_yaml, eventually, get, sample, send, Ficus, FicusProcess, WAIT};
 
 /// How long a broker may take to start (JetStream recovers its streams first).
@@ -737,83 +738,57 @@ async fn nats_over_mutual_tls_with_user_and_password() {
     assert_eq!(arrivals[0].2, "c-9");
 }
 
+/// The `SHOP` stream, for the kill-mid-stream run: JetStream deduplicates by `Nats-Msg-Id`.
+struct ShopStream<'a> {
+    nats: &'a mut Broker,
+    /// Connected after the restart.
+    js: Option<jetstream::Context>,
+}
+
+impl ShopStream<'_> {
+    fn js(&self) -> &jetstream::Context {
+        self.js.as_ref().expect("read only after the restart")
+    }
+}
+
+impl KilledBroker for ShopStream<'_> {
+    const NAME: &'static str = "nats";
+    const DURABLE_BY: &'static str = "the JetStream file store";
+    const DEDUPLICATES: bool = true;
+
+    fn kill_9(&mut self) {
+        self.nats.kill_9();
+    }
+
+    async fn start(&mut self) {
+        self.nats.start().await;
+        self.js = Some(jetstream::new(nats_client(self.nats.port).await));
+    }
+
+    async fn held(&mut self) -> usize {
+        usize::try_from(stream_count(self.js(), "SHOP").await).unwrap_or(usize::MAX)
+    }
+
+    async fn arrivals(&mut self) -> Vec<Arrival> {
+        nats_arrivals(&read_stream(self.js(), "SHOP").await)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_killed_mid_stream_loses_nothing_duplicates_nothing_keeps_order() {
     let Some(mut nats) = Broker::new(Kind::Nats, "nats_killed_mid_stream") else {
         return;
     };
     nats.start().await;
-    let upstream = shop().await;
-    let dir = tempfile::tempdir().expect("tempdir");
     let sinks = format!(
         "  bus: {{ type: nats, url: \"{}\", subject: \"shop.{{type}}\", create_stream: SHOP, timeout: 1s }}",
         nats.url()
     );
-    let ficus = Ficus::start_yaml(&ficus_yaml(
-        upstream.addr,
-        &sinks,
-        &dir.path().join("outbox"),
-    ))
-    .await;
-    let keys: Vec<String> = (0..4).map(|k| format!("k{k}")).collect();
-    const PER_KEY: usize = 50;
-    let total = keys.len() * PER_KEY;
-    let started = Instant::now();
-    let done = Arc::new(AtomicUsize::new(0));
-    let clients = load(ficus.addr, &keys, PER_KEY, done.clone());
-
-    eventually(WAIT, "delivery under way", || async {
-        (done.load(Ordering::SeqCst) >= 60
-            && metric(&ficus, "ficus_events_delivered_total", "bus").await >= 1.0)
-            .then_some(())
-    })
-    .await;
-    nats.kill_9();
-    let at_kill = done.load(Ordering::SeqCst);
-    let delivered_at_kill = metric(&ficus, "ficus_events_delivered_total", "bus").await;
-    eventually(
-        WAIT,
-        "more requests and failed deliveries while the broker is down",
-        || async {
-            let more = done.load(Ordering::SeqCst) >= (at_kill + 60).min(total);
-            let failed = metric(&ficus, "ficus_event_delivery_failures_total", "bus").await >= 1.0;
-            (more && failed).then_some(())
-        },
-    )
-    .await;
-    let down_for = started.elapsed();
-    nats.start().await;
-    for c in clients {
-        c.await.expect("client task");
-    }
-    let client = nats_client(nats.port).await;
-    let js = jetstream::new(client);
-    eventually(
-        DELIVERY,
-        "every event delivered after the restart",
-        || async {
-            let pending = metric(&ficus, "ficus_outbox_pending_events", "bus").await;
-            (pending == 0.0 && stream_count(&js, "SHOP").await >= total as u64).then_some(())
-        },
-    )
-    .await;
-    let messages = read_stream(&js, "SHOP").await;
-    let arrivals = nats_arrivals(&messages);
-    let distinct: HashSet<&str> = arrivals.iter().map(|(id, _, _)| id.as_str()).collect();
-    assert_eq!(distinct.len(), total, "every event arrived");
-    assert_eq!(
-        messages.len(),
-        total,
-        "no duplicate in the stream (Nats-Msg-Id)"
-    );
-    assert_in_order_per_key(&arrivals, &keys, PER_KEY);
-    let failures = metric(&ficus, "ficus_event_delivery_failures_total", "bus").await;
-    eprintln!(
-        "nats kill -9: killed after {at_kill} responses and {delivered_at_kill} deliveries, restarted after {down_for:?}; {} messages, {} distinct, {failures} failed attempts, all delivered after {:?}",
-        messages.len(),
-        distinct.len(),
-        started.elapsed()
-    );
+    let mut stream = ShopStream {
+        nats: &mut nats,
+        js: None,
+    };
+    kill_broker_mid_stream(&mut stream, "bus", &sinks).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1071,84 +1046,59 @@ async fn redis_entries_have_a_field_per_attribute_and_the_data() {
     .await;
 }
 
+/// The `events:shop.order.created` stream, for the kill-mid-stream run.
+struct OrdersStream<'a> {
+    redis: &'a mut Broker,
+    /// Connected after the restart.
+    conn: Option<redis::aio::MultiplexedConnection>,
+}
+
+impl OrdersStream<'_> {
+    const KEY: &'static str = "events:shop.order.created";
+
+    fn conn(&mut self) -> &mut redis::aio::MultiplexedConnection {
+        self.conn.as_mut().expect("read only after the restart")
+    }
+}
+
+impl KilledBroker for OrdersStream<'_> {
+    const NAME: &'static str = "redis";
+    const DURABLE_BY: &'static str = "appendonly";
+    const DEDUPLICATES: bool = false;
+
+    fn kill_9(&mut self) {
+        self.redis.kill_9();
+    }
+
+    async fn start(&mut self) {
+        self.redis.start().await;
+        self.conn = Some(redis_connection(&self.redis.url()).await);
+    }
+
+    async fn held(&mut self) -> usize {
+        usize::try_from(xlen(self.conn(), Self::KEY).await).unwrap_or(usize::MAX)
+    }
+
+    async fn arrivals(&mut self) -> Vec<Arrival> {
+        redis_arrivals(&xrange(self.conn(), Self::KEY).await)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_mid_stream_loses_nothing_and_keeps_order() {
     let Some(mut redis) = Broker::new(Kind::Redis, "redis_killed_mid_stream") else {
         return;
     };
     redis.start().await;
-    let upstream = shop().await;
-    let dir = tempfile::tempdir().expect("tempdir");
     let sinks = format!(
         "  stream: {{ type: redis, url: \"{}\", stream: \"events:{{type}}\", timeout: 1s }}",
         redis.url()
     );
-    let ficus = Ficus::start_yaml(&ficus_yaml(
-        upstream.addr,
-        &sinks,
-        &dir.path().join("outbox"),
-    ))
-    .await;
-    let keys: Vec<String> = (0..4).map(|k| format!("k{k}")).collect();
-    const PER_KEY: usize = 50;
-    let total = keys.len() * PER_KEY;
-    let started = Instant::now();
-    let done = Arc::new(AtomicUsize::new(0));
-    let clients = load(ficus.addr, &keys, PER_KEY, done.clone());
-
-    eventually(WAIT, "delivery under way", || async {
-        (done.load(Ordering::SeqCst) >= 60
-            && metric(&ficus, "ficus_events_delivered_total", "stream").await >= 1.0)
-            .then_some(())
-    })
-    .await;
-    redis.kill_9();
-    let at_kill = done.load(Ordering::SeqCst);
-    let delivered_at_kill = metric(&ficus, "ficus_events_delivered_total", "stream").await;
-    eventually(
-        WAIT,
-        "more requests and failed deliveries while the broker is down",
-        || async {
-            let more = done.load(Ordering::SeqCst) >= (at_kill + 60).min(total);
-            let failed =
-                metric(&ficus, "ficus_event_delivery_failures_total", "stream").await >= 1.0;
-            (more && failed).then_some(())
-        },
-    )
-    .await;
-    let down_for = started.elapsed();
-    redis.start().await;
-    for c in clients {
-        c.await.expect("client task");
-    }
-    let mut conn = redis_connection(&redis.url()).await;
-    eventually(DELIVERY, "every event delivered after the restart", || {
-        let mut conn = conn.clone();
-        let ficus = &ficus;
-        async move {
-            let pending = metric(ficus, "ficus_outbox_pending_events", "stream").await;
-            (pending == 0.0 && xlen(&mut conn, "events:shop.order.created").await >= total as u64)
-                .then_some(())
-        }
-    })
-    .await;
-    let entries = xrange(&mut conn, "events:shop.order.created").await;
-    let arrivals = redis_arrivals(&entries);
-    let distinct: HashSet<&str> = arrivals.iter().map(|(id, _, _)| id.as_str()).collect();
-    assert_eq!(
-        distinct.len(),
-        total,
-        "every event arrived (appendonly survived kill -9)"
-    );
-    assert_in_order_per_key(&arrivals, &keys, PER_KEY);
-    let failures = metric(&ficus, "ficus_event_delivery_failures_total", "stream").await;
-    eprintln!(
-        "redis kill -9: killed after {at_kill} responses and {delivered_at_kill} deliveries, restarted after {down_for:?}; {} entries, {} distinct ({} duplicates, allowed: Redis does not deduplicate), {failures} failed attempts, all delivered after {:?}",
-        entries.len(),
-        distinct.len(),
-        entries.len() - distinct.len(),
-        started.elapsed()
-    );
+    let mut stream = OrdersStream {
+        redis: &mut redis,
+        conn: None,
+    };
+    kill_broker_mid_stream(&mut stream, "stream", &sinks).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1826,6 +1776,51 @@ impl Drop for RabbitNode {
     }
 }
 
+/// The `shop-all` queue (bound to every key of exchange `shop`), for the kill-mid-stream run.
+struct ShopQueue<'a> {
+    node: &'a mut RabbitNode,
+    /// Connected after the restart.
+    client: Option<(lapin::Connection, lapin::Channel)>,
+}
+
+impl ShopQueue<'_> {
+    const QUEUE: &'static str = "shop-all";
+
+    fn channel(&self) -> &lapin::Channel {
+        &self.client.as_ref().expect("read only after the restart").1
+    }
+}
+
+impl KilledBroker for ShopQueue<'_> {
+    const NAME: &'static str = "rabbitmq";
+    const DURABLE_BY: &'static str = "confirmed messages";
+    const DEDUPLICATES: bool = false;
+
+    fn kill_9(&mut self) {
+        self.node.kill_9();
+    }
+
+    async fn start(&mut self) {
+        self.node.start().await;
+        self.client = Some(amqp_client(&self.node.url()).await);
+    }
+
+    async fn held(&mut self) -> usize {
+        usize::try_from(queue_len(self.channel(), Self::QUEUE).await).unwrap_or(usize::MAX)
+    }
+
+    async fn arrivals(&mut self) -> Vec<Arrival> {
+        let messages = take_all(self.channel(), Self::QUEUE).await;
+        assert!(
+            messages
+                .iter()
+                .all(|m| m.properties.delivery_mode() == &Some(2)),
+            "persistent"
+        );
+        amqp_arrivals(&messages)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_killed_mid_stream_loses_nothing_and_keeps_order() {
     let Some(mut node) = RabbitNode::new("rabbitmq_killed_mid_stream") else {
@@ -1834,97 +1829,24 @@ async fn rabbitmq_killed_mid_stream_loses_nothing_and_keeps_order() {
     node.start().await;
     {
         let (_conn, channel) = amqp_client(&node.url()).await;
-        declare_queue(&channel, "shop", "shop-all", "#", FieldTable::default()).await;
+        declare_queue(
+            &channel,
+            "shop",
+            ShopQueue::QUEUE,
+            "#",
+            FieldTable::default(),
+        )
+        .await;
     }
-    let upstream = shop().await;
-    let dir = tempfile::tempdir().expect("tempdir");
     let sinks = format!(
         "  rabbit: {{ type: amqp, url: \"{}\", exchange: shop, routing_key: \"{{type}}\", timeout: 1s }}",
         node.url()
     );
-    let ficus = Ficus::start_yaml(&ficus_yaml(
-        upstream.addr,
-        &sinks,
-        &dir.path().join("outbox"),
-    ))
-    .await;
-    let keys: Vec<String> = (0..4).map(|k| format!("k{k}")).collect();
-    const PER_KEY: usize = 50;
-    let total = keys.len() * PER_KEY;
-    let started = Instant::now();
-    let done = Arc::new(AtomicUsize::new(0));
-    let clients = load(ficus.addr, &keys, PER_KEY, done.clone());
-
-    eventually(WAIT, "delivery under way", || async {
-        (done.load(Ordering::SeqCst) >= 60
-            && metric(&ficus, "ficus_events_delivered_total", "rabbit").await >= 1.0)
-            .then_some(())
-    })
-    .await;
-    node.kill_9();
-    let at_kill = done.load(Ordering::SeqCst);
-    let delivered_at_kill = metric(&ficus, "ficus_events_delivered_total", "rabbit").await;
-    eventually(
-        WAIT,
-        "more requests and failed deliveries while the broker is down",
-        || async {
-            let more = done.load(Ordering::SeqCst) >= (at_kill + 60).min(total);
-            let failed =
-                metric(&ficus, "ficus_event_delivery_failures_total", "rabbit").await >= 1.0;
-            (more && failed).then_some(())
-        },
-    )
-    .await;
-    let down_for = started.elapsed();
-    node.start().await;
-    for c in clients {
-        c.await.expect("client task");
-    }
-    let (_conn, channel) = amqp_client(&node.url()).await;
-    // Polled by hand, so that a timeout says which side fell short.
-    let deadline = Instant::now() + DELIVERY;
-    loop {
-        let pending = metric(&ficus, "ficus_outbox_pending_events", "rabbit").await;
-        let queued = queue_len(&channel, "shop-all").await;
-        if pending == 0.0 && queued >= total as u32 {
-            break;
-        }
-        if Instant::now() > deadline {
-            let metrics = ficus.metrics().await;
-            let rabbit: Vec<&str> = metrics
-                .lines()
-                .filter(|l| l.contains("sink=\"rabbit\""))
-                .collect();
-            panic!(
-                "not every event delivered {DELIVERY:?} after the restart: {queued} of {total} in the queue, {pending} pending; sink metrics:\n{}",
-                rabbit.join("\n")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let messages = take_all(&channel, "shop-all").await;
-    assert!(
-        messages
-            .iter()
-            .all(|m| m.properties.delivery_mode() == &Some(2)),
-        "persistent"
-    );
-    let arrivals = amqp_arrivals(&messages);
-    let distinct: HashSet<&str> = arrivals.iter().map(|(id, _, _)| id.as_str()).collect();
-    assert_eq!(
-        distinct.len(),
-        total,
-        "every event arrived (confirmed messages survived kill -9)"
-    );
-    assert_in_order_per_key(&arrivals, &keys, PER_KEY);
-    let failures = metric(&ficus, "ficus_event_delivery_failures_total", "rabbit").await;
-    eprintln!(
-        "rabbitmq kill -9: killed after {at_kill} responses and {delivered_at_kill} deliveries, restarted after {down_for:?}; {} messages, {} distinct ({} duplicates, allowed: same message_id), {failures} failed attempts, all delivered after {:?}",
-        messages.len(),
-        distinct.len(),
-        messages.len() - distinct.len(),
-        started.elapsed()
-    );
+    let mut queue = ShopQueue {
+        node: &mut node,
+        client: None,
+    };
+    kill_broker_mid_stream(&mut queue, "rabbit", &sinks).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

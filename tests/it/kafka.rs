@@ -13,10 +13,9 @@
 //! serves no TLS with them), and a broker certificate the sink does not trust (retried).
 //! A missing `tansu` skips the test with a loud message, and fails it when `CI` is set.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,10 +25,11 @@ use rskafka::client::{Client, ClientBuilder, Credentials, SaslConfig};
 use rskafka::record::Record;
 
 use crate::brokers::{
-    assert_in_order_per_key, data_json, ficus_yaml, find_binary, free_port, load, log_lines,
-    metric, order, pki, process_metric, text, BROKER_START, DELIVERY,
+    assert_in_order_per_key, data_json, ficus_yaml, find_binary, free_port, log_lines, metric,
+    order, pki, process_metric, text, BROKER_START, DELIVERY,
 };
 use crate::events::shop;
+use crate::support::mid_stream::{kill_broker_mid_stream, Arrival, KilledBroker};
 use crate::support::{eventually, get, send, Ficus, FicusProcess, WAIT};
 
 /// One `tansu broker` on a fixed port with its SQLite database in `dir`, so that it can be
@@ -498,86 +498,52 @@ async fn kafka_records_follow_the_cloudevents_binding() {
     .await;
 }
 
+/// The `shop-events` topic (three partitions), for the kill-mid-stream run.
+struct ShopEvents<'a> {
+    tansu: &'a mut Tansu,
+}
+
+impl ShopEvents<'_> {
+    const TOPIC: &'static str = "shop-events";
+    const PARTITIONS: i32 = 3;
+}
+
+impl KilledBroker for ShopEvents<'_> {
+    const NAME: &'static str = "kafka";
+    const DURABLE_BY: &'static str = "records acknowledged by acks=all";
+    const DEDUPLICATES: bool = false;
+
+    fn kill_9(&mut self) {
+        self.tansu.kill_9();
+    }
+
+    async fn start(&mut self) {
+        self.tansu.start().await;
+    }
+
+    async fn held(&mut self) -> usize {
+        topic_len(self.tansu, Self::TOPIC, Self::PARTITIONS).await
+    }
+
+    async fn arrivals(&mut self) -> Vec<Arrival> {
+        let records = read_topic(self.tansu, Self::TOPIC, Self::PARTITIONS).await;
+        assert_partitioned_by_key(&records, Self::PARTITIONS);
+        kafka_arrivals(&records)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_broker_killed_mid_stream_loses_nothing_and_keeps_order() {
     let Some(mut tansu) = Tansu::new("kafka_broker_killed_mid_stream") else {
         return;
     };
     tansu.start().await;
-    const PARTITIONS: i32 = 3;
-    tansu.create_topic("shop-events", PARTITIONS).await;
-    let upstream = shop().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let ficus = Ficus::start_yaml(&ficus_yaml(
-        upstream.addr,
-        &sinks(&tansu.addr(), "shop-events"),
-        &dir.path().join("outbox"),
-    ))
-    .await;
-    let keys: Vec<String> = (0..4).map(|k| format!("k{k}")).collect();
-    const PER_KEY: usize = 50;
-    let total = keys.len() * PER_KEY;
-    let started = Instant::now();
-    let done = Arc::new(AtomicUsize::new(0));
-    let clients = load(ficus.addr, &keys, PER_KEY, done.clone());
-
-    eventually(WAIT, "delivery under way", || async {
-        (done.load(Ordering::SeqCst) >= 60
-            && metric(&ficus, "ficus_events_delivered_total", "kafka").await >= 1.0)
-            .then_some(())
-    })
-    .await;
-    tansu.kill_9();
-    let at_kill = done.load(Ordering::SeqCst);
-    let delivered_at_kill = metric(&ficus, "ficus_events_delivered_total", "kafka").await;
-    eventually(
-        WAIT,
-        "more requests and failed deliveries while the broker is down",
-        || async {
-            let more = done.load(Ordering::SeqCst) >= (at_kill + 60).min(total);
-            let failed =
-                metric(&ficus, "ficus_event_delivery_failures_total", "kafka").await >= 1.0;
-            (more && failed).then_some(())
-        },
-    )
-    .await;
-    let down_for = started.elapsed();
-    tansu.start().await;
-    for c in clients {
-        c.await.expect("client task");
-    }
-    eventually(
-        DELIVERY,
-        "every event delivered after the restart",
-        || async {
-            let pending = metric(&ficus, "ficus_outbox_pending_events", "kafka").await;
-            (pending == 0.0 && topic_len(&tansu, "shop-events", PARTITIONS).await >= total)
-                .then_some(())
-        },
-    )
-    .await;
-    let records = read_topic(&tansu, "shop-events", PARTITIONS).await;
-    assert_partitioned_by_key(&records, PARTITIONS);
-    let arrivals = kafka_arrivals(&records);
-    let distinct: HashSet<&str> = arrivals.iter().map(|(id, _, _)| id.as_str()).collect();
-    assert_eq!(distinct.len(), total, "every event arrived");
-    assert_in_order_per_key(&arrivals, &keys, PER_KEY);
-    // A duplicate is a resend of the same event: same id, same content.
-    let mut by_id: HashMap<&str, &(String, String, String)> = HashMap::new();
-    for a in &arrivals {
-        assert_eq!(
-            *by_id.entry(a.0.as_str()).or_insert(a),
-            a,
-            "same id, same event"
-        );
-    }
-    let failures = metric(&ficus, "ficus_event_delivery_failures_total", "kafka").await;
-    eprintln!(
-        "kafka kill -9: killed after {at_kill} responses and {delivered_at_kill} deliveries, restarted after {down_for:?}; {} records, {} distinct, {failures} failed attempts, all delivered after {:?}",
-        records.len(),
-        distinct.len(),
-        started.elapsed()
-    );
+    tansu
+        .create_topic(ShopEvents::TOPIC, ShopEvents::PARTITIONS)
+        .await;
+    let sinks = sinks(&tansu.addr(), ShopEvents::TOPIC);
+    let mut topic = ShopEvents { tansu: &mut tansu };
+    kill_broker_mid_stream(&mut topic, "kafka", &sinks).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

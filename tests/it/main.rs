@@ -1,6 +1,7 @@
 //! ficus integration tests: one binary, real sockets, real upstream servers on ephemeral ports.
 //!
-//! - `support`: the harness (ficus in-process or as a process, test upstreams, clients)
+//! - `support`: the harness (ficus in-process or as a process, test upstreams, clients, and
+//!   `mid_stream`: the kill-the-broker-mid-stream run every broker sink test makes)
 //! - `forwarding`: the transparency table and header rules of SPEC §3
 //! - `failures`: 502/504, idle timeout, client cancellation
 //! - `limits`: 431, header read timeout, ambiguous framing

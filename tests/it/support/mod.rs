@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod mid_stream;
 pub mod upstream;
 
 use std::future::Future;
