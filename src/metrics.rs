@@ -225,7 +225,7 @@ impl Metrics {
         let shadow_dropped_total = IntCounterVec::new(
             Opts::new(
                 "ficus_shadow_dropped_total",
-                "Shadow copies not sent because the route's shadow concurrency cap was reached.",
+                "Shadow copies sampled but not sent: the route's max_in_flight was reached, or the request body was too long to keep (over 64 KiB).",
             ),
             &["route"],
         )?;

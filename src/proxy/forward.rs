@@ -174,6 +174,10 @@ async fn forward(state: &Arc<ProxyState>, conn: &ConnInfo, routed: Routed) -> Re
             bytes,
             &response,
         ),
+        (Some(_), _, None) => {
+            super::shadow::body_not_kept(state, target);
+            None
+        }
         _ => None,
     };
 

@@ -223,6 +223,14 @@ impl Body for Tapped {
     }
 }
 
+/// A sampled copy that cannot be sent: its request body was too long to keep (it streamed to
+/// the primary once), so the same bytes cannot go out again.
+pub fn body_not_kept(state: &ProxyState, target: Target) {
+    if let Some(Some(bookkeeping)) = state.shadows.get(target.route) {
+        bookkeeping.not_sent();
+    }
+}
+
 /// Sends the shadow copy if the route's cap allows, and arranges the comparison; the returned
 /// tap must wrap the primary's body.
 pub fn start(

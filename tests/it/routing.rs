@@ -1197,3 +1197,43 @@ async fn every_shadow_copy_that_fails_or_is_not_sent_counts_as_an_error_with_or_
         "a copy that was sent and failed is not a dropped one"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_copy_skipped_for_a_body_over_64_kib_is_counted_as_dropped() {
+    let mono = steady().await;
+    let shadow = steady().await;
+    let yaml = two_upstreams(
+        &mono,
+        &shadow,
+        "  - name: uploads\n    match: { path: /uploads }\n    upstream: monolith\n    shadow: { upstream: orders-fn, methods: [POST] }\n",
+    );
+    let ficus = Ficus::start_yaml(&yaml).await;
+    let post = |len: usize| {
+        Request::post("/uploads")
+            .header("host", "shop.example")
+            .body(Full::new(Bytes::from(vec![b'x'; len])))
+            .expect("request")
+    };
+    // Kept (64 KiB at most): copied. Longer: streamed once, so no copy can be sent.
+    assert_eq!(send(ficus.addr, post(1024)).await.status(), 200);
+    assert_eq!(send(ficus.addr, post(100 * 1024)).await.status(), 200);
+    eventually(WAIT, "the small body's copy", || async {
+        (shadow.requests().len() == 1).then_some(())
+    })
+    .await;
+    let m = ficus.metrics().await;
+    assert_eq!(
+        sample(&m, "ficus_shadow_dropped_total", &[("route", "uploads")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "ficus_shadow_comparisons_total",
+            &[("route", "uploads"), ("result", "error")]
+        ),
+        Some(1.0),
+        "not sent: no comparison"
+    );
+    assert_eq!(mono.requests().len(), 2, "the primary served both");
+}
