@@ -7,8 +7,6 @@ use std::sync::OnceLock;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method};
-use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
-use serde::Deserialize;
 use serde_json::Value;
 
 use super::template::{descend, Step};
@@ -189,10 +187,10 @@ impl Captured {
     /// absent. When the body is JSON and not parsed yet, the first lookup reads only that
     /// value: the rest of the document is checked as [`value`](Self::value) would parse it
     /// (syntax, string encoding, number range, nesting, trailing bytes), so the answer is the
-    /// same, but none of it is built. A 300-byte body of a dozen small objects costs a few
-    /// dozen allocations to build, which was most of a rule's evaluation. A body the quick
-    /// read refuses is one the full parse refuses too: it is settled as text (or `null` when
-    /// truncated) without parsing it again.
+    /// same, but none of it is built (see [`super::scan`]). A 300-byte body of a dozen small
+    /// objects costs a few dozen allocations to build, which was most of a rule's evaluation.
+    /// A body the quick read refuses is one the full parse refuses too: it is settled as text
+    /// (or `null` when truncated) without parsing it again.
     pub(crate) fn lookup(&self, steps: &[Step]) -> Cow<'_, Value> {
         if self.parsed.get().is_none()
             && self.json
@@ -200,13 +198,9 @@ impl Captured {
             && !self.bytes.is_empty()
             && !self.looked_up.swap(true, Ordering::Relaxed)
         {
-            let mut de = serde_json::Deserializer::from_slice(&self.bytes);
-            let found = Find(steps)
-                .deserialize(&mut de)
-                .and_then(|v| de.end().map(|()| v));
-            match found {
+            match super::scan::find(&self.bytes, steps) {
                 Ok(v) => return Cow::Owned(v),
-                Err(_) => {
+                Err(super::scan::Refused) => {
                     let _ = self.parsed.set(not_json(&self.bytes, self.truncated));
                 }
             }
@@ -273,159 +267,6 @@ fn not_json(bytes: &[u8], truncated: bool) -> Parsed {
     Parsed {
         value: Value::String(String::from_utf8_lossy(bytes).into_owned()),
         text: true,
-    }
-}
-
-/// Reads the value at its steps from a JSON document, checking the rest as `Value` would parse
-/// it but building nothing else: `null` where the document has no such value. For an object
-/// with a key given twice, the last one counts, as in `Value`.
-struct Find<'s>(&'s [Step]);
-
-impl<'de> DeserializeSeed<'de> for Find<'_> {
-    type Value = Value;
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
-        match self.0 {
-            [] => Value::deserialize(d),
-            steps => d.deserialize_any(FindIn(steps)),
-        }
-    }
-}
-
-/// The visitor of [`Find`] with at least one step left: a scalar has no inner values.
-struct FindIn<'s>(&'s [Step]);
-
-impl<'de> Visitor<'de> for FindIn<'_> {
-    type Value = Value;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON value")
-    }
-
-    fn visit_bool<E>(self, _: bool) -> Result<Value, E> {
-        Ok(Value::Null)
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<Value, E> {
-        Ok(Value::Null)
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<Value, E> {
-        Ok(Value::Null)
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<Value, E> {
-        Ok(Value::Null)
-    }
-    fn visit_str<E>(self, _: &str) -> Result<Value, E> {
-        Ok(Value::Null)
-    }
-    fn visit_unit<E>(self) -> Result<Value, E> {
-        Ok(Value::Null)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
-        let (step, rest) = (&self.0[0], &self.0[1..]);
-        let mut found = Value::Null;
-        let mut i = 0;
-        loop {
-            if matches!(step, Step::Index(n) if *n == i) {
-                match seq.next_element_seed(Find(rest))? {
-                    Some(v) => found = v,
-                    None => break,
-                }
-            } else if seq.next_element::<Skip>()?.is_none() {
-                break;
-            }
-            i += 1;
-        }
-        Ok(found)
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        let (step, rest) = (&self.0[0], &self.0[1..]);
-        let field = match step {
-            Step::Field(f) => Some(f.as_str()),
-            _ => None,
-        };
-        let mut found = Value::Null;
-        while let Some(hit) = map.next_key_seed(KeyIs(field))? {
-            if hit {
-                found = map.next_value_seed(Find(rest))?;
-            } else {
-                map.next_value::<Skip>()?;
-            }
-        }
-        Ok(found)
-    }
-}
-
-/// Whether an object key is the wanted field.
-struct KeyIs<'s>(Option<&'s str>);
-
-impl<'de> DeserializeSeed<'de> for KeyIs<'_> {
-    type Value = bool;
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
-        d.deserialize_str(self)
-    }
-}
-
-impl<'de> Visitor<'de> for KeyIs<'_> {
-    type Value = bool;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("an object key")
-    }
-
-    fn visit_str<E>(self, key: &str) -> Result<bool, E> {
-        Ok(self.0 == Some(key))
-    }
-}
-
-/// Any JSON value, checked as `Value` would parse it (through `deserialize_any`, as `Value`
-/// does), kept nowhere.
-struct Skip;
-
-impl<'de> Deserialize<'de> for Skip {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Skip, D::Error> {
-        d.deserialize_any(Skip)
-    }
-}
-
-impl<'de> Visitor<'de> for Skip {
-    type Value = Skip;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON value")
-    }
-
-    fn visit_bool<E>(self, _: bool) -> Result<Skip, E> {
-        Ok(Skip)
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<Skip, E> {
-        Ok(Skip)
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<Skip, E> {
-        Ok(Skip)
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<Skip, E> {
-        Ok(Skip)
-    }
-    fn visit_str<E>(self, _: &str) -> Result<Skip, E> {
-        Ok(Skip)
-    }
-    fn visit_unit<E>(self) -> Result<Skip, E> {
-        Ok(Skip)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Skip, A::Error> {
-        while seq.next_element::<Skip>()?.is_some() {}
-        Ok(Skip)
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Skip, A::Error> {
-        while map.next_key::<Skip>()?.is_some() {
-            map.next_value::<Skip>()?;
-        }
-        Ok(Skip)
     }
 }
 

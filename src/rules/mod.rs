@@ -59,6 +59,7 @@ mod condition;
 mod exchange;
 mod path;
 mod redact;
+mod scan;
 mod status;
 mod template;
 #[cfg(test)]

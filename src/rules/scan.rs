@@ -1,0 +1,850 @@
+//! A checked JSON scanner: the value at a path of `.field`/`[index]` steps in a JSON document,
+//! with the whole document checked as `serde_json::from_slice::<Value>` checks it, and nothing
+//! built but the value found.
+//!
+//! The first placeholder into a body not parsed yet reads its value here (see
+//! [`super::Captured::lookup`]). Its answer must be the full parse's: the same value, and a
+//! refusal exactly where the full parse refuses. So it checks what serde_json 1 checks when it
+//! builds a `Value` (no `arbitrary_precision`, no `float_roundtrip`, which ficus does not
+//! enable):
+//!
+//! - the grammar of RFC 8259, strictly: no trailing commas, no leading zeros, no bare `.5` or
+//!   `1.`, whitespace only ` `, `\t`, `\n`, `\r`, nothing but whitespace after the value;
+//! - strings: UTF-8, no control characters below `0x20`, only the escapes JSON has, `\u`
+//!   with four hex digits, surrogates paired (`\ud83d\ude00`), never alone;
+//! - numbers: in the range of `f64` (`1e400` is refused, `1e-400` is `0`); a number with an
+//!   exponent, or more than [`PLAIN_DIGITS`] integer digits, is checked by serde_json itself,
+//!   on its own bytes;
+//! - nesting: at most 127 arrays and objects inside one another (serde_json's limit of 128);
+//! - an object's key given twice: the last one counts.
+//!
+//! The value found is handed to serde_json (its bytes only) to build, except a string without
+//! escapes. The property tests below compare it with the full parse on random and mutated
+//! documents, refusals included.
+
+use std::ops::Range;
+
+use serde_json::Value;
+
+use super::template::Step;
+
+/// The document is one the full parse refuses.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Refused;
+
+/// serde_json's recursion budget: entering an array or object spends one, and reaching zero
+/// is refused.
+const DEPTH: u8 = 128;
+
+/// A number without an exponent and with at most this many integer digits is below `1e300`,
+/// so finite however serde_json rounds it; the others are checked by serde_json.
+const PLAIN_DIGITS: usize = 300;
+
+/// The value at `steps` in `json` (`null` when the document has none there), or [`Refused`]
+/// when `serde_json::from_slice::<Value>(json)` fails.
+pub(crate) fn find(json: &[u8], steps: &[Step]) -> Result<Value, Refused> {
+    let mut s = Scanner {
+        b: json,
+        i: 0,
+        found: None,
+    };
+    s.ws();
+    s.value(Some(steps), DEPTH)?;
+    s.ws();
+    if s.i != json.len() {
+        return Err(Refused);
+    }
+    match s.found {
+        None => Ok(Value::Null),
+        Some(range) => build(json.get(range).ok_or(Refused)?),
+    }
+}
+
+/// The value of `bytes`, one JSON value already checked.
+fn build(bytes: &[u8]) -> Result<Value, Refused> {
+    if let [b'"', inner @ .., b'"'] = bytes {
+        if !inner.contains(&b'\\') {
+            return std::str::from_utf8(inner)
+                .map(|s| Value::String(s.to_string()))
+                .map_err(|_| Refused);
+        }
+    }
+    serde_json::from_slice(bytes).map_err(|_| Refused)
+}
+
+struct Scanner<'a> {
+    b: &'a [u8],
+    i: usize,
+    /// Where the wanted value is, once seen (the last one seen, for a key given twice).
+    found: Option<Range<usize>>,
+}
+
+/// Eight bytes at once, for the string scan.
+const ONES: u64 = u64::from_ne_bytes([1; 8]);
+const HIGH: u64 = ONES << 7;
+
+/// The high bit of each byte of `chars` (little-endian) that is `"`, `\` or a control
+/// character, or (`ascii_too`) not ASCII. Only the lowest flagged byte is sure to be one (a
+/// borrow can flag bytes above a real one), which is all that the callers use.
+fn special(chars: u64, ascii_too: bool) -> u64 {
+    let control = chars.wrapping_sub(ONES * 0x20) & !chars;
+    let quote = chars ^ (ONES * u64::from(b'"'));
+    let quote = quote.wrapping_sub(ONES) & !quote;
+    let backslash = chars ^ (ONES * u64::from(b'\\'));
+    let backslash = backslash.wrapping_sub(ONES) & !backslash;
+    let high = if ascii_too { chars } else { 0 };
+    (control | quote | backslash | high) & HIGH
+}
+
+impl Scanner<'_> {
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.i).copied()
+    }
+
+    fn next(&mut self) -> Option<u8> {
+        let c = self.peek()?;
+        self.i += 1;
+        Some(c)
+    }
+
+    fn ws(&mut self) {
+        while let Some(b' ' | b'\n' | b'\t' | b'\r') = self.peek() {
+            self.i += 1;
+        }
+    }
+
+    /// One value at `self.i`. `steps`: `None` when nothing in it is wanted, else the steps
+    /// still to take from it (empty: this value is the one, and [`Scanner::found`] is set to it).
+    fn value(&mut self, steps: Option<&[Step]>, depth: u8) -> Result<(), Refused> {
+        let Some(steps) = steps else {
+            return self.skip(depth);
+        };
+        let start = self.i;
+        let steps = Some(steps);
+        match self.peek().ok_or(Refused)? {
+            b'{' => self.object(steps, depth)?,
+            b'[' => self.array(steps, depth)?,
+            b'"' => {
+                self.string()?;
+            }
+            b't' => self.literal(b"true")?,
+            b'f' => self.literal(b"false")?,
+            b'n' => self.literal(b"null")?,
+            b'-' | b'0'..=b'9' => self.number()?,
+            _ => return Err(Refused),
+        }
+        if let Some([]) = steps {
+            self.found = Some(start..self.i);
+        }
+        Ok(())
+    }
+
+    /// One value at `self.i` that nothing is wanted from, checked and passed over in one loop
+    /// rather than a call per value: most of a document is this. `depth` as in
+    /// [`Scanner::value`]: the arrays and objects that may still open inside one another.
+    fn skip(&mut self, depth: u8) -> Result<(), Refused> {
+        // The open containers, innermost in the lowest bit: 1 an object, 0 an array. At most
+        // 127 are open (serde_json's limit), so they fit.
+        let mut stack: u128 = 0;
+        let mut open: u8 = 0;
+        loop {
+            // At a value.
+            match self.peek().ok_or(Refused)? {
+                c @ (b'{' | b'[') => {
+                    open += 1;
+                    if open >= depth {
+                        return Err(Refused);
+                    }
+                    let object = c == b'{';
+                    stack = stack << 1 | u128::from(object);
+                    self.i += 1;
+                    self.ws();
+                    if self.peek() == Some(if object { b'}' } else { b']' }) {
+                        self.i += 1;
+                        open -= 1;
+                        stack >>= 1;
+                    } else {
+                        if object {
+                            self.key()?;
+                        }
+                        continue;
+                    }
+                }
+                b'"' => {
+                    self.string()?;
+                }
+                b't' => self.literal(b"true")?,
+                b'f' => self.literal(b"false")?,
+                b'n' => self.literal(b"null")?,
+                b'-' | b'0'..=b'9' => self.number()?,
+                _ => return Err(Refused),
+            }
+            // After a value: the next one in its container, or the container's end.
+            loop {
+                if open == 0 {
+                    return Ok(());
+                }
+                self.ws();
+                let object = stack & 1 == 1;
+                match self.next() {
+                    Some(b',') => {
+                        self.ws();
+                        if object {
+                            self.key()?;
+                        }
+                        break;
+                    }
+                    Some(b'}') if object => {}
+                    Some(b']') if !object => {}
+                    _ => return Err(Refused),
+                }
+                open -= 1;
+                stack >>= 1;
+            }
+        }
+    }
+
+    /// An object key and its colon, up to the value.
+    fn key(&mut self) -> Result<(), Refused> {
+        if self.peek() != Some(b'"') {
+            return Err(Refused);
+        }
+        self.string()?;
+        self.ws();
+        if self.next() != Some(b':') {
+            return Err(Refused);
+        }
+        self.ws();
+        Ok(())
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Result<(), Refused> {
+        let end = self.i + word.len();
+        if self.b.get(self.i..end) != Some(word) {
+            return Err(Refused);
+        }
+        self.i = end;
+        Ok(())
+    }
+
+    fn object(&mut self, steps: Option<&[Step]>, depth: u8) -> Result<(), Refused> {
+        let depth = depth - 1;
+        if depth == 0 {
+            return Err(Refused);
+        }
+        self.i += 1;
+        self.ws();
+        if self.peek() == Some(b'}') {
+            self.i += 1;
+            return Ok(());
+        }
+        let (field, rest) = match steps {
+            Some([Step::Field(f), rest @ ..]) => (Some(f.as_bytes()), rest),
+            _ => (None, &[][..]),
+        };
+        loop {
+            if self.peek() != Some(b'"') {
+                return Err(Refused);
+            }
+            let key = self.i;
+            let escaped = self.string()?;
+            let hit = match field {
+                Some(f) => self.key_is(key + 1..self.i - 1, escaped, f)?,
+                None => false,
+            };
+            self.ws();
+            if self.next() != Some(b':') {
+                return Err(Refused);
+            }
+            self.ws();
+            if hit {
+                // The last of a key given twice counts, whatever the earlier one held.
+                self.found = None;
+                self.value(Some(rest), depth)?;
+            } else {
+                self.value(None, depth)?;
+            }
+            self.ws();
+            match self.next() {
+                Some(b',') => self.ws(),
+                Some(b'}') => return Ok(()),
+                _ => return Err(Refused),
+            }
+        }
+    }
+
+    /// Whether the key whose text (between the quotes) is at `raw` is `field`.
+    fn key_is(&self, raw: Range<usize>, escaped: bool, field: &[u8]) -> Result<bool, Refused> {
+        let Some(text) = self.b.get(raw.start..raw.end) else {
+            return Err(Refused);
+        };
+        if !escaped {
+            return Ok(text == field);
+        }
+        // Rare: decode the escapes as serde_json does (the string was checked already).
+        let quoted = self.b.get(raw.start - 1..raw.end + 1).ok_or(Refused)?;
+        let key: String = serde_json::from_slice(quoted).map_err(|_| Refused)?;
+        Ok(key.as_bytes() == field)
+    }
+
+    fn array(&mut self, steps: Option<&[Step]>, depth: u8) -> Result<(), Refused> {
+        let depth = depth - 1;
+        if depth == 0 {
+            return Err(Refused);
+        }
+        self.i += 1;
+        self.ws();
+        if self.peek() == Some(b']') {
+            self.i += 1;
+            return Ok(());
+        }
+        let (index, rest) = match steps {
+            Some([Step::Index(n), rest @ ..]) => (Some(*n), rest),
+            _ => (None, &[][..]),
+        };
+        let mut i = 0;
+        loop {
+            if index == Some(i) {
+                self.value(Some(rest), depth)?;
+            } else {
+                self.value(None, depth)?;
+            }
+            i += 1;
+            self.ws();
+            match self.next() {
+                Some(b',') => self.ws(),
+                Some(b']') => return Ok(()),
+                _ => return Err(Refused),
+            }
+        }
+    }
+
+    /// A string at `self.i` (its opening quote); returns whether it has escapes.
+    fn string(&mut self) -> Result<bool, Refused> {
+        let b = self.b;
+        let start = self.i + 1;
+        let mut i = start;
+        let mut escaped = false;
+        let mut ascii = true;
+        loop {
+            // Eight bytes at a time to the next one that needs a look.
+            while let Some(chunk) = b.get(i..i + 8) {
+                let Ok(word) = <[u8; 8]>::try_from(chunk) else {
+                    break;
+                };
+                let flagged = special(u64::from_le_bytes(word), ascii);
+                if flagged != 0 {
+                    i += flagged.trailing_zeros() as usize / 8;
+                    break;
+                }
+                i += 8;
+            }
+            let c = *b.get(i).ok_or(Refused)?;
+            i += 1;
+            match c {
+                b'"' => break,
+                b'\\' => {
+                    escaped = true;
+                    self.i = i;
+                    self.escape()?;
+                    i = self.i;
+                }
+                0..=0x1f => return Err(Refused),
+                0x80.. => ascii = false,
+                _ => {}
+            }
+        }
+        self.i = i;
+        if !ascii {
+            // Escapes are ASCII, so the raw text is UTF-8 exactly when the parts between them
+            // are, which is what serde_json checks.
+            let raw = b.get(start..i - 1).ok_or(Refused)?;
+            std::str::from_utf8(raw).map_err(|_| Refused)?;
+        }
+        Ok(escaped)
+    }
+
+    /// The escape after a `\`, as serde_json checks it for a string (not bytes).
+    fn escape(&mut self) -> Result<(), Refused> {
+        match self.next().ok_or(Refused)? {
+            b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => Ok(()),
+            b'u' => {
+                let n = self.hex4()?;
+                if (0xDC00..=0xDFFF).contains(&n) {
+                    return Err(Refused);
+                }
+                if (0xD800..=0xDBFF).contains(&n) {
+                    if self.next() != Some(b'\\') || self.next() != Some(b'u') {
+                        return Err(Refused);
+                    }
+                    if !(0xDC00..=0xDFFF).contains(&self.hex4()?) {
+                        return Err(Refused);
+                    }
+                }
+                Ok(())
+            }
+            _ => Err(Refused),
+        }
+    }
+
+    fn hex4(&mut self) -> Result<u16, Refused> {
+        let mut n = 0u16;
+        for _ in 0..4 {
+            let digit = match self.next().ok_or(Refused)? {
+                c @ b'0'..=b'9' => c - b'0',
+                c @ b'a'..=b'f' => c - b'a' + 10,
+                c @ b'A'..=b'F' => c - b'A' + 10,
+                _ => return Err(Refused),
+            };
+            n = n << 4 | u16::from(digit);
+        }
+        Ok(n)
+    }
+
+    fn digits(&mut self) -> usize {
+        let start = self.i;
+        while let Some(b'0'..=b'9') = self.peek() {
+            self.i += 1;
+        }
+        self.i - start
+    }
+
+    fn number(&mut self) -> Result<(), Refused> {
+        let start = self.i;
+        if self.peek() == Some(b'-') {
+            self.i += 1;
+        }
+        let integer = match self.peek() {
+            // One leading zero, and no digit after it (`01` is refused where it stands).
+            Some(b'0') => {
+                self.i += 1;
+                1
+            }
+            Some(b'1'..=b'9') => self.digits(),
+            _ => return Err(Refused),
+        };
+        if self.peek() == Some(b'.') {
+            self.i += 1;
+            if self.digits() == 0 {
+                return Err(Refused);
+            }
+        }
+        let mut plain = integer <= PLAIN_DIGITS;
+        if let Some(b'e' | b'E') = self.peek() {
+            self.i += 1;
+            if let Some(b'+' | b'-') = self.peek() {
+                self.i += 1;
+            }
+            if self.digits() == 0 {
+                return Err(Refused);
+            }
+            plain = false;
+        }
+        if !plain {
+            // Out of range or not is serde_json's call; the number alone parses as it does in
+            // the document.
+            let text = self.b.get(start..self.i).ok_or(Refused)?;
+            serde_json::from_slice::<Value>(text).map_err(|_| Refused)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::template::descend;
+    use proptest::prelude::*;
+
+    /// What the full parse answers: the value at `steps`, or a refusal.
+    fn full(json: &[u8], steps: &[Step]) -> Result<Value, Refused> {
+        serde_json::from_slice::<Value>(json)
+            .map(|v| descend(&v, steps).into_owned())
+            .map_err(|_| Refused)
+    }
+
+    fn agree(json: &[u8], steps: &[Step]) {
+        assert_eq!(
+            find(json, steps),
+            full(json, steps),
+            "{:?} at {steps:?}",
+            String::from_utf8_lossy(json)
+        );
+    }
+
+    fn field(f: &str) -> Step {
+        Step::Field(f.to_string())
+    }
+
+    fn paths() -> Vec<Vec<Step>> {
+        vec![
+            vec![field("id")],
+            vec![field("a"), field("id")],
+            vec![Step::Index(0)],
+            vec![Step::Index(1), field("id")],
+            vec![field("a"), Step::Index(0)],
+            vec![field("id"), Step::Every],
+        ]
+    }
+
+    #[test]
+    fn nesting_limit_is_serde_jsons() {
+        for n in 125..=130 {
+            for (open, close) in [("[", "]"), ("{\"a\":", "}")] {
+                let doc = format!("{}1{}", open.repeat(n), close.repeat(n));
+                for steps in [vec![field("a")], vec![Step::Index(0)]] {
+                    agree(doc.as_bytes(), &steps);
+                }
+            }
+            let mixed = format!("{}{}", "[{\"a\":".repeat(n / 2), "}]".repeat(n / 2));
+            agree(mixed.as_bytes(), &[field("a")]);
+        }
+    }
+
+    #[test]
+    fn numbers_as_serde_json_reads_them() {
+        let long = "9".repeat(PLAIN_DIGITS);
+        let longer = "9".repeat(PLAIN_DIGITS + 10);
+        let past = format!("1{}", "0".repeat(308));
+        let tiny = format!("0.{}1", "0".repeat(400));
+        for n in [
+            "0",
+            "-0",
+            "-0.0",
+            "01",
+            "-",
+            "-a",
+            "1.",
+            ".5",
+            "1.e3",
+            "1e",
+            "1e+",
+            "1E-2",
+            "+1",
+            "1e308",
+            "1e309",
+            "1.7976931348623157e308",
+            "1.7976931348623159e308",
+            "-1e400",
+            "1e-400",
+            "0e99999999999",
+            "1e99999999999",
+            "18446744073709551615",
+            "18446744073709551616",
+            "-9223372036854775808",
+            "-9223372036854775809",
+            &long,
+            &longer,
+            &past,
+            &tiny,
+            "12.99",
+            "1.5.3",
+            "1 2",
+        ] {
+            for doc in [
+                n.to_string(),
+                format!("{{\"id\":{n}}}"),
+                format!("{{\"x\":{n},\"id\":1}}"),
+                format!("[{n}]"),
+            ] {
+                for steps in paths() {
+                    agree(doc.as_bytes(), &steps);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn strings_as_serde_json_reads_them() {
+        let bodies: Vec<Vec<u8>> = vec![
+            br#"{"id":"a\"b\\c\/d\b\f\n\r\t"}"#.to_vec(),
+            br#"{"id":"\u00e9\u20AC"}"#.to_vec(),
+            br#"{"id":"\ud83d\ude00"}"#.to_vec(),
+            br#"{"id":"\ud83d"}"#.to_vec(),
+            br#"{"id":"\ud83dx"}"#.to_vec(),
+            br#"{"id":"\ud83d\n"}"#.to_vec(),
+            br#"{"id":"\ud83d\u0041"}"#.to_vec(),
+            br#"{"id":"\ud83d\ud83d"}"#.to_vec(),
+            br#"{"id":"\ude00"}"#.to_vec(),
+            br#"{"id":"\u00"}"#.to_vec(),
+            br#"{"id":"\u00g0"}"#.to_vec(),
+            br#"{"id":"\x"}"#.to_vec(),
+            br#"{"id":"\'"}"#.to_vec(),
+            b"{\"id\":\"tab\there\"}".to_vec(),
+            b"{\"id\":\"nul\x00\"}".to_vec(),
+            b"{\"id\":\"del\x7f\"}".to_vec(),
+            b"{\"id\":\"\xc3\xa9\"}".to_vec(),
+            b"{\"id\":\"\xc3\"}".to_vec(),
+            b"{\"id\":\"\xc3\\n\"}".to_vec(),
+            b"{\"id\":\"\xed\xa0\x80\"}".to_vec(),
+            b"{\"id\":\"\xc0\xaf\"}".to_vec(),
+            b"{\"id\":\"\xf0\x9f\x98\x80 and a longer tail of text\"}".to_vec(),
+            b"{\"x\":\"0123456789abcdef\xff0123456789\",\"id\":1}".to_vec(),
+            br#"{"i\u0064":"escaped key","id":"plain"}"#.to_vec(),
+            br#"{"id":"plain","i\u0064":"escaped key last"}"#.to_vec(),
+            br#"{"i\u0064":1,"\ud800":2}"#.to_vec(),
+            br#"{"id":"unterminated"#.to_vec(),
+            br#"{"id":"long string that spans several eight-byte words \" with a quote"}"#.to_vec(),
+        ];
+        for body in &bodies {
+            for steps in paths() {
+                agree(body, &steps);
+            }
+        }
+    }
+
+    #[test]
+    fn grammar_as_serde_json_reads_it() {
+        for doc in [
+            "",
+            " ",
+            "{}",
+            "[]",
+            " { } ",
+            "{,}",
+            "[,]",
+            "[1,]",
+            "{\"id\":1,}",
+            "{\"id\" 1}",
+            "{\"id\":}",
+            "{id:1}",
+            "{1:1}",
+            "[1 2]",
+            "[1,,2]",
+            "{\"id\":1}{}",
+            "{\"id\":1} x",
+            "{\"id\":1}\u{a0}",
+            "\u{feff}{\"id\":1}",
+            "{\"id\":tru}",
+            "{\"id\":truex}",
+            "{\"id\":nul}",
+            "{\"id\":null}",
+            "{\"id\":false}",
+            "\t\r\n{\"id\"\t:\r\n[ 1 , 2 ]\n}\n",
+            "{\"id\":{\"id\":[{\"id\":1}]}}",
+            "{\"a\":{\"id\":1},\"a\":{}}",
+            "{\"a\":{},\"a\":{\"id\":1}}",
+            "[[1],[2,{\"id\":3}]]",
+            "{\"id\":1",
+            "[1",
+            "[",
+            "{",
+            "\"",
+        ] {
+            for steps in paths() {
+                agree(doc.as_bytes(), &steps);
+            }
+        }
+    }
+
+    /// JSON values with the strings and numbers where the scanner could go wrong.
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
+            "[a-z\u{e9}\u{1F600}\"\\\\/\\x00-\\x1f\u{7f}\u{2028}]{0,12}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(5, 48, 5, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..5).prop_map(Value::from),
+                proptest::collection::vec(
+                    (
+                        proptest::sample::select(vec!["a", "b", "id", "c", "\u{e9}"]),
+                        inner
+                    ),
+                    0..5
+                )
+                .prop_map(|kv| Value::Object(
+                    kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+                )),
+            ]
+        })
+    }
+
+    fn steps() -> impl Strategy<Value = Vec<Step>> {
+        proptest::collection::vec(
+            prop_oneof![
+                proptest::sample::select(vec!["a", "b", "id", "\u{e9}"]).prop_map(field),
+                (0usize..3).prop_map(Step::Index),
+            ],
+            1..4,
+        )
+    }
+
+    /// Steps into `value` that mostly reach something: each selector picks a key or an index
+    /// of what the steps reached so far; past a scalar, `extra` is appended (a miss).
+    fn walk(value: &Value, selectors: &[usize], extra: &Step) -> Vec<Step> {
+        let mut steps = Vec::new();
+        let mut at = value;
+        for &sel in selectors {
+            match at {
+                Value::Object(map) if !map.is_empty() => {
+                    let Some((k, v)) = map.iter().nth(sel % map.len()) else {
+                        break;
+                    };
+                    steps.push(field(k));
+                    at = v;
+                }
+                Value::Array(items) if !items.is_empty() => {
+                    steps.push(Step::Index(sel % items.len()));
+                    at = &items[sel % items.len()];
+                }
+                _ => break,
+            }
+        }
+        if steps.is_empty() || selectors.len() > 3 {
+            steps.push(extra.clone());
+        }
+        steps
+    }
+
+    /// Bytes worth putting into a JSON document to break it, or not.
+    const NOISE: &[u8] = b"{}[]\":,\\u0123456789abcdefABCDEF.-+eE \t\n\rtrnl\x00\x1f\x7f\xc3\xa9\xff\xed\xa0\xf0\x9f";
+
+    #[derive(Clone, Debug)]
+    enum Edit {
+        Insert(usize, u8),
+        Replace(usize, u8),
+        Remove(usize),
+        Truncate(usize),
+        /// Copy a slice of the document elsewhere in it: repeated keys, stray values.
+        Splice(usize, usize, usize),
+        /// The character at a place written as `\u` escapes (a pair for one past U+FFFF).
+        Escape(usize),
+    }
+
+    fn edit() -> impl Strategy<Value = Edit> {
+        let byte = proptest::sample::select(NOISE.to_vec());
+        prop_oneof![
+            1 => (any::<usize>(), byte.clone()).prop_map(|(at, b)| Edit::Insert(at, b)),
+            1 => (any::<usize>(), byte).prop_map(|(at, b)| Edit::Replace(at, b)),
+            1 => any::<usize>().prop_map(Edit::Remove),
+            1 => any::<usize>().prop_map(Edit::Truncate),
+            1 => (any::<usize>(), 0usize..16, any::<usize>()).prop_map(|(f, n, t)| Edit::Splice(f, n, t)),
+            3 => any::<usize>().prop_map(Edit::Escape),
+        ]
+    }
+
+    fn apply(doc: &mut Vec<u8>, edit: &Edit) {
+        let at = |i: usize, len: usize| if len == 0 { 0 } else { i % len };
+        match *edit {
+            Edit::Insert(i, b) => doc.insert(at(i, doc.len() + 1), b),
+            Edit::Replace(i, b) => {
+                if !doc.is_empty() {
+                    let i = at(i, doc.len());
+                    doc[i] = b;
+                }
+            }
+            Edit::Remove(i) => {
+                if !doc.is_empty() {
+                    doc.remove(at(i, doc.len()));
+                }
+            }
+            Edit::Truncate(i) => doc.truncate(at(i, doc.len() + 1)),
+            Edit::Splice(from, n, to) => {
+                let from = at(from, doc.len() + 1);
+                let end = (from + n).min(doc.len());
+                let piece = doc[from..end].to_vec();
+                let to = at(to, doc.len() + 1);
+                doc.splice(to..to, piece);
+            }
+            Edit::Escape(i) => {
+                let Ok(text) = std::str::from_utf8(doc) else {
+                    return;
+                };
+                // Characters inside strings, not part of an escape: escaping one keeps the
+                // document valid (a broken one stays broken).
+                let (mut inside, mut escape, mut hex) = (false, false, 0);
+                let mut plain = Vec::new();
+                for (at, c) in text.char_indices() {
+                    if hex > 0 {
+                        hex -= 1;
+                    } else if escape {
+                        escape = false;
+                        hex = if c == 'u' { 4 } else { 0 };
+                    } else if c == '\\' {
+                        escape = inside;
+                    } else if c == '"' {
+                        inside = !inside;
+                    } else if inside {
+                        plain.push((at, c));
+                    }
+                }
+                let Some(&(at, c)) = plain.get(at(i, plain.len())) else {
+                    return;
+                };
+                let mut units = [0u16; 2];
+                let escaped: String = c
+                    .encode_utf16(&mut units)
+                    .iter()
+                    .map(|u| format!("\\u{u:04x}"))
+                    .collect();
+                doc.splice(at..at + c.len_utf8(), escaped.into_bytes());
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn valid_documents_agree(
+            value in json_value(),
+            selectors in proptest::collection::vec(any::<usize>(), 0..5),
+            extra in steps(),
+            pretty in any::<bool>(),
+        ) {
+            let steps = walk(&value, &selectors, &extra[0]);
+            let text = if pretty {
+                serde_json::to_vec_pretty(&value)
+            } else {
+                serde_json::to_vec(&value)
+            };
+            let text = text.map_err(|e| TestCaseError::fail(e.to_string()))?;
+            agree(&text, &steps);
+        }
+
+        #[test]
+        fn mutated_documents_agree(
+            value in json_value(),
+            selectors in proptest::collection::vec(any::<usize>(), 0..5),
+            extra in steps(),
+            edits in proptest::collection::vec(edit(), 1..4),
+        ) {
+            let steps = walk(&value, &selectors, &extra[0]);
+            let mut doc = serde_json::to_vec(&value).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            for e in &edits {
+                apply(&mut doc, e);
+            }
+            agree(&doc, &steps);
+        }
+
+        #[test]
+        fn escaped_documents_agree(
+            value in json_value(),
+            selectors in proptest::collection::vec(any::<usize>(), 0..5),
+            extra in steps(),
+            escapes in proptest::collection::vec(any::<usize>(), 1..8),
+        ) {
+            let steps = walk(&value, &selectors, &extra[0]);
+            let mut doc = serde_json::to_vec(&value).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            for i in escapes {
+                apply(&mut doc, &Edit::Escape(i));
+            }
+            agree(&doc, &steps);
+        }
+
+        #[test]
+        fn random_bytes_agree(
+            doc in proptest::collection::vec(proptest::sample::select(NOISE.to_vec()), 0..40),
+            steps in steps(),
+        ) {
+            agree(&doc, &steps);
+        }
+    }
+}
