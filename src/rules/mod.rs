@@ -78,6 +78,8 @@ pub use redact::Redactor;
 pub use status::StatusMatch;
 pub use template::{DataTemplate, Template};
 
+pub(crate) use scan::plain_len;
+
 use condition::CelExchange;
 use template::attribute;
 
