@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
-use crate::rules::{plain_len, EventDraft};
+use crate::rules::{plain_len, Data, EventDraft};
 
 use super::{CloudEvent, ENCODE_CAPACITY, SPEC_VERSION};
 
@@ -52,7 +52,7 @@ pub fn cloud_event(draft: EventDraft, ctx: &Context<'_>) -> CloudEvent {
         sequence: draft.sequence,
         traceparent: ctx.traceparent.map(str::to_string),
         ficustruncated: draft.data_truncated.then_some(true),
-        data: draft.data,
+        data: draft.data.map(Data::into_value),
     }
 }
 
@@ -126,8 +126,7 @@ pub fn envelope(draft: &EventDraft, sinks: &[String], ctx: &Context<'_>) -> Byte
     }
     if let Some(data) = &draft.data {
         out.extend_from_slice(b",\"data\":");
-        // A JSON value always serialises; writing to a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut out, data);
+        data.write_json(&mut out);
     }
     out.extend_from_slice(b"}}");
     Bytes::from(out)
@@ -215,7 +214,9 @@ mod tests {
             partition_key: None,
             id: None,
             sequence: None,
-            data: Some(serde_json::json!({"id": 42, "b": [1.5, null, "x"], "a": {"z": true}})),
+            data: Some(
+                serde_json::json!({"id": 42, "b": [1.5, null, "x"], "a": {"z": true}}).into(),
+            ),
             data_truncated: false,
             data_text: false,
             sinks: None,
@@ -236,7 +237,8 @@ mod tests {
         let mut d = draft();
         (d.source, d.partition_key, d.sequence) =
             (Some("/x".into()), Some("k".into()), Some("7".into()));
-        (d.data, d.data_text, d.data_truncated) = (Some("plain".into()), true, true);
+        (d.data, d.data_text, d.data_truncated) =
+            (Some(serde_json::Value::from("plain").into()), true, true);
         drafts.push(d);
         let mut d = draft();
         (d.source, d.subject, d.data, d.id) =
@@ -244,6 +246,12 @@ mod tests {
         drafts.push(d);
         let mut d = draft();
         d.id = Some("given-id".into());
+        drafts.push(d);
+        // A response body in serde_json's own form, embedded as it is.
+        let mut d = draft();
+        d.data = Some(Data::Json(Bytes::from_static(
+            b"{\"a\":[1,-2,\"x\\n\xc3\xa9\",true,{}],\"b\":null,\"id\":\"ord-1\"}",
+        )));
         drafts.push(d);
         for (i, draft) in drafts.into_iter().enumerate() {
             let ctx = Context {
@@ -297,7 +305,7 @@ mod tests {
                 partition_key: with[2].then_some(key),
                 id: with[3].then_some(id),
                 sequence: with[4].then_some(sequence),
-                data: with[5].then(|| serde_json::Value::Object([(data.clone(), serde_json::json!([data.clone(), 1.5, null]))].into_iter().collect())).or(text_data.then(|| data.into())),
+                data: with[5].then(|| serde_json::Value::Object([(data.clone(), serde_json::json!([data.clone(), 1.5, null]))].into_iter().collect()).into()).or(text_data.then(|| serde_json::Value::from(data).into())),
                 data_truncated: truncated,
                 data_text: text_data,
                 sinks: None,

@@ -208,6 +208,15 @@ impl Captured {
         descend(self.value(), steps)
     }
 
+    /// The body's bytes when they are a JSON document exactly as serde_json writes the value
+    /// they parse to (compact, keys in order, integers only; see [`super::scan::canonical`]),
+    /// so that an event can carry them as its data without building the value. `None` for
+    /// anything else, and once the value was replaced ([`Captured::set_value`], redaction).
+    pub(crate) fn canonical_json(&self) -> Option<Bytes> {
+        (self.json && !self.bytes.is_empty() && super::scan::canonical(&self.bytes))
+            .then(|| self.bytes.clone())
+    }
+
     fn parsed(&self) -> &Parsed {
         self.parsed
             .get_or_init(|| parse(&self.bytes, self.json, self.truncated))

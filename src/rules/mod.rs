@@ -67,6 +67,7 @@ mod tests;
 
 use std::fmt;
 
+use bytes::Bytes;
 use http::header::{AUTHORIZATION, COOKIE, SET_COOKIE};
 use http::{HeaderMap, HeaderName, Method};
 use serde_json::Value;
@@ -420,8 +421,16 @@ fn evaluate_rule<'a>(
     };
     let attr = |t: &Option<Template>| t.as_ref().and_then(|t| attribute(t.eval_with(ex, &params)));
     let (data, data_text) = match &rule.data {
-        Some(d) => (d.eval_with(ex, &params), false),
-        None => (ex.response_body.value().clone(), ex.response_body.is_text()),
+        Some(d) => (Data::Value(d.eval_with(ex, &params)), false),
+        // The body's own bytes when they are already what its value serialises to: the
+        // value is neither built, nor copied, nor written again.
+        None => match ex.response_body.canonical_json() {
+            Some(json) => (Data::Json(json), false),
+            None => (
+                Data::Value(ex.response_body.value().clone()),
+                ex.response_body.is_text(),
+            ),
+        },
     };
     let data_truncated = (compiled.data_request_body && ex.request_body.is_truncated())
         || (compiled.data_response_body && ex.response_body.is_truncated());
@@ -535,6 +544,76 @@ impl fmt::Display for SkipReason {
     }
 }
 
+/// An event's `data`: a JSON value, or the JSON text of one.
+#[derive(Clone, Debug)]
+pub enum Data {
+    Value(Value),
+    /// Compact JSON, byte for byte what `serde_json::to_vec` writes for the value it parses
+    /// to (see [`Captured::canonical_json`]): a response body in that form goes into the event
+    /// as it is.
+    Json(Bytes),
+}
+
+impl Data {
+    /// The value. JSON text is parsed; it is always valid (it is made only from bytes checked
+    /// to be), but should it not parse, it reads as `null` rather than panic.
+    pub fn to_value(&self) -> Value {
+        match self {
+            Data::Value(v) => v.clone(),
+            Data::Json(json) => serde_json::from_slice(json).unwrap_or(Value::Null),
+        }
+    }
+
+    pub fn into_value(self) -> Value {
+        match self {
+            Data::Value(v) => v,
+            json => json.to_value(),
+        }
+    }
+
+    pub fn is_null(&self) -> bool {
+        match self {
+            Data::Value(v) => v.is_null(),
+            Data::Json(json) => json.as_ref() == b"null",
+        }
+    }
+
+    pub fn is_string(&self) -> bool {
+        match self {
+            Data::Value(v) => v.is_string(),
+            Data::Json(json) => json.first() == Some(&b'"'),
+        }
+    }
+
+    /// Appends the compact JSON of the data to `out`.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        match self {
+            // A JSON value always serialises; writing to a Vec cannot fail.
+            Data::Value(v) => {
+                let _ = serde_json::to_writer(out, v);
+            }
+            Data::Json(json) => out.extend_from_slice(json),
+        }
+    }
+}
+
+/// Equal when the values are: JSON text and the value it parses to are the same data.
+impl PartialEq for Data {
+    fn eq(&self, other: &Data) -> bool {
+        match (self, other) {
+            (Data::Value(a), Data::Value(b)) => a == b,
+            (Data::Json(a), Data::Json(b)) if a == b => true,
+            _ => self.to_value() == other.to_value(),
+        }
+    }
+}
+
+impl From<Value> for Data {
+    fn from(v: Value) -> Data {
+        Data::Value(v)
+    }
+}
+
 /// An event as a rule made it; the event builder adds `specversion`, `time`, the defaults
 /// (`id`, `source`, `partitionkey`), `datacontenttype` and the extensions.
 #[derive(Clone, Debug, PartialEq)]
@@ -547,7 +626,7 @@ pub struct EventDraft {
     pub id: Option<String>,
     pub sequence: Option<String>,
     /// `None` when the data came out `null`, e.g. no `data` and an empty response body.
-    pub data: Option<Value>,
+    pub data: Option<Data>,
     /// `data` read (or defaulted to) a body longer than `limits.capture_body`.
     pub data_truncated: bool,
     /// `data` is the text of a non-JSON response body (the default data): `text/plain`.

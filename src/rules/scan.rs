@@ -60,6 +60,137 @@ pub(crate) fn find(json: &[u8], steps: &[Step]) -> Result<Value, Refused> {
     }
 }
 
+/// Whether `json` is a document exactly as `serde_json::to_vec` writes the value that
+/// `serde_json::from_slice::<Value>` reads from it, so that the bytes can stand for the value.
+/// That is: no whitespace; object keys in strictly rising byte order (a `Value` map is sorted
+/// and keeps one of each key); strings without escapes (serde_json writes their text back as
+/// it is: what needs an escape cannot appear unescaped); integers of at most 18 digits (an
+/// `i64` or `u64`, written back digit for digit), not `-0` (which reads as `-0.0`); no
+/// fractions or exponents (their digits change); nesting within serde_json's limit. `false`
+/// says nothing: many documents the full parse accepts are not in this form.
+pub(crate) fn canonical(json: &[u8]) -> bool {
+    let mut c = Canonical { b: json, i: 0 };
+    c.value(DEPTH).is_some() && c.i == json.len()
+}
+
+struct Canonical<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl<'a> Canonical<'a> {
+    fn next(&mut self) -> Option<u8> {
+        let c = *self.b.get(self.i)?;
+        self.i += 1;
+        Some(c)
+    }
+
+    fn value(&mut self, depth: u8) -> Option<()> {
+        match *self.b.get(self.i)? {
+            b'{' => self.object(depth),
+            b'[' => self.array(depth),
+            b'"' => self.string().map(|_| ()),
+            b't' => self.literal(b"true"),
+            b'f' => self.literal(b"false"),
+            b'n' => self.literal(b"null"),
+            b'-' | b'0'..=b'9' => self.integer(),
+            _ => None,
+        }
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Option<()> {
+        let end = self.i + word.len();
+        (self.b.get(self.i..end)? == word).then(|| self.i = end)
+    }
+
+    fn object(&mut self, depth: u8) -> Option<()> {
+        let depth = depth - 1;
+        if depth == 0 {
+            return None;
+        }
+        self.i += 1;
+        if self.b.get(self.i) == Some(&b'}') {
+            self.i += 1;
+            return Some(());
+        }
+        let mut previous: Option<&[u8]> = None;
+        loop {
+            let key = self.string()?;
+            if previous.is_some_and(|p| p >= key) {
+                return None;
+            }
+            previous = Some(key);
+            if self.next()? != b':' {
+                return None;
+            }
+            self.value(depth)?;
+            match self.next()? {
+                b',' => {}
+                b'}' => return Some(()),
+                _ => return None,
+            }
+        }
+    }
+
+    fn array(&mut self, depth: u8) -> Option<()> {
+        let depth = depth - 1;
+        if depth == 0 {
+            return None;
+        }
+        self.i += 1;
+        if self.b.get(self.i) == Some(&b']') {
+            self.i += 1;
+            return Some(());
+        }
+        loop {
+            self.value(depth)?;
+            match self.next()? {
+                b',' => {}
+                b']' => return Some(()),
+                _ => return None,
+            }
+        }
+    }
+
+    /// A string without escapes; its text.
+    fn string(&mut self) -> Option<&'a [u8]> {
+        if self.b.get(self.i) != Some(&b'"') {
+            return None;
+        }
+        let start = self.i + 1;
+        let end = start + plain_len(self.b.get(start..)?);
+        // Anything but the closing quote here is an escape, a control character or the end.
+        if self.b.get(end) != Some(&b'"') {
+            return None;
+        }
+        let text = self.b.get(start..end)?;
+        if !text.is_ascii() {
+            std::str::from_utf8(text).ok()?;
+        }
+        self.i = end + 1;
+        Some(text)
+    }
+
+    fn integer(&mut self) -> Option<()> {
+        let negative = self.b.get(self.i) == Some(&b'-');
+        if negative {
+            self.i += 1;
+        }
+        let start = self.i;
+        while let Some(b'0'..=b'9') = self.b.get(self.i) {
+            self.i += 1;
+        }
+        match self.b.get(start..self.i)? {
+            [] => None,
+            [b'0'] if negative => None,
+            [b'0'] => Some(()),
+            [b'0', ..] => None,
+            digits if digits.len() > 18 => None,
+            _ => Some(()),
+        }
+    }
+}
+
 /// The value of `bytes`, one JSON value already checked.
 fn build(bytes: &[u8]) -> Result<Value, Refused> {
     if let [b'"', inner @ .., b'"'] = bytes {
@@ -511,6 +642,65 @@ mod tests {
         ]
     }
 
+    /// When [`canonical`] says so, the bytes are what serde_json writes for their value.
+    fn canonical_holds(json: &[u8]) {
+        if canonical(json) {
+            let value: Value = serde_json::from_slice(json).expect("canonical JSON parses");
+            let written = serde_json::to_vec(&value).expect("serialises");
+            assert_eq!(
+                String::from_utf8_lossy(&written),
+                String::from_utf8_lossy(json)
+            );
+        }
+    }
+
+    #[test]
+    fn canonical_documents() {
+        for doc in [
+            "{}",
+            "[]",
+            "null",
+            "0",
+            "-7",
+            "123456789012345678",
+            "\"x\"",
+            "{\"a\":1,\"b\":[true,false,null,\"\u{e9}\u{2028}\u{7f}\"],\"c\":{\"d\":{}}}",
+            "{\"status\":\"accepted\"}",
+            "{\"\":0,\"A\":1,\"a\":2,\"aa\":3,\"\u{e9}\":4}",
+        ] {
+            assert!(canonical(doc.as_bytes()), "{doc}");
+            canonical_holds(doc.as_bytes());
+        }
+        let deep = format!("{}{}", "[".repeat(127), "]".repeat(127));
+        assert!(canonical(deep.as_bytes()));
+        canonical_holds(deep.as_bytes());
+        for doc in [
+            "",
+            " {}",
+            "{} ",
+            "{\"a\": 1}",
+            "[1, 2]",
+            "{\"b\":1,\"a\":2}",
+            "{\"a\":1,\"a\":2}",
+            "\"a\\nb\"",
+            "\"\\u0041\"",
+            "{\"\\u0061\":1}",
+            "-0",
+            "01",
+            "1.0",
+            "1e2",
+            "1234567890123456789",
+            "[1,]",
+            "nul",
+            "{\"a\":1}x",
+        ] {
+            assert!(!canonical(doc.as_bytes()), "{doc:?}");
+        }
+        assert!(!canonical(b"\"\xff\""));
+        let too_deep = format!("{}{}", "[".repeat(128), "]".repeat(128));
+        assert!(!canonical(too_deep.as_bytes()));
+    }
+
     #[test]
     fn plain_len_stops_at_the_first_byte_to_escape() {
         for len in 0..20 {
@@ -711,6 +901,23 @@ mod tests {
         })
     }
 
+    /// Values whose compact JSON is canonical: no floats, no strings that need escapes.
+    fn plain_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            (-999_999_999_999_999_999i64..=999_999_999_999_999_999).prop_map(Value::from),
+            "[a-z\u{e9}\u{1F600}/ ]{0,8}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(5, 48, 5, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..5).prop_map(Value::from),
+                proptest::collection::vec(("[a-e\u{e9}]{0,3}", inner), 0..5)
+                    .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            ]
+        })
+    }
+
     fn steps() -> impl Strategy<Value = Vec<Step>> {
         proptest::collection::vec(
             prop_oneof![
@@ -852,6 +1059,7 @@ mod tests {
             };
             let text = text.map_err(|e| TestCaseError::fail(e.to_string()))?;
             agree(&text, &steps);
+            canonical_holds(&text);
         }
 
         #[test]
@@ -867,6 +1075,7 @@ mod tests {
                 apply(&mut doc, e);
             }
             agree(&doc, &steps);
+            canonical_holds(&doc);
         }
 
         #[test]
@@ -882,6 +1091,14 @@ mod tests {
                 apply(&mut doc, &Edit::Escape(i));
             }
             agree(&doc, &steps);
+            canonical_holds(&doc);
+        }
+
+        #[test]
+        fn serde_jsons_own_output_is_canonical(value in plain_value()) {
+            let text = serde_json::to_vec(&value).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert!(canonical(&text), "{}", String::from_utf8_lossy(&text));
+            canonical_holds(&text);
         }
 
         #[test]
@@ -890,6 +1107,7 @@ mod tests {
             steps in steps(),
         ) {
             agree(&doc, &steps);
+            canonical_holds(&doc);
         }
     }
 }

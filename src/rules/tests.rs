@@ -110,7 +110,7 @@ fn a_typical_rule_emits_its_draft() {
             partition_key: Some("customer-c-9".into()),
             id: Some("k-1".into()),
             sequence: Some("3".into()),
-            data: Some(json!({"order_id": 42, "customer": "c-9", "total": 12.5})),
+            data: Some(json!({"order_id": 42, "customer": "c-9", "total": 12.5}).into()),
             data_truncated: false,
             data_text: false,
             sinks: Some(vec!["bus".into(), "audit".into()]),
@@ -295,7 +295,10 @@ fn needs_of_the_candidates() {
 fn default_data_is_the_response_body() {
     let rules = set(vec![rule("r", None, "/orders", "t")]);
     let d = one_event(&rules, order_exchange());
-    assert_eq!(d.data, Some(json!({"id": 42, "total": 12.5, "version": 3})));
+    assert_eq!(
+        d.data,
+        Some(json!({"id": 42, "total": 12.5, "version": 3}).into())
+    );
     assert!(!d.data_text);
 
     // An empty body leaves data out.
@@ -311,14 +314,14 @@ fn default_data_is_the_response_body() {
         false,
     );
     let d = one_event(&rules, ex);
-    assert_eq!(d.data, Some(json!("created")));
+    assert_eq!(d.data, Some(json!("created").into()));
     assert!(d.data_text);
 
     // A JSON body that is a string is JSON, not text.
     let mut ex = order_exchange();
     ex.response_body = json_body(json!("created"));
     let d = one_event(&rules, ex);
-    assert_eq!(d.data, Some(json!("created")));
+    assert_eq!(d.data, Some(json!("created").into()));
     assert!(!d.data_text);
 
     // An explicit data template is JSON even when it copies a text body.
@@ -327,7 +330,7 @@ fn default_data_is_the_response_body() {
     let mut ex = order_exchange();
     ex.response_body = Captured::new(Bytes::from_static(b"created"), None, false);
     let d = one_event(&set(vec![r]), ex);
-    assert_eq!(d.data, Some(json!("created")));
+    assert_eq!(d.data, Some(json!("created").into()));
     assert!(!d.data_text);
 }
 
@@ -354,14 +357,14 @@ fn truncated_bodies_still_emit_and_say_so() {
     let mut ex = order_exchange();
     ex.response_body = Captured::new(Bytes::from_static(b"partial te"), None, true);
     let d = one_event(&rules, ex);
-    assert_eq!(d.data, Some(json!("partial te")));
+    assert_eq!(d.data, Some(json!("partial te").into()));
     assert!(d.data_truncated && d.data_text);
 
     // A truncated JSON body that still parses (the cut fell on its end) reads whole, flagged.
     let mut ex = order_exchange();
     ex.response_body = Captured::new(Bytes::from_static(b"{\"id\": 42}"), Some(&json_ct), true);
     let d = one_event(&rules, ex);
-    assert_eq!(d.data, Some(json!({"id": 42})));
+    assert_eq!(d.data, Some(json!({"id": 42}).into()));
     assert!(d.data_truncated);
 
     // Expressions into a cut body are null.
@@ -373,7 +376,7 @@ fn truncated_bodies_still_emit_and_say_so() {
     let d = one_event(&rules, ex);
     assert_eq!(
         d.data,
-        Some(json!({"order_id": 42, "customer": null, "total": 12.5}))
+        Some(json!({"order_id": 42, "customer": null, "total": 12.5}).into())
     );
     assert_eq!(d.partition_key.as_deref(), Some("customer-"));
     assert!(d.data_truncated, "data read the truncated request body");
@@ -477,7 +480,51 @@ fn redaction_applies_before_every_rule() {
     let events = emitted(rules.evaluate_exchange(order_exchange()));
     assert_eq!(events[0].subject, None);
     assert_eq!(events[0].id, None);
-    assert_eq!(events[1].data, Some(json!({"id": 42, "total": 12.5})));
+    assert_eq!(
+        events[1].data,
+        Some(json!({"id": 42, "total": 12.5}).into())
+    );
+}
+
+/// A response body already in serde_json's compact form becomes the data as it is; any other
+/// form, and any body redaction touched, goes through the parsed value.
+#[test]
+fn default_data_keeps_a_canonical_body_as_it_is() {
+    let json = HeaderValue::from_static("application/json");
+    let body =
+        |text: &'static str| Captured::new(Bytes::from_static(text.as_bytes()), Some(&json), false);
+    let rules = set(vec![rule("r", None, "/orders", "t")]);
+    let mut ex = order_exchange();
+    ex.response_body = body(r#"{"id":42,"status":"accepted"}"#);
+    let d = one_event(&rules, ex);
+    assert!(
+        matches!(&d.data, Some(Data::Json(b)) if b.as_ref() == br#"{"id":42,"status":"accepted"}"#),
+        "{:?}",
+        d.data
+    );
+    // The same document with a space, or keys out of order: the value, rewritten.
+    for text in [
+        r#"{"id": 42,"status":"accepted"}"#,
+        r#"{"status":"accepted","id":42}"#,
+    ] {
+        let mut ex = order_exchange();
+        ex.response_body = body(text);
+        let d = one_event(&rules, ex);
+        assert!(matches!(&d.data, Some(Data::Value(_))), "{text}");
+        assert_eq!(d.data, Some(json!({"id": 42, "status": "accepted"}).into()));
+    }
+    // `null` is no data, as ever.
+    let mut ex = order_exchange();
+    ex.response_body = body("null");
+    assert_eq!(one_event(&rules, ex).data, None);
+    // Redaction edits the value: the bytes, which still hold the field, are not used.
+    let redact = Redactor::parse(&["response.body.status".to_string()]).expect("redact");
+    let rules = RuleSet::new(vec![rule("r", None, "/orders", "t")], redact).expect("rules");
+    let mut ex = order_exchange();
+    ex.response_body = body(r#"{"id":42,"status":"accepted"}"#);
+    let d = one_event(&rules, ex);
+    assert!(matches!(&d.data, Some(Data::Value(_))));
+    assert_eq!(d.data, Some(json!({"id": 42}).into()));
 }
 
 #[test]
