@@ -134,6 +134,24 @@ pub struct EventView<'a> {
     pub data: Option<&'a RawValue>,
 }
 
+/// The text of the JSON string at `at` in `b` and the index after it, when it has no escapes
+/// (and is UTF-8, without control characters); `None` otherwise.
+fn plain_string(b: &[u8], at: usize) -> Option<(&[u8], usize)> {
+    if b.get(at) != Some(&b'"') {
+        return None;
+    }
+    let start = at + 1;
+    let end = start + crate::rules::plain_len(b.get(start..)?);
+    if b.get(end) != Some(&b'"') {
+        return None;
+    }
+    let text = b.get(start..end)?;
+    if !text.is_ascii() {
+        std::str::from_utf8(text).ok()?;
+    }
+    Some((text, end + 1))
+}
+
 impl StoredEvent {
     /// Reads a stored envelope: `Ok(None)` when it is not for `sink` (`None`: for whoever asks,
     /// as replayed dead letters are), an error when it is not an envelope with a JSON object
@@ -142,6 +160,71 @@ impl StoredEvent {
     /// valid event (and records are CRC-checked); should one not, the sinks that decode refuse
     /// it for good ([`crate::sinks::send_decoded`]) and it goes to dead letters, as before.
     pub fn parse(
+        payload: &Bytes,
+        sink: Option<&str>,
+    ) -> Result<Option<StoredEvent>, serde_json::Error> {
+        match Self::parse_written(payload, sink) {
+            Some(stored) => Ok(stored),
+            None => Self::parse_any(payload, sink),
+        }
+    }
+
+    /// [`parse`](Self::parse) for an envelope in the layout ficus writes
+    /// (`{"sinks":[...],"rule":"...","event":{...}}`, strings without escapes, nothing else),
+    /// read in place: the sink names and the rule compared or passed over as they are, the
+    /// event checked as `serde_json::Value` would parse it (see [`crate::rules::json_end`]).
+    /// `None` when the envelope is in any other form, for [`parse_any`](Self::parse_any) to
+    /// read. What this accepts, `parse_any` accepts too, with the same answer: the same keys
+    /// with strings of the same text, and an event that `Value` parses is one `RawValue`
+    /// takes. The serde pass it saves was most of the cost of delivering an event.
+    fn parse_written(payload: &Bytes, sink: Option<&str>) -> Option<Option<StoredEvent>> {
+        let b = payload.as_ref();
+        let mut i = b"{\"sinks\":[".len();
+        if b.get(..i)? != b"{\"sinks\":[" {
+            return None;
+        }
+        let mut wanted = sink.is_none();
+        if b.get(i) == Some(&b']') {
+            i += 1;
+        } else {
+            loop {
+                let (name, end) = plain_string(b, i)?;
+                wanted |= sink.is_some_and(|s| s.as_bytes() == name);
+                i = end;
+                match b.get(i)? {
+                    b',' => i += 1,
+                    b']' => {
+                        i += 1;
+                        break;
+                    }
+                    _ => return None,
+                }
+            }
+        }
+        if b.get(i..i + 8)? != b",\"rule\":" {
+            return None;
+        }
+        let (_, end) = plain_string(b, i + 8)?;
+        i = end;
+        if b.get(i..i + 9)? != b",\"event\":" {
+            return None;
+        }
+        let start = i + 9;
+        if b.get(start) != Some(&b'{') {
+            return None;
+        }
+        let end = crate::rules::json_end(b, start, 1)?;
+        if end + 1 != b.len() || b.get(end) != Some(&b'}') {
+            return None;
+        }
+        Some(wanted.then(|| StoredEvent {
+            payload: payload.clone(),
+            event: start..end,
+        }))
+    }
+
+    /// [`parse`](Self::parse) for an envelope in any form serde reads.
+    fn parse_any(
         payload: &Bytes,
         sink: Option<&str>,
     ) -> Result<Option<StoredEvent>, serde_json::Error> {
@@ -418,6 +501,88 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// What [`StoredEvent::parse`] answers, comparably: the event's place, `None` when not
+    /// for the sink, or an error.
+    fn answer(
+        parsed: Result<Option<StoredEvent>, serde_json::Error>,
+    ) -> Result<Option<Range<usize>>, ()> {
+        parsed.map(|s| s.map(|s| s.event)).map_err(|_| ())
+    }
+
+    /// Bytes worth putting into an envelope to break it, or not.
+    const NOISE: &[u8] = b"{}[]\":,\\u0123456789aeE.- \t\nrtnl\x00\x1f\xc3\xa9\xff";
+
+    /// Mostly names as ficus writes them, sometimes with characters that need escapes.
+    fn text() -> impl proptest::strategy::Strategy<Value = String> {
+        proptest::prop_oneof![
+            3 => "[a-z\u{e9}\u{1F600}. -]{0,8}",
+            1 => "[a-z\"\\\\\\x00-\\x1f\u{e9}\u{1F600} ]{0,8}",
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(2000))]
+
+        /// The in-place read of the layout ficus writes against serde's, on envelopes with
+        /// any strings, then with bytes changed: the same answer, refusals included.
+        #[test]
+        fn written_layout_reads_as_serde_reads_it(
+            sinks in proptest::option::weighted(0.9, proptest::collection::vec(
+                proptest::prop_oneof![text(), proptest::strategy::Just("audit".to_string())], 0..3)),
+            (rule, subject, data) in (text(), text(), text()),
+            with_data in proptest::bool::ANY,
+            edits in proptest::collection::vec(
+                (0usize..3, proptest::num::usize::ANY, proptest::sample::select(NOISE.to_vec())), 0..3),
+            ask in proptest::option::of(proptest::prop_oneof![text(), proptest::strategy::Just("audit".to_string())]),
+        ) {
+            let mut e = event();
+            e.subject = Some(subject);
+            e.data = with_data.then(|| serde_json::json!({"note": data, "n": [1, -2.5, null]}));
+            let env = Envelope { sinks, rule, event: e };
+            let mut bytes = env.encode().to_vec();
+            for (kind, at, byte) in edits {
+                let at = at % (bytes.len() + 1);
+                match kind {
+                    0 => bytes.insert(at, byte),
+                    1 if at < bytes.len() => bytes[at] = byte,
+                    _ if at < bytes.len() => { bytes.remove(at); }
+                    _ => {}
+                }
+            }
+            let payload = Bytes::from(bytes);
+            let sink = ask.as_deref();
+            proptest::prop_assert_eq!(
+                answer(StoredEvent::parse(&payload, sink)),
+                answer(StoredEvent::parse_any(&payload, sink)),
+                "{}", String::from_utf8_lossy(&payload)
+            );
+        }
+    }
+
+    #[test]
+    fn the_written_layout_is_read_in_place() {
+        let env = Envelope {
+            sinks: Some(vec!["audit".into(), "bus".into()]),
+            rule: "order-created".into(),
+            event: event(),
+        };
+        let payload = env.encode();
+        assert!(StoredEvent::parse_written(&payload, Some("bus")).is_some());
+        let stored = StoredEvent::parse(&payload, Some("bus"))
+            .expect("parses")
+            .expect("for bus");
+        assert_eq!(stored.json(), event().to_json().as_slice());
+        assert!(StoredEvent::parse(&payload, Some("other"))
+            .expect("parses")
+            .is_none());
+        // Not the written layout: serde reads it.
+        let spaced = Bytes::from(serde_json::to_vec_pretty(&env).expect("json"));
+        assert!(StoredEvent::parse_written(&spaced, Some("bus")).is_none());
+        assert!(StoredEvent::parse(&spaced, Some("bus"))
+            .expect("parses")
+            .is_some());
     }
 
     #[test]

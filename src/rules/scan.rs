@@ -60,6 +60,19 @@ pub(crate) fn find(json: &[u8], steps: &[Step]) -> Result<Value, Refused> {
     }
 }
 
+/// The end (exclusive) of the JSON value at `at` in `json`, checked as
+/// `serde_json::from_slice::<Value>` checks a value inside `nesting` arrays and objects;
+/// `None` when there is no such value there.
+pub(crate) fn json_end(json: &[u8], at: usize, nesting: u8) -> Option<usize> {
+    let mut s = Scanner {
+        b: json,
+        i: at,
+        found: None,
+    };
+    s.skip(DEPTH.checked_sub(nesting)?).ok()?;
+    Some(s.i)
+}
+
 /// Whether `json` is a document exactly as `serde_json::to_vec` writes the value that
 /// `serde_json::from_slice::<Value>` reads from it, so that the bytes can stand for the value.
 /// That is: no whitespace; object keys in strictly rising byte order (a `Value` map is sorted
