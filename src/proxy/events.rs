@@ -487,8 +487,14 @@ fn emit(
         traceparent,
     };
     let outcomes = events.rules.evaluate(&parts.candidates, exchange);
-    let mut payloads = Vec::new();
-    let mut rules = Vec::new();
+    let mut payloads = Vec::with_capacity(outcomes.len());
+    // The rules that emitted, by index, for their counters: a bit set, not a list of names.
+    let mut emitted = Candidates::default();
+    let mut count = |rule: &str| {
+        if let Some(i) = events.rules.rules().iter().position(|r| r.name == rule) {
+            emitted.insert(i);
+        }
+    };
     // Only kept when someone watches `/events/tail`.
     let watching = events.tail.receiver_count() > 0;
     let mut tail = Vec::new();
@@ -498,19 +504,17 @@ fn emit(
                 // A rule without `sinks` means the sinks configured now, written down by
                 // name: a sink added (or back) after a reload gets only what was meant for it.
                 let sinks = draft.sinks.as_deref().unwrap_or(&events.sinks);
+                count(&draft.rule);
                 if watching {
-                    let rule = draft.rule.clone();
                     let envelope = Envelope {
                         sinks: Some(sinks.to_vec()),
-                        rule: rule.clone(),
+                        rule: draft.rule.clone(),
                         event: cloud_event(draft, &ctx),
                     };
                     payloads.push(envelope.encode());
                     tail.push(Arc::new(envelope.event));
-                    rules.push(rule);
                 } else {
                     payloads.push(envelope(&draft, sinks, &ctx));
-                    rules.push(draft.rule);
                 }
             }
             Outcome::Skipped { rule, reason } => match reason {
@@ -536,11 +540,9 @@ fn emit(
         .fetch_max(size, std::sync::atomic::Ordering::Relaxed);
     match events.outbox.append(payloads) {
         Ok(ticket) => {
-            for rule in rules {
-                if let Some(i) = events.rules.rules().iter().position(|r| r.name == rule) {
-                    if let Some(c) = events.emitted.get(i) {
-                        c.inc();
-                    }
+            for i in emitted.iter() {
+                if let Some(c) = events.emitted.get(i) {
+                    c.inc();
                 }
             }
             for event in tail {

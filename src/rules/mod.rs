@@ -457,7 +457,8 @@ pub struct Candidates {
 }
 
 impl Candidates {
-    fn insert(&mut self, i: usize) {
+    /// Adds rule `i` (ignored past [`MAX_RULES`]).
+    pub fn insert(&mut self, i: usize) {
         if let Some(word) = self.bits.get_mut(i / 64) {
             *word |= 1 << (i % 64);
         }
