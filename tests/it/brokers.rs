@@ -359,6 +359,15 @@ pub(crate) async fn process_metric(admin: std::net::SocketAddr, name: &str, sink
 
 /// For each set of needles, a stderr line of the ficus process that contains them all.
 pub(crate) async fn log_lines(process: &mut FicusProcess, wanted: &[&[&str]]) -> Vec<String> {
+    log_lines_within(process, wanted, WAIT).await
+}
+
+/// [`log_lines`] with its own deadline.
+pub(crate) async fn log_lines_within(
+    process: &mut FicusProcess,
+    wanted: &[&[&str]],
+    within: Duration,
+) -> Vec<String> {
     let mut found: Vec<Option<String>> = vec![None; wanted.len()];
     let scan = async {
         while found.iter().any(Option::is_none) {
@@ -372,8 +381,8 @@ pub(crate) async fn log_lines(process: &mut FicusProcess, wanted: &[&[&str]]) ->
             }
         }
     };
-    if tokio::time::timeout(WAIT, scan).await.is_err() {
-        panic!("within {WAIT:?}, no log lines for {wanted:?}");
+    if tokio::time::timeout(within, scan).await.is_err() {
+        panic!("within {within:?}, no log lines for {wanted:?}");
     }
     found.into_iter().flatten().collect()
 }
@@ -2037,10 +2046,29 @@ async fn rabbitmq_unroutable_and_missing_exchange_are_dead_lettered() {
     let sinks = format!(
         "  bus: {{ type: amqp, url: \"{url}\", exchange: shop, routing_key: \"{{type}}\", timeout: 2s }}\n  lost: {{ type: amqp, url: \"{url}\", exchange: nowhere, routing_key: \"{{type}}\", timeout: 2s }}"
     );
+    let started = Instant::now();
     let mut ficus = FicusProcess::start(&ficus_yaml(upstream.addr, &sinks, outbox.path())).await;
     assert_eq!(send(ficus.addr, order("7", "c-7", 0)).await.status(), 201);
     assert_eq!(send(ficus.addr, cancel("7")).await.status(), 204);
-    let lines = log_lines(
+    // A fresh connection may be to a broker still recovering after a restart: first retried.
+    let retried = log_lines(
+        &mut ficus,
+        &[
+            &[
+                "\"sink\":\"bus\"",
+                "unroutable",
+                "retried while the connection is younger",
+            ],
+            &[
+                "\"sink\":\"lost\"",
+                "does not exist",
+                "retried while the connection is younger",
+            ],
+        ],
+    )
+    .await;
+    eprintln!("retried while recovering:\n{}", retried.join("\n"));
+    let lines = log_lines_within(
         &mut ficus,
         &[
             &[
@@ -2056,9 +2084,14 @@ async fn rabbitmq_unroutable_and_missing_exchange_are_dead_lettered() {
                 "exchange `nowhere` does not exist",
             ],
         ],
+        ficus::sinks::amqp::RECOVERING + WAIT,
     )
     .await;
     eprintln!("dead-letter log lines:\n{}", lines.join("\n"));
+    assert!(
+        started.elapsed() >= ficus::sinks::amqp::RECOVERING,
+        "dead-lettered only once the connection is past the recovery window"
+    );
     eventually(WAIT, "dead letters counted, the rest delivered", || async {
         let bus_dead = process_metric(ficus.admin, "ficus_events_dead_lettered_total", "bus").await;
         let bus_ok = process_metric(ficus.admin, "ficus_events_delivered_total", "bus").await;
