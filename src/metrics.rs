@@ -225,7 +225,7 @@ impl Metrics {
         let shadow_dropped_total = IntCounterVec::new(
             Opts::new(
                 "ficus_shadow_dropped_total",
-                "Shadow copies sampled but not sent: the route's max_in_flight was reached, or the request body was too long to keep (over 64 KiB).",
+                "Shadow copies sampled but not sent: the route's max_in_flight was reached, the request body was too long to keep (over 64 KiB) or could not be read, or the primary gave no response.",
             ),
             &["route"],
         )?;

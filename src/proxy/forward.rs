@@ -110,10 +110,17 @@ async fn forward(state: &Arc<ProxyState>, conn: &ConnInfo, routed: Routed) -> Re
     let shadow = state.router.shadow(target).filter(|s| {
         s.methods.contains(&parts.method) && (s.sample >= 1.0 || fastrand::f64() < s.sample)
     });
+    // A sampled shadow copy that an early answer below leaves unsent is counted as such.
+    let unsent = |response| {
+        if shadow.is_some() {
+            super::shadow::not_sent(state, target);
+        }
+        response
+    };
     let (first_body, replay) = if fallback.is_some() || shadow.is_some() {
         match keep(body, state.upstreams[target.upstream].idle_timeout).await {
             Ok(kept) => kept,
-            Err(response) => return response,
+            Err(response) => return unsent(response),
         }
     } else {
         (UpstreamBody::Stream(body), None)
@@ -155,12 +162,12 @@ async fn forward(state: &Arc<ProxyState>, conn: &ConnInfo, routed: Routed) -> Re
             let body = Tee::plain(UpstreamBody::buffered(bytes.clone()));
             match send(alternate, spare, path_and_query.clone(), body).await {
                 (Attempt::Answered(r), activity) => (r, activity),
-                (Attempt::Failed(kind, message), _) => return failure(kind, message),
+                (Attempt::Failed(kind, message), _) => return unsent(failure(kind, message)),
             }
         }
         _ => match attempt {
             Attempt::Answered(r) => (r, activity),
-            Attempt::Failed(kind, message) => return failure(kind, message),
+            Attempt::Failed(kind, message) => return unsent(failure(kind, message)),
         },
     };
 
@@ -175,7 +182,7 @@ async fn forward(state: &Arc<ProxyState>, conn: &ConnInfo, routed: Routed) -> Re
             &response,
         ),
         (Some(_), _, None) => {
-            super::shadow::body_not_kept(state, target);
+            super::shadow::not_sent(state, target);
             None
         }
         _ => None,

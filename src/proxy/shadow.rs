@@ -223,9 +223,10 @@ impl Body for Tapped {
     }
 }
 
-/// A sampled copy that cannot be sent: its request body was too long to keep (it streamed to
-/// the primary once), so the same bytes cannot go out again.
-pub fn body_not_kept(state: &ProxyState, target: Target) {
+/// A sampled copy that is never sent: its request body was too long to keep (it streamed to
+/// the primary once, so the same bytes cannot go out again), could not be read, or the
+/// primary gave no response to compare it with.
+pub fn not_sent(state: &ProxyState, target: Target) {
     if let Some(Some(bookkeeping)) = state.shadows.get(target.route) {
         bookkeeping.not_sent();
     }

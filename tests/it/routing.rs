@@ -1237,3 +1237,35 @@ async fn a_shadow_copy_skipped_for_a_body_over_64_kib_is_counted_as_dropped() {
     );
     assert_eq!(mono.requests().len(), 2, "the primary served both");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_copy_left_unsent_by_a_failed_primary_is_counted() {
+    // The primary refuses connections: the client gets 502 and there is no response to
+    // compare a copy with, so none is sent, and that is counted.
+    let refused = refused_addr().await;
+    let shadow = steady().await;
+    let yaml = format!(
+        "listen: {{ address: 127.0.0.1:0 }}\nadmin: {{ address: 127.0.0.1:0 }}\nupstreams:\n  monolith: {{ url: \"http://{refused}\" }}\n  orders-fn: {{ url: \"http://{}\" }}\ndefault_upstream: monolith\nroutes:\n  - name: orders\n    match: {{ path: /orders }}\n    upstream: monolith\n    shadow: {{ upstream: orders-fn }}\n",
+        shadow.addr
+    );
+    let ficus = Ficus::start_yaml(&yaml).await;
+    assert_eq!(
+        send(ficus.addr, req("GET", "/orders", &[])).await.status(),
+        502
+    );
+    let m = ficus.metrics().await;
+    assert_eq!(
+        sample(&m, "ficus_shadow_dropped_total", &[("route", "orders")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "ficus_shadow_comparisons_total",
+            &[("route", "orders"), ("result", "error")]
+        ),
+        Some(1.0),
+        "not sent: no comparison"
+    );
+    assert!(shadow.requests().is_empty(), "no copy went out");
+}
