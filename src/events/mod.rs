@@ -134,24 +134,6 @@ pub struct EventView<'a> {
     pub data: Option<&'a RawValue>,
 }
 
-/// The text of the JSON string at `at` in `b` and the index after it, when it has no escapes
-/// (and is UTF-8, without control characters); `None` otherwise.
-fn plain_string(b: &[u8], at: usize) -> Option<(&[u8], usize)> {
-    if b.get(at) != Some(&b'"') {
-        return None;
-    }
-    let start = at + 1;
-    let end = start + crate::rules::plain_len(b.get(start..)?);
-    if b.get(end) != Some(&b'"') {
-        return None;
-    }
-    let text = b.get(start..end)?;
-    if !text.is_ascii() {
-        std::str::from_utf8(text).ok()?;
-    }
-    Some((text, end + 1))
-}
-
 impl StoredEvent {
     /// Reads a stored envelope: `Ok(None)` when it is not for `sink` (`None`: for whoever asks,
     /// as replayed dead letters are), an error when it is not an envelope with a JSON object
@@ -188,7 +170,7 @@ impl StoredEvent {
             i += 1;
         } else {
             loop {
-                let (name, end) = plain_string(b, i)?;
+                let (name, end) = crate::rules::plain_string(b, i)?;
                 wanted |= sink.is_some_and(|s| s.as_bytes() == name);
                 i = end;
                 match b.get(i)? {
@@ -204,7 +186,7 @@ impl StoredEvent {
         if b.get(i..i + 8)? != b",\"rule\":" {
             return None;
         }
-        let (_, end) = plain_string(b, i + 8)?;
+        let (_, end) = crate::rules::plain_string(b, i + 8)?;
         i = end;
         if b.get(i..i + 9)? != b",\"event\":" {
             return None;

@@ -79,7 +79,7 @@ pub use redact::Redactor;
 pub use status::StatusMatch;
 pub use template::{DataTemplate, Template};
 
-pub(crate) use scan::{json_end, plain_len};
+pub(crate) use scan::{json_end, plain_len, plain_string};
 
 use condition::CelExchange;
 use template::attribute;

@@ -167,20 +167,8 @@ impl<'a> Canonical<'a> {
 
     /// A string without escapes; its text.
     fn string(&mut self) -> Option<&'a [u8]> {
-        if self.b.get(self.i) != Some(&b'"') {
-            return None;
-        }
-        let start = self.i + 1;
-        let end = start + plain_len(self.b.get(start..)?);
-        // Anything but the closing quote here is an escape, a control character or the end.
-        if self.b.get(end) != Some(&b'"') {
-            return None;
-        }
-        let text = self.b.get(start..end)?;
-        if !text.is_ascii() {
-            std::str::from_utf8(text).ok()?;
-        }
-        self.i = end + 1;
+        let (text, end) = plain_string(self.b, self.i)?;
+        self.i = end;
         Some(text)
     }
 
@@ -214,6 +202,26 @@ fn build(bytes: &[u8]) -> Result<Value, Refused> {
         }
     }
     serde_json::from_slice(bytes).map_err(|_| Refused)
+}
+
+/// The text of the JSON string whose opening quote is at `at` in `b`, and the index after its
+/// closing quote, when it has no escapes (and is UTF-8, without control characters); `None`
+/// otherwise.
+pub(crate) fn plain_string(b: &[u8], at: usize) -> Option<(&[u8], usize)> {
+    if b.get(at) != Some(&b'"') {
+        return None;
+    }
+    let start = at + 1;
+    let end = start + plain_len(b.get(start..)?);
+    // Anything but the closing quote here is an escape, a control character or the end.
+    if b.get(end) != Some(&b'"') {
+        return None;
+    }
+    let text = b.get(start..end)?;
+    if !text.is_ascii() {
+        std::str::from_utf8(text).ok()?;
+    }
+    Some((text, end + 1))
 }
 
 /// How many bytes of `bytes` come before the first `"`, `\` or control character (below
@@ -395,17 +403,26 @@ impl Scanner<'_> {
         Ok(())
     }
 
-    fn object(&mut self, steps: Option<&[Step]>, depth: u8) -> Result<(), Refused> {
+    /// Enters the object or array at `self.i` (its opening bracket), spending one of `depth`:
+    /// the depth left inside, or `None` when it is empty (then passed over whole).
+    fn open(&mut self, close: u8, depth: u8) -> Result<Option<u8>, Refused> {
         let depth = depth - 1;
         if depth == 0 {
             return Err(Refused);
         }
         self.i += 1;
         self.ws();
-        if self.peek() == Some(b'}') {
+        if self.peek() == Some(close) {
             self.i += 1;
-            return Ok(());
+            return Ok(None);
         }
+        Ok(Some(depth))
+    }
+
+    fn object(&mut self, steps: Option<&[Step]>, depth: u8) -> Result<(), Refused> {
+        let Some(depth) = self.open(b'}', depth)? else {
+            return Ok(());
+        };
         let (field, rest) = match steps {
             Some([Step::Field(f), rest @ ..]) => (Some(f.as_bytes()), rest),
             _ => (None, &[][..]),
@@ -456,16 +473,9 @@ impl Scanner<'_> {
     }
 
     fn array(&mut self, steps: Option<&[Step]>, depth: u8) -> Result<(), Refused> {
-        let depth = depth - 1;
-        if depth == 0 {
-            return Err(Refused);
-        }
-        self.i += 1;
-        self.ws();
-        if self.peek() == Some(b']') {
-            self.i += 1;
+        let Some(depth) = self.open(b']', depth)? else {
             return Ok(());
-        }
+        };
         let (index, rest) = match steps {
             Some([Step::Index(n), rest @ ..]) => (Some(*n), rest),
             _ => (None, &[][..]),
