@@ -1765,10 +1765,12 @@ impl RabbitNode {
         let text = std::fs::read_to_string(&node_log)
             .or_else(|_| std::fs::read_to_string(self.log_path()))
             .unwrap_or_default();
+        // Few lines: CI shows the end of a failed test's output, and the panic message is
+        // printed before this.
         let lines: Vec<&str> = text.lines().collect();
         format!(
             "({name}) {}",
-            lines[lines.len().saturating_sub(30)..].join("\n")
+            lines[lines.len().saturating_sub(12)..].join("\n")
         )
     }
 }

@@ -99,11 +99,12 @@ pub async fn kill_broker_mid_stream<B: KilledBroker>(broker: &mut B, sink: &str,
             break;
         }
         if Instant::now() > deadline {
+            let dead = metric(&ficus, "ficus_events_dead_lettered_total", sink).await;
             let metrics = ficus.metrics().await;
             let label = format!("sink=\"{sink}\"");
             let series: Vec<&str> = metrics.lines().filter(|l| l.contains(&label)).collect();
             panic!(
-                "{name}: not every event delivered {DELIVERY:?} after the restart: {held} of {total} at the broker, {pending} pending; sink metrics:\n{}",
+                "{name}: not every event delivered {DELIVERY:?} after the restart: {held} of {total} at the broker, {pending} pending, {dead} dead-lettered; sink metrics:\n{}",
                 series.join("\n")
             );
         }
