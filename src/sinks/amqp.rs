@@ -35,10 +35,11 @@
 //! in the kill -9 test: 196 of 200 events dead-lettered in the seconds after the restart. So
 //! in that window these two are retried, and a misconfigured exchange or binding costs that
 //! long before its events go to the dead letters. The window was 10 s until a CI run of the
-//! same test, on a loaded 2-core machine, timed out with the retries unroutable from the
-//! first one: RabbitMQ routes to a classic queue only once the queue's process has
-//! registered, after recovering its index, which a `kill -9`ed node does after it takes
-//! connections.
+//! same test, on a loaded 2-core machine, timed out with every retry unroutable: RabbitMQ
+//! 3.10 had come back with the queue and its messages but without its binding, which stays
+//! missing until a client binds the queue again (rabbitmq-server#1878, #1884), as consuming
+//! applications do when they reconnect, every 5 s by default in the Java client's topology
+//! recovery. 30 s leaves them a few attempts.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
