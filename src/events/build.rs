@@ -2,8 +2,6 @@
 //! from the exchange (`time`, `traceparent`, `ficusupstream`) or from defaults (`id` a new
 //! UUIDv7, `partitionkey` the subject, `source` the `events.source`).
 
-use std::fmt::Display;
-use std::io::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -44,7 +42,11 @@ pub fn cloud_event(draft: EventDraft, ctx: &Context<'_>) -> CloudEvent {
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| ctx.default_source.to_string()),
         ty: draft.ty,
-        time: humantime::format_rfc3339_millis(ctx.seen_at).to_string(),
+        time: {
+            let mut time = Vec::with_capacity(24);
+            write_time(&mut time, ctx.seen_at);
+            String::from_utf8_lossy(&time).into_owned()
+        },
         subject: draft.subject,
         datacontenttype,
         partitionkey,
@@ -66,27 +68,13 @@ pub fn cloud_event(draft: EventDraft, ctx: &Context<'_>) -> CloudEvent {
 /// serde_json. serde's field-by-field machinery and serde_json's byte-at-a-time escaping were
 /// most of the cost of an envelope. Tests compare the bytes with [`super::Envelope::encode`].
 pub fn envelope(draft: &EventDraft, sinks: &[String], ctx: &Context<'_>) -> Bytes {
-    let mut id_buf = uuid::Uuid::encode_buffer();
-    let id = match draft.id.as_deref().filter(|id| !id.is_empty()) {
-        Some(id) => id,
-        None => uuid_v7_into(ctx.seen_at, &mut id_buf),
-    };
-    let mut time_buf = [0u8; 40];
-    let formatted = humantime::format_rfc3339_millis(ctx.seen_at);
-    let owned_time;
-    let time = match format_into(&mut time_buf, &formatted) {
-        Some(t) => t,
-        None => {
-            owned_time = formatted.to_string();
-            &owned_time
-        }
-    };
-    let source = draft
-        .source
-        .as_deref()
-        .filter(|s| !s.is_empty())
-        .unwrap_or(ctx.default_source);
-    let mut out = Vec::with_capacity(ENCODE_CAPACITY);
+    envelope_after(&envelope_head(sinks, &draft.rule), draft, ctx)
+}
+
+/// The start of every envelope of rule `rule` for `sinks` (`{"sinks":[...],"rule":...`),
+/// which the tap writes once per rule rather than once per event.
+pub fn envelope_head(sinks: &[String], rule: &str) -> Vec<u8> {
+    let mut out = Vec::new();
     out.extend_from_slice(b"{\"sinks\":[");
     for (i, sink) in sinks.iter().enumerate() {
         if i > 0 {
@@ -95,50 +83,156 @@ pub fn envelope(draft: &EventDraft, sinks: &[String], ctx: &Context<'_>) -> Byte
         write_str(&mut out, sink);
     }
     out.extend_from_slice(b"],\"rule\":");
-    write_str(&mut out, &draft.rule);
-    out.extend_from_slice(b",\"event\":{\"specversion\":");
-    write_str(&mut out, SPEC_VERSION);
-    let attributes = [
-        ("id", Some(id)),
-        ("source", Some(source)),
-        ("type", Some(draft.ty.as_str())),
-        ("time", Some(time)),
-        ("subject", draft.subject.as_deref()),
-        ("datacontenttype", content_type(draft)),
-        (
-            "partitionkey",
-            draft.partition_key.as_deref().or(draft.subject.as_deref()),
-        ),
-        ("ficusupstream", Some(ctx.upstream)),
-        ("sequence", draft.sequence.as_deref()),
-        ("traceparent", ctx.traceparent),
-    ];
-    for (name, value) in attributes {
-        if let Some(value) = value {
-            out.extend_from_slice(b",\"");
-            out.extend_from_slice(name.as_bytes());
-            out.extend_from_slice(b"\":");
-            write_str(&mut out, value);
+    write_str(&mut out, rule);
+    out
+}
+
+/// [`envelope`] from its start, `head` ([`envelope_head`] of the draft's sinks and rule).
+pub fn envelope_after(head: &[u8], draft: &EventDraft, ctx: &Context<'_>) -> Bytes {
+    Bytes::from(envelope_vec(head, draft, ctx))
+}
+
+// The attributes' keys, each with the comma before it.
+const EVENT: &[u8] = b",\"event\":{\"specversion\":";
+const ID: &[u8] = b",\"id\":";
+const SOURCE: &[u8] = b",\"source\":";
+const TYPE: &[u8] = b",\"type\":";
+const TIME: &[u8] = b",\"time\":";
+const SUBJECT: &[u8] = b",\"subject\":";
+const CONTENT_TYPE: &[u8] = b",\"datacontenttype\":";
+const PARTITION_KEY: &[u8] = b",\"partitionkey\":";
+const UPSTREAM: &[u8] = b",\"ficusupstream\":";
+const SEQUENCE: &[u8] = b",\"sequence\":";
+const TRACEPARENT: &[u8] = b",\"traceparent\":";
+const TRUNCATED: &[u8] = b",\"ficustruncated\":true";
+const DATA: &[u8] = b",\"data\":";
+const END: &[u8] = b"}}";
+/// The length of a UUID and of a time as ficus writes them, quotes included.
+const UUID_LEN: usize = 38;
+const TIME_LEN: usize = 26;
+
+/// [`envelope_after`] as a vector whose capacity is its length when no string needs escaping
+/// and the data is JSON text (or none): `Bytes` then takes it without another allocation.
+fn envelope_vec(head: &[u8], draft: &EventDraft, ctx: &Context<'_>) -> Vec<u8> {
+    let id = draft.id.as_deref().filter(|id| !id.is_empty());
+    let source = draft
+        .source
+        .as_deref()
+        .filter(|s| !s.is_empty())
+        .unwrap_or(ctx.default_source);
+    let content_type = content_type(draft);
+    let partition_key = draft.partition_key.as_deref().or(draft.subject.as_deref());
+    let quoted = |s: &str| s.len() + 2;
+    let optional = |key: &[u8], value: Option<&str>| value.map_or(0, |v| key.len() + quoted(v));
+    let len = head.len()
+        + EVENT.len()
+        + quoted(SPEC_VERSION)
+        + ID.len()
+        + id.map_or(UUID_LEN, quoted)
+        + SOURCE.len()
+        + quoted(source)
+        + TYPE.len()
+        + quoted(&draft.ty)
+        + TIME.len()
+        + TIME_LEN
+        + optional(SUBJECT, draft.subject.as_deref())
+        + optional(CONTENT_TYPE, content_type)
+        + optional(PARTITION_KEY, partition_key)
+        + UPSTREAM.len()
+        + quoted(ctx.upstream)
+        + optional(SEQUENCE, draft.sequence.as_deref())
+        + optional(TRACEPARENT, ctx.traceparent)
+        + if draft.data_truncated {
+            TRUNCATED.len()
+        } else {
+            0
         }
+        + draft.data.as_ref().map_or(0, |d| {
+            // A value's length is known only once serde_json has written it.
+            DATA.len() + d.json_len().unwrap_or(ENCODE_CAPACITY / 2)
+        })
+        + END.len();
+    let mut out = Vec::with_capacity(len);
+    out.extend_from_slice(head);
+    out.extend_from_slice(EVENT);
+    write_plain(&mut out, SPEC_VERSION.as_bytes());
+    out.extend_from_slice(ID);
+    match id {
+        Some(id) => write_str(&mut out, id),
+        // `id` and `time`, when ficus makes them, are ASCII that needs no escaping: written
+        // in place, without `fmt` or an intermediate string.
+        None => write_plain(&mut out, &uuid_v7_hyphenated(ctx.seen_at)),
+    }
+    out.extend_from_slice(SOURCE);
+    write_str(&mut out, source);
+    out.extend_from_slice(TYPE);
+    write_str(&mut out, &draft.ty);
+    out.extend_from_slice(TIME);
+    out.push(b'"');
+    write_time(&mut out, ctx.seen_at);
+    out.push(b'"');
+    if let Some(subject) = &draft.subject {
+        out.extend_from_slice(SUBJECT);
+        write_str(&mut out, subject);
+    }
+    if let Some(content_type) = content_type {
+        out.extend_from_slice(CONTENT_TYPE);
+        write_plain(&mut out, content_type.as_bytes());
+    }
+    if let Some(key) = partition_key {
+        out.extend_from_slice(PARTITION_KEY);
+        write_str(&mut out, key);
+    }
+    out.extend_from_slice(UPSTREAM);
+    write_str(&mut out, ctx.upstream);
+    if let Some(sequence) = &draft.sequence {
+        out.extend_from_slice(SEQUENCE);
+        write_str(&mut out, sequence);
+    }
+    if let Some(traceparent) = ctx.traceparent {
+        out.extend_from_slice(TRACEPARENT);
+        write_str(&mut out, traceparent);
     }
     if draft.data_truncated {
-        out.extend_from_slice(b",\"ficustruncated\":true");
+        out.extend_from_slice(TRUNCATED);
     }
     if let Some(data) = &draft.data {
-        out.extend_from_slice(b",\"data\":");
+        out.extend_from_slice(DATA);
         data.write_json(&mut out);
     }
-    out.extend_from_slice(b"}}");
-    Bytes::from(out)
+    out.extend_from_slice(END);
+    out
+}
+
+/// `bytes`, known to need no escaping (ficus's own constants, ids and times), in quotes.
+fn write_plain(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.push(b'"');
+    out.extend_from_slice(bytes);
+    out.push(b'"');
 }
 
 /// `s` as a JSON string, escaped byte for byte as serde_json escapes it: `"` and `\` with a
 /// backslash; the control characters below `0x20` as `\b`, `\t`, `\n`, `\f`, `\r`, or else
-/// `\u00xx` in lower-case hex; everything else (DEL, all of non-ASCII) as it is.
+/// `\u00xx` in lower-case hex; everything else (DEL, all of non-ASCII) as it is. Most
+/// attributes need no escape at all: they are checked whole first, eight bytes at a time, and
+/// copied in one piece.
+#[inline]
 fn write_str(out: &mut Vec<u8>, s: &str) {
+    let bytes = s.as_bytes();
+    if needs_escape(bytes) {
+        write_escaped(out, bytes);
+    } else {
+        write_plain(out, bytes);
+    }
+}
+
+/// [`write_str`] for a string with something to escape.
+#[cold]
+#[inline(never)]
+fn write_escaped(out: &mut Vec<u8>, bytes: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push(b'"');
-    let mut rest = s.as_bytes();
+    let mut rest = bytes;
     loop {
         let (plain, special) = rest.split_at(plain_len(rest).min(rest.len()));
         out.extend_from_slice(plain);
@@ -167,13 +261,115 @@ fn write_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
-/// `value` formatted into `buf`, when it fits.
-fn format_into(buf: &mut [u8], value: impl Display) -> Option<&str> {
-    let len = buf.len();
-    let mut rest = &mut buf[..];
-    write!(rest, "{value}").ok()?;
-    let written = len - rest.len();
-    std::str::from_utf8(&buf[..written]).ok()
+const ONES: u64 = u64::from_ne_bytes([1; 8]);
+const HIGH: u64 = ONES << 7;
+
+/// Whether any byte of `bytes` is `"`, `\` or a control character. Eight bytes at a time: a
+/// string of eight or more ends with an overlapping last word, a shorter one is padded with
+/// spaces, so that no byte is looked at alone.
+fn needs_escape(bytes: &[u8]) -> bool {
+    let word = |chunk: &[u8]| -> u64 {
+        let mut w = [b' '; 8];
+        w[..chunk.len()].copy_from_slice(chunk);
+        u64::from_le_bytes(w)
+    };
+    if bytes.len() < 8 {
+        return special(word(bytes));
+    }
+    let mut chunks = bytes.chunks_exact(8);
+    let mut found = false;
+    for chunk in chunks.by_ref() {
+        found |= special(word(chunk));
+    }
+    if !chunks.remainder().is_empty() {
+        found |= special(word(&bytes[bytes.len() - 8..]));
+    }
+    found
+}
+
+/// Whether a byte of `chars` is `"`, `\` or below `0x20`: the classic has-zero-byte test on
+/// `chars - 0x20`, `chars ^ '"'` and `chars ^ '\\'` (exact as a yes or no; bytes at or over
+/// `0x80` never count).
+fn special(chars: u64) -> bool {
+    let control = chars.wrapping_sub(ONES * 0x20) & !chars;
+    let quote = chars ^ (ONES * u64::from(b'"'));
+    let quote = quote.wrapping_sub(ONES) & !quote;
+    let backslash = chars ^ (ONES * u64::from(b'\\'));
+    let backslash = backslash.wrapping_sub(ONES) & !backslash;
+    (control | quote | backslash) & HIGH != 0
+}
+
+/// The first second of year 10000: RFC 3339 has four digits for the year.
+const YEAR_10000: u64 = 253_402_300_800;
+
+/// `at` as `humantime::format_rfc3339_millis` writes it (`2026-11-28T02:34:10.123Z`), appended
+/// to `out` without going through `fmt`. Times before 1970 or past year 9999 go through
+/// humantime (which refuses them as it always did).
+fn write_time(out: &mut Vec<u8>, at: SystemTime) {
+    let Some(d) = at
+        .duration_since(UNIX_EPOCH)
+        .ok()
+        .filter(|d| d.as_secs() < YEAR_10000)
+    else {
+        out.extend_from_slice(humantime::format_rfc3339_millis(at).to_string().as_bytes());
+        return;
+    };
+    let secs = d.as_secs();
+    let (year, month, day) = civil_from_days(secs / 86_400);
+    let s = secs % 86_400;
+    let pair = |n: u64| PAIRS[(n % 100) as usize];
+    let [y0, y1] = pair(year / 100);
+    let [y2, y3] = pair(year);
+    let [mo0, mo1] = pair(month);
+    let [d0, d1] = pair(day);
+    let [h0, h1] = pair(s / 3600);
+    let [mi0, mi1] = pair(s / 60 % 60);
+    let [s0, s1] = pair(s % 60);
+    let millis = u64::from(d.subsec_millis());
+    let [ms0, ms1] = pair(millis / 10);
+    let ms2 = b'0' + (millis % 10) as u8;
+    out.extend_from_slice(&[
+        y0, y1, y2, y3, b'-', mo0, mo1, b'-', d0, d1, b'T', h0, h1, b':', mi0, mi1, b':', s0, s1,
+        b'.', ms0, ms1, ms2, b'Z',
+    ]);
+}
+
+/// `00` to `99`.
+const PAIRS: [[u8; 2]; 100] = {
+    let mut pairs = [[0; 2]; 100];
+    let mut i = 0;
+    while i < 100 {
+        pairs[i] = [b'0' + (i / 10) as u8, b'0' + (i % 10) as u8];
+        i += 1;
+    }
+    pairs
+};
+
+/// Each byte in lower-case hex.
+const HEX_PAIRS: [[u8; 2]; 256] = {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut pairs = [[0; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        pairs[i] = [HEX[i >> 4], HEX[i & 0xf]];
+        i += 1;
+    }
+    pairs
+};
+
+/// The proleptic Gregorian (year, month, day) of `days` since 1970-01-01 (Howard Hinnant's
+/// `civil_from_days`, for days that are not negative).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
 }
 
 /// A UUIDv7 (RFC 9562) for an event seen at `at`: its millisecond timestamp, then 74 random
@@ -181,20 +377,27 @@ fn format_into(buf: &mut [u8], value: impl Display) -> Option<&str> {
 /// again and the OS's random source for each id (a `getrandom` syscall per event here); ids
 /// only need to be unique, and 74 random bits within one millisecond are.
 fn uuid_v7(at: SystemTime) -> String {
-    uuid_v7_into(at, &mut uuid::Uuid::encode_buffer()).to_string()
+    String::from_utf8_lossy(&uuid_v7_hyphenated(at)).into_owned()
 }
 
-/// [`uuid_v7`] written into `buf`.
-fn uuid_v7_into(at: SystemTime, buf: &mut [u8]) -> &str {
+/// [`uuid_v7`] in its hyphenated lower-case form, as `Uuid::hyphenated` writes it.
+fn uuid_v7_hyphenated(at: SystemTime) -> [u8; 36] {
     let millis = at
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    let mut random = [0u8; 10];
-    fastrand::fill(&mut random);
-    uuid::Builder::from_unix_timestamp_millis(millis, &random)
-        .into_uuid()
-        .hyphenated()
-        .encode_lower(buf)
+    let random = fastrand::u128(..).to_le_bytes();
+    let mut ten = [0u8; 10];
+    ten.copy_from_slice(&random[..10]);
+    let uuid = uuid::Builder::from_unix_timestamp_millis(millis, &ten).into_uuid();
+    // Where each byte's two digits go in `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`.
+    const AT: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
+    let mut text = [b'-'; 36];
+    for (byte, &at) in uuid.as_bytes().iter().zip(&AT) {
+        let [high, low] = HEX_PAIRS[usize::from(*byte)];
+        text[at] = high;
+        text[at + 1] = low;
+    }
+    text
 }
 
 #[cfg(test)]
@@ -282,6 +485,38 @@ mod tests {
         }
     }
 
+    /// Without anything to escape and with JSON text as data, the envelope is allocated at
+    /// its exact length (so `Bytes` takes it as it is), whichever attributes it has.
+    #[test]
+    fn envelope_is_allocated_at_its_length() {
+        let head = envelope_head(&["audit".to_string()], "accepted");
+        for mask in 0u32..256 {
+            let with = |bit: u32| mask & (1 << bit) != 0;
+            let mut d = draft();
+            d.subject = with(0).then(|| "ord-1".to_string());
+            d.source = with(1).then(|| "/shop".to_string());
+            d.partition_key = with(2).then(|| "k".to_string());
+            d.id = with(3).then(|| "given".to_string());
+            d.sequence = with(4).then(|| "7".to_string());
+            d.data = with(5).then(|| Data::Json(Bytes::from_static(b"{\"id\":\"ord-1\"}")));
+            d.data_truncated = with(6);
+            let ctx = Context {
+                default_source: "/legacy/shop",
+                upstream: "monolith",
+                seen_at: UNIX_EPOCH + Duration::from_millis(1_790_000_000_123),
+                traceparent: with(7)
+                    .then_some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+            };
+            let out = envelope_vec(&head, &d, &ctx);
+            assert_eq!(
+                out.len(),
+                out.capacity(),
+                "mask {mask:#b}: {}",
+                String::from_utf8_lossy(&out)
+            );
+        }
+    }
+
     /// Strings that need every kind of escape, and none.
     fn text() -> impl proptest::strategy::Strategy<Value = String> {
         "[a-z\"\\\\/\\x00-\\x1f\u{7f}\u{e9}\u{2028}\u{1F600} ]{0,24}"
@@ -329,6 +564,73 @@ mod tests {
                 String::from_utf8_lossy(&new),
                 String::from_utf8_lossy(&expected)
             );
+        }
+    }
+
+    proptest::proptest! {
+        /// The time written by hand against humantime's `format_rfc3339_millis`, over all of
+        /// years 1970 to 9999.
+        #[test]
+        fn time_is_humantimes_rfc3339_millis(secs in 0u64..YEAR_10000, nanos in 0u32..1_000_000_000) {
+            let at = UNIX_EPOCH + Duration::new(secs, nanos);
+            let mut out = Vec::new();
+            write_time(&mut out, at);
+            proptest::prop_assert_eq!(
+                String::from_utf8_lossy(&out),
+                humantime::format_rfc3339_millis(at).to_string()
+            );
+        }
+
+        /// The escape check against a byte-at-a-time one, on any bytes.
+        #[test]
+        fn needs_escape_finds_every_byte_to_escape(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..40)) {
+            let expected = bytes.iter().any(|&c| c == b'"' || c == b'\\' || c < 0x20);
+            proptest::prop_assert_eq!(needs_escape(&bytes), expected);
+        }
+    }
+
+    #[test]
+    fn time_at_the_edges_is_humantimes() {
+        let days = |y: u64| (y - 1970) * 365 * 86_400;
+        let mut secs = vec![
+            0,
+            59,
+            86_399,
+            86_400,
+            951_782_400,
+            951_868_800,
+            YEAR_10000 - 1,
+        ];
+        // Around the turn of every year, leap or not, and of the centuries.
+        for year in [1971, 1972, 1999, 2000, 2001, 2024, 2100, 2400, 9999] {
+            let approx = days(year);
+            secs.extend(
+                (0..800)
+                    .map(|d| (approx + d * 86_400).saturating_sub(400 * 86_400))
+                    .filter(|&s| s < YEAR_10000),
+            );
+        }
+        for s in secs {
+            for millis in [0, 1, 999] {
+                let at = UNIX_EPOCH + Duration::from_millis(s * 1000 + millis);
+                let mut out = Vec::new();
+                write_time(&mut out, at);
+                assert_eq!(
+                    String::from_utf8_lossy(&out),
+                    humantime::format_rfc3339_millis(at).to_string()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn ids_are_uuids_hyphenated_form() {
+        let at = UNIX_EPOCH + Duration::from_millis(1_790_000_000_123);
+        for _ in 0..1000 {
+            let text = uuid_v7_hyphenated(at);
+            let text = std::str::from_utf8(&text).expect("ascii");
+            let uuid = uuid::Uuid::parse_str(text).expect("uuid");
+            assert_eq!(uuid.hyphenated().to_string(), text);
         }
     }
 

@@ -33,7 +33,9 @@ use tokio::sync::broadcast;
 use super::body::{BoxError, ProxyBody};
 use super::forward::proxy_error;
 use super::{ProxyState, Routed};
-use crate::events::build::{cloud_event, envelope, Context as BuildContext};
+use crate::events::build::{
+    cloud_event, envelope, envelope_after, envelope_head, Context as BuildContext,
+};
 use crate::events::{CloudEvent, Envelope};
 use crate::metrics::{DropReason, Metrics};
 use crate::outbox::{Durability, Outbox, OutboxError, Ticket, WhenFull};
@@ -55,6 +57,9 @@ pub struct EventPath {
     pub metrics: Metrics,
     /// `ficus_events_emitted_total` per rule, in rule order.
     pub emitted: Vec<prometheus::IntCounter>,
+    /// The start of each rule's envelopes, in rule order: its sinks and name, escaped once
+    /// (see [`envelope_head`]).
+    pub heads: Vec<Vec<u8>>,
     /// The largest batch of events one exchange produced so far, in bytes: with
     /// `when_full: reject`, a request is refused unless this much room is left.
     pub largest: std::sync::atomic::AtomicU64,
@@ -76,6 +81,13 @@ impl EventPath {
             .iter()
             .map(|r| metrics.events_emitted_total.with_label_values(&[&r.name]))
             .collect();
+        let sinks: Vec<String> = config.sinks.iter().map(|s| s.name.clone()).collect();
+        // A rule's drafts carry its name and its `sinks` (all sinks when it has none).
+        let heads = rules
+            .rules()
+            .iter()
+            .map(|r| envelope_head(r.sinks.as_deref().unwrap_or(&sinks), &r.name))
+            .collect();
         EventPath {
             rules,
             outbox,
@@ -83,10 +95,11 @@ impl EventPath {
             when_full: config.outbox.when_full,
             capture_limit: usize::try_from(config.limits.capture_body).unwrap_or(usize::MAX),
             default_source: events.source.clone(),
-            sinks: config.sinks.iter().map(|s| s.name.clone()).collect(),
+            sinks,
             tail,
             metrics,
             emitted,
+            heads,
             largest: std::sync::atomic::AtomicU64::new(0),
         }
     }
@@ -133,7 +146,11 @@ pub struct CaptureSlot {
 
 #[derive(Debug, Default)]
 struct CaptureBuf {
-    bytes: BytesMut,
+    /// The body while it is one chunk: kept as it came, not copied. Most request bodies
+    /// arrive so.
+    first: Bytes,
+    /// The body once a second chunk came: everything copied here.
+    more: BytesMut,
     truncated: bool,
     complete: bool,
 }
@@ -141,12 +158,25 @@ struct CaptureBuf {
 impl CaptureSlot {
     fn push(&self, data: &Bytes, limit: usize) {
         if let Ok(mut buf) = self.inner.lock() {
-            let room = limit.saturating_sub(buf.bytes.len());
+            let buf = &mut *buf;
+            let room = limit.saturating_sub(buf.first.len() + buf.more.len());
             if data.len() > room {
                 buf.truncated = true;
             }
             let take = data.len().min(room);
-            buf.bytes.extend_from_slice(&data[..take]);
+            if take == 0 {
+                return;
+            }
+            if buf.first.is_empty() && buf.more.is_empty() {
+                buf.first = data.slice(..take);
+                return;
+            }
+            if !buf.first.is_empty() {
+                let first = std::mem::take(&mut buf.first);
+                buf.more.reserve(first.len() + take);
+                buf.more.extend_from_slice(&first);
+            }
+            buf.more.extend_from_slice(&data[..take]);
         }
     }
 
@@ -162,7 +192,12 @@ impl CaptureSlot {
         match self.inner.lock() {
             Ok(mut buf) => {
                 let truncated = buf.truncated || !buf.complete;
-                Captured::new(buf.bytes.split().freeze(), content_type, truncated)
+                let bytes = if buf.more.is_empty() {
+                    std::mem::take(&mut buf.first)
+                } else {
+                    std::mem::take(&mut buf.more).freeze()
+                };
+                Captured::new(bytes, content_type, truncated)
             }
             Err(_) => Captured::empty(),
         }
@@ -349,8 +384,8 @@ async fn respond(
         .is_some_and(|n| n <= events.capture_limit as u64);
     if small {
         // Read whole (it is small), emit, and in sync mode release only once durable.
-        let bytes = match body.collect().await {
-            Ok(collected) => collected.to_bytes(),
+        let bytes = match read_whole(body).await {
+            Ok(bytes) => bytes,
             Err(error) => {
                 tracing::warn!(%error, "upstream response body failed; no event emitted");
                 return proxy_error(
@@ -399,6 +434,31 @@ async fn respond(
             body: Box::new(body),
         },
     )
+}
+
+/// A body's data, whole (its trailers dropped): the one chunk it came in as it is, more
+/// copied together. What `collect().to_bytes()` gives, without its list of chunks.
+async fn read_whole(mut body: ProxyBody) -> Result<Bytes, BoxError> {
+    let mut first = Bytes::new();
+    let mut more = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        if first.is_empty() && more.is_empty() {
+            first = data;
+        } else {
+            if !first.is_empty() {
+                more.extend_from_slice(&std::mem::take(&mut first));
+            }
+            more.extend_from_slice(&data);
+        }
+    }
+    Ok(if more.is_empty() {
+        first
+    } else {
+        more.freeze()
+    })
 }
 
 /// What became of an exchange's events.
@@ -486,25 +546,20 @@ fn emit(
         seen_at,
         traceparent,
     };
-    let outcomes = events.rules.evaluate(&parts.candidates, exchange);
+    let outcomes = events.rules.evaluate_indexed(&parts.candidates, exchange);
     let mut payloads = Vec::with_capacity(outcomes.len());
     // The rules that emitted, by index, for their counters: a bit set, not a list of names.
     let mut emitted = Candidates::default();
-    let mut count = |rule: &str| {
-        if let Some(i) = events.rules.rules().iter().position(|r| r.name == rule) {
-            emitted.insert(i);
-        }
-    };
     // Only kept when someone watches `/events/tail`.
     let watching = events.tail.receiver_count() > 0;
     let mut tail = Vec::new();
-    for outcome in outcomes {
+    for (i, outcome) in outcomes {
         match outcome {
             Outcome::Emit(draft) => {
                 // A rule without `sinks` means the sinks configured now, written down by
                 // name: a sink added (or back) after a reload gets only what was meant for it.
                 let sinks = draft.sinks.as_deref().unwrap_or(&events.sinks);
-                count(&draft.rule);
+                emitted.insert(i);
                 if watching {
                     let envelope = Envelope {
                         sinks: Some(sinks.to_vec()),
@@ -514,7 +569,11 @@ fn emit(
                     payloads.push(envelope.encode());
                     tail.push(Arc::new(envelope.event));
                 } else {
-                    payloads.push(envelope(&draft, sinks, &ctx));
+                    // The rule's sinks and name, escaped when the tap was built.
+                    payloads.push(match events.heads.get(i) {
+                        Some(head) => envelope_after(head, &draft, &ctx),
+                        None => envelope(&draft, sinks, &ctx),
+                    });
                 }
             }
             Outcome::Skipped { rule, reason } => match reason {
@@ -718,5 +777,50 @@ impl Drop for EventBody {
                 }
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn captured(chunks: &[&'static [u8]], limit: usize, finish: bool) -> Captured {
+        let slot = CaptureSlot::default();
+        for chunk in chunks {
+            slot.push(&Bytes::from_static(chunk), limit);
+        }
+        if finish {
+            slot.finish();
+        }
+        slot.take(None)
+    }
+
+    /// One chunk, several, empty ones, and the limit falling in the first chunk or a later
+    /// one: the bytes kept are the body's first `limit`, truncated when there was more.
+    #[test]
+    fn the_capture_keeps_the_first_bytes_of_the_body() {
+        let cases: &[(&[&[u8]], usize, &str, bool)] = &[
+            (&[b"hello"], 10, "hello", false),
+            (&[b"hello"], 5, "hello", false),
+            (&[b"hello"], 3, "hel", true),
+            (&[b"he", b"", b"llo", b" world"], 100, "hello world", false),
+            (&[b"he", b"llo", b" world"], 4, "hell", true),
+            (&[b"hello", b" world"], 5, "hello", true),
+            (&[b"", b"hello"], 100, "hello", false),
+            (&[], 100, "", false),
+        ];
+        for &(chunks, limit, expected, truncated) in cases {
+            let c = captured(chunks, limit, true);
+            // An empty body reads as `null`.
+            let value = if expected.is_empty() {
+                serde_json::Value::Null
+            } else {
+                serde_json::json!(expected)
+            };
+            assert_eq!(c.value(), &value, "{chunks:?} {limit}");
+            assert_eq!(c.is_truncated(), truncated, "{chunks:?} {limit}");
+        }
+        // A body that did not end is truncated.
+        assert!(captured(&[b"hello"], 100, false).is_truncated());
     }
 }

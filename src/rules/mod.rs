@@ -366,15 +366,29 @@ impl RuleSet {
     /// Redaction is applied first, whatever the caller did. The sensitive-header rule holds per
     /// rule whatever headers the exchange carries: a template reads only the headers it names,
     /// and a condition's view of the headers lacks the sensitive ones it does not name.
-    pub fn evaluate(&self, candidates: &Candidates, mut ex: Exchange) -> Vec<Outcome> {
+    pub fn evaluate(&self, candidates: &Candidates, ex: Exchange) -> Vec<Outcome> {
+        self.evaluate_indexed(candidates, ex)
+            .into_iter()
+            .map(|(_, outcome)| outcome)
+            .collect()
+    }
+
+    /// [`evaluate`](Self::evaluate), each outcome with the index of its rule in
+    /// [`rules`](Self::rules): the tap keeps per-rule state (counters, the start of the
+    /// envelope) that it need not look up by name.
+    pub fn evaluate_indexed(
+        &self,
+        candidates: &Candidates,
+        mut ex: Exchange,
+    ) -> Vec<(usize, Outcome)> {
         self.redact.apply(&mut ex);
         let ex = &ex;
         // Conditions share one CEL view of the exchange, built on first use.
         let mut shared = None;
         candidates
             .iter()
-            .filter_map(|i| Some((self.rules.get(i)?, self.compiled.get(i)?)))
-            .map(|(rule, compiled)| evaluate_rule(rule, compiled, ex, &mut shared))
+            .filter_map(|i| Some((i, self.rules.get(i)?, self.compiled.get(i)?)))
+            .map(|(i, rule, compiled)| (i, evaluate_rule(rule, compiled, ex, &mut shared)))
             .collect()
     }
 
@@ -583,6 +597,15 @@ impl Data {
         match self {
             Data::Value(v) => v.is_string(),
             Data::Json(json) => json.first() == Some(&b'"'),
+        }
+    }
+
+    /// The length of [`write_json`](Self::write_json)'s output, when known without writing
+    /// it: for JSON text.
+    pub fn json_len(&self) -> Option<usize> {
+        match self {
+            Data::Value(_) => None,
+            Data::Json(json) => Some(json.len()),
         }
     }
 
