@@ -90,6 +90,15 @@ pub fn decode_header(buf: &[u8], magic: [u8; 8]) -> Result<u64, HeaderProblem> {
     Ok(u64_at(buf, 12))
 }
 
+/// The 12 bytes a record's crc covers before its payload, in one piece: one short update
+/// of the checksum rather than two.
+fn len_and_seq(len: [u8; 4], seq: [u8; 8]) -> [u8; 12] {
+    let mut out = [0; 12];
+    out[..4].copy_from_slice(&len);
+    out[4..].copy_from_slice(&seq);
+    out
+}
+
 /// Appends one framed record to `out`.
 pub fn encode_record(out: &mut Vec<u8>, seq: u64, payload: &[u8]) {
     // The caller refuses payloads over u32::MAX before they get here (OutboxError::TooLarge).
@@ -97,7 +106,7 @@ pub fn encode_record(out: &mut Vec<u8>, seq: u64, payload: &[u8]) {
         .unwrap_or(u32::MAX)
         .to_le_bytes();
     let seq_bytes = seq.to_le_bytes();
-    let crc = crc_of(&[&len, &seq_bytes, payload]);
+    let crc = crc_of(&[&len_and_seq(len, seq_bytes), payload]);
     out.extend_from_slice(&len);
     out.extend_from_slice(&crc.to_le_bytes());
     out.extend_from_slice(&seq_bytes);
@@ -137,9 +146,11 @@ pub fn decode_record(buf: &[u8]) -> Decoded {
         return Decoded::Incomplete { need: frame };
     }
     let stored = u32_at(buf, 4);
-    let seq_bytes = &buf[8..16];
     let payload = header..frame_usize;
-    let actual = crc_of(&[&buf[0..4], seq_bytes, &buf[payload.clone()]]);
+    let actual = crc_of(&[
+        &len_and_seq(len.to_le_bytes(), u64_at(buf, 8).to_le_bytes()),
+        &buf[payload.clone()],
+    ]);
     if stored != actual {
         return Decoded::Corrupt(format!(
             "record checksum mismatch (stored {stored:#010x}, computed {actual:#010x})"

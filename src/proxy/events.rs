@@ -346,27 +346,36 @@ where
             upstream,
         };
         let response = self.inner.call(routed);
-        let state = self.state.clone();
-        Either::Right(Box::pin(async move {
-            let response = response.await?;
-            let mut parts = parts;
-            // A fallback answered instead of the routed upstream: events name who served.
-            if let Some(served) = response.extensions().get::<super::forward::ServedBy>() {
-                if let Some(u) = state.upstreams.get(served.0) {
-                    parts.upstream = u.name.clone();
-                }
-            }
-            Ok(respond(events, parts, response).await)
-        }))
+        Either::Right(Box::pin(respond(
+            response,
+            self.state.clone(),
+            events,
+            parts,
+        )))
     }
 }
 
-/// Decides what to do with the upstream's response for a request some rule may match.
-async fn respond(
+/// Awaits the upstream's response for a request some rule may match and decides what to do
+/// with it. One future from the request to the events: an `async` block around a call to
+/// another `async fn` moved the request's parts and the response into a second future, a
+/// few hundred bytes copied each time.
+async fn respond<F>(
+    response: F,
+    state: Arc<ProxyState>,
     events: Arc<EventPath>,
-    parts: RequestParts,
-    response: Response<ProxyBody>,
-) -> Response<ProxyBody> {
+    mut parts: RequestParts,
+) -> Result<Response<ProxyBody>, Infallible>
+where
+    F: Future<Output = Result<Response<ProxyBody>, Infallible>>,
+{
+    let response = response.await?;
+    // A fallback answered instead of the routed upstream: events name who served.
+    if let Some(served) = response.extensions().get::<super::forward::ServedBy>() {
+        if let Some(u) = state.upstreams.get(served.0) {
+            parts.upstream = u.name.clone();
+        }
+    }
+    drop(state);
     let status = response.status().as_u16();
     // ficus's own errors (502/504) are not the monolith's answer: no rule sees them.
     if response
@@ -374,7 +383,7 @@ async fn respond(
         .contains_key(&super::forward::FICUS_ERROR)
         || !events.rules.any_status(&parts.candidates, status)
     {
-        return response;
+        return Ok(response);
     }
     let seen_at = SystemTime::now();
     let (head, body) = response.into_parts();
@@ -388,11 +397,11 @@ async fn respond(
             Ok(bytes) => bytes,
             Err(error) => {
                 tracing::warn!(%error, "upstream response body failed; no event emitted");
-                return proxy_error(
+                return Ok(proxy_error(
                     StatusCode::BAD_GATEWAY,
                     "reset",
                     "ficus: upstream response body was cut short\n".into(),
-                );
+                ));
             }
         };
         let captured = Captured::new(
@@ -404,10 +413,10 @@ async fn respond(
         let ticket = emit(&events, parts, status, kept, captured, seen_at);
         if events.durability == Durability::Sync {
             if let Err(response) = wait_durable(ticket).await {
-                return response;
+                return Ok(response);
             }
         }
-        return Response::from_parts(head, ProxyBody::full(bytes));
+        return Ok(Response::from_parts(head, ProxyBody::full(bytes)));
     }
     let finish = Finish {
         events: events.clone(),
@@ -428,12 +437,12 @@ async fn respond(
         finish: Some(finish),
         done: false,
     };
-    Response::from_parts(
+    Ok(Response::from_parts(
         head,
         ProxyBody::Events {
             body: Box::new(body),
         },
-    )
+    ))
 }
 
 /// A body's data, whole (its trailers dropped): the one chunk it came in as it is, more
