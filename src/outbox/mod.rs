@@ -519,6 +519,18 @@ impl Outbox {
     /// [`OutboxError::Full`], queueing nothing, when segment bytes on disk plus bytes queued
     /// plus these would pass `max_bytes`. Never blocks on IO.
     pub fn append(&self, payloads: Vec<Bytes>) -> Result<Ticket, OutboxError> {
+        self.queue(payloads, true)
+    }
+
+    /// [`append`](Self::append) for a caller that will not wait until the payloads are
+    /// durable (`durability: async`): there is no ticket, so no channel for the writer to
+    /// answer on (allocated, answered and freed for each append, it cost more than the
+    /// append). Returns the first payload's seq.
+    pub fn append_untracked(&self, payloads: Vec<Bytes>) -> Result<u64, OutboxError> {
+        self.queue(payloads, false).map(|ticket| ticket.first_seq)
+    }
+
+    fn queue(&self, payloads: Vec<Bytes>, tracked: bool) -> Result<Ticket, OutboxError> {
         let shared = self.shared();
         let max = shared.store.max_payload();
         let mut bytes = 0u64;
@@ -529,7 +541,7 @@ impl Outbox {
             bytes += format::frame_len(p.len());
         }
         let n = payloads.len();
-        let (tx, rx) = if n == 0 {
+        let (tx, rx) = if n == 0 || !tracked {
             (None, None)
         } else {
             let (tx, rx) = oneshot::channel();

@@ -526,6 +526,30 @@ async fn health_reports_a_failing_disk_until_a_write_succeeds() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untracked_appends_take_their_seqs_between_tracked_ones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let outbox = Outbox::open(settings(dir.path()), OutboxMetrics::unregistered()).expect("open");
+    assert_eq!(
+        outbox.append_untracked(payloads(0..2, 10)).expect("append"),
+        0
+    );
+    let ticket = outbox.append(payloads(2..3, 10)).expect("append");
+    assert_eq!(ticket.first_seq(), 2);
+    assert_eq!(
+        outbox.append_untracked(payloads(3..5, 10)).expect("append"),
+        3
+    );
+    ticket.durable().await.expect("durable");
+    outbox.flush().await.expect("flush");
+    assert_eq!(outbox.durable_end(), 5);
+    let mut reader = outbox.reader("bus").expect("reader");
+    let got = reader.next(10, 1 << 20).await.expect("next");
+    assert_eq!(seqs(&got), vec![0, 1, 2, 3, 4]);
+    assert!(got.iter().all(|r| r.payload == payload(r.seq, 10)));
+    outbox.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_are_checked_before_anything_is_queued() {
     let dir = tempfile::tempdir().expect("tempdir");
     let outbox = Outbox::open(settings(dir.path()), OutboxMetrics::unregistered()).expect("open");

@@ -410,8 +410,9 @@ where
             false,
         );
         let kept = kept_headers(&head.headers, &parts.needs, &parts.needs.response_headers);
-        let ticket = emit(&events, parts, status, kept, captured, seen_at);
-        if events.durability == Durability::Sync {
+        let sync = events.durability == Durability::Sync;
+        let ticket = emit(&events, parts, status, kept, captured, seen_at, sync);
+        if sync {
             if let Err(response) = wait_durable(ticket).await {
                 return Ok(response);
             }
@@ -474,7 +475,8 @@ async fn read_whole(mut body: ProxyBody) -> Result<Bytes, BoxError> {
 enum Emitted {
     /// No rule produced an event (or `when_full: drop` dropped them, counted).
     Nothing,
-    Stored(Ticket),
+    /// The ticket, when the append was tracked.
+    Stored(Option<Ticket>),
     /// The outbox refused them: with `durability: sync` the response must not be released.
     Lost,
 }
@@ -493,7 +495,8 @@ async fn wait_durable(emitted: Emitted) -> Result<(), Response<ProxyBody>> {
     match emitted {
         Emitted::Nothing => Ok(()),
         Emitted::Lost => Err(failed("outbox refused the events")),
-        Emitted::Stored(ticket) => match ticket.durable().await {
+        Emitted::Stored(None) => Ok(()),
+        Emitted::Stored(Some(ticket)) => match ticket.durable().await {
             Ok(()) => Ok(()),
             Err(error) => Err(failed(&error.to_string())),
         },
@@ -511,7 +514,7 @@ struct Finish {
 }
 
 impl Finish {
-    fn emit(self, body: Bytes, truncated: bool) -> Emitted {
+    fn emit(self, body: Bytes, truncated: bool, tracked: bool) -> Emitted {
         let captured = Captured::new(body, self.content_type.as_ref(), truncated);
         emit(
             &self.events,
@@ -520,12 +523,13 @@ impl Finish {
             self.headers,
             captured,
             self.seen_at,
+            tracked,
         )
     }
 }
 
 /// Evaluates the rules on a finished exchange and appends the events; returns the ticket to
-/// await for durability.
+/// await for durability when `tracked` (with `durability: async` nobody waits for it).
 fn emit(
     events: &EventPath,
     parts: RequestParts,
@@ -533,6 +537,7 @@ fn emit(
     response_headers: HeaderMap,
     response_body: Captured,
     seen_at: SystemTime,
+    tracked: bool,
 ) -> Emitted {
     let request_body = match &parts.body {
         Some(slot) => slot.take(parts.content_type.as_ref()),
@@ -606,7 +611,12 @@ fn emit(
     events
         .largest
         .fetch_max(size, std::sync::atomic::Ordering::Relaxed);
-    match events.outbox.append(payloads) {
+    let appended = if tracked {
+        events.outbox.append(payloads).map(Some)
+    } else {
+        events.outbox.append_untracked(payloads).map(|_| None)
+    };
+    match appended {
         Ok(ticket) => {
             for i in emitted.iter() {
                 if let Some(c) = events.emitted.get(i) {
@@ -713,7 +723,11 @@ impl Body for EventBody {
                 None => {
                     this.inner = None;
                     let emitted = match this.finish.take() {
-                        Some(f) => f.emit(this.captured.split().freeze(), this.truncated),
+                        Some(f) => f.emit(
+                            std::mem::take(&mut this.captured).freeze(),
+                            this.truncated,
+                            this.sync,
+                        ),
                         None => Emitted::Nothing,
                     };
                     if this.sync {
@@ -775,8 +789,10 @@ impl Drop for EventBody {
                         Err(_) => return,
                     }
                 }
-                match finish.emit(captured.freeze(), truncated) {
-                    Emitted::Stored(ticket) => {
+                // Tracked whatever the durability: a failure is logged.
+                match finish.emit(captured.freeze(), truncated, true) {
+                    Emitted::Stored(None) => {}
+                    Emitted::Stored(Some(ticket)) => {
                         if let Err(error) = ticket.durable().await {
                             tracing::error!(%error, "event of an abandoned response not stored");
                         }
