@@ -2,6 +2,7 @@
 //! from the exchange (`time`, `traceparent`, `ficusupstream`) or from defaults (`id` a new
 //! UUIDv7, `partitionkey` the subject, `source` the `events.source`).
 
+use std::cell::Cell;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
@@ -352,6 +353,29 @@ fn write_time(out: &mut Vec<u8>, at: SystemTime) {
         return;
     };
     let secs = d.as_secs();
+    let millis = u64::from(d.subsec_millis());
+    let pair = |n: u64| PAIRS[(n % 100) as usize];
+    let [ms0, ms1] = pair(millis / 10);
+    let ms2 = b'0' + (millis % 10) as u8;
+    let mut time = [0; 24];
+    time[..19].copy_from_slice(&to_the_second(secs));
+    time[19..].copy_from_slice(&[b'.', ms0, ms1, ms2, b'Z']);
+    out.extend_from_slice(&time);
+}
+
+thread_local! {
+    /// The second the last event of this thread was seen in, and its `YYYY-MM-DDTHH:MM:SS`:
+    /// events come many to a second.
+    static LAST_SECOND: Cell<(u64, [u8; 19])> = const { Cell::new((u64::MAX, [0; 19])) };
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` of `secs` since 1970 (before year 10000).
+fn to_the_second(secs: u64) -> [u8; 19] {
+    if let Ok((last, text)) = LAST_SECOND.try_with(Cell::get) {
+        if last == secs {
+            return text;
+        }
+    }
     let (year, month, day) = civil_from_days(secs / 86_400);
     let s = secs % 86_400;
     let pair = |n: u64| PAIRS[(n % 100) as usize];
@@ -362,13 +386,11 @@ fn write_time(out: &mut Vec<u8>, at: SystemTime) {
     let [h0, h1] = pair(s / 3600);
     let [mi0, mi1] = pair(s / 60 % 60);
     let [s0, s1] = pair(s % 60);
-    let millis = u64::from(d.subsec_millis());
-    let [ms0, ms1] = pair(millis / 10);
-    let ms2 = b'0' + (millis % 10) as u8;
-    out.extend_from_slice(&[
+    let text = [
         y0, y1, y2, y3, b'-', mo0, mo1, b'-', d0, d1, b'T', h0, h1, b':', mi0, mi1, b':', s0, s1,
-        b'.', ms0, ms1, ms2, b'Z',
-    ]);
+    ];
+    let _ = LAST_SECOND.try_with(|last| last.set((secs, text)));
+    text
 }
 
 /// `00` to `99`.
