@@ -42,7 +42,7 @@ pub fn cloud_event(draft: EventDraft, ctx: &Context<'_>) -> CloudEvent {
             .source
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| ctx.default_source.to_string()),
-        ty: draft.ty,
+        ty: draft.ty.to_string(),
         time: {
             let mut time = Vec::with_capacity(24);
             write_time(&mut time, ctx.seen_at);
@@ -525,7 +525,7 @@ mod tests {
             let given = draft.id.clone().filter(|id| !id.is_empty());
             let mut old = Envelope {
                 sinks: Some(sinks.clone()),
-                rule: draft.rule.clone(),
+                rule: draft.rule.to_string(),
                 event: cloud_event(draft, &ctx),
             };
             match given {
@@ -621,8 +621,8 @@ mod tests {
             data in text(),
         ) {
             let draft = EventDraft {
-                rule,
-                ty,
+                rule: rule.into(),
+                ty: ty.into(),
                 source: with[0].then_some(source),
                 subject: with[1].then_some(subject),
                 partition_key: with[2].then_some(key),
@@ -643,7 +643,7 @@ mod tests {
             let decoded = Envelope::decode(&new).map_err(|e| proptest::test_runner::TestCaseError::fail(e.to_string()))?;
             let mut old = Envelope {
                 sinks: Some(sinks.clone()),
-                rule: draft.rule.clone(),
+                rule: draft.rule.to_string(),
                 event: cloud_event(draft, &ctx),
             };
             old.event.id = decoded.event.id.clone();

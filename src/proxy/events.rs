@@ -577,7 +577,7 @@ fn emit(
                 if watching {
                     let envelope = Envelope {
                         sinks: Some(sinks.to_vec()),
-                        rule: draft.rule.clone(),
+                        rule: draft.rule.to_string(),
                         event: cloud_event(draft, &ctx),
                     };
                     payloads.push(envelope.encode());

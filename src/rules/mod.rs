@@ -66,6 +66,7 @@ mod template;
 mod tests;
 
 use std::fmt;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, COOKIE, SET_COOKIE};
@@ -282,6 +283,10 @@ pub struct RuleSet {
 
 #[derive(Debug)]
 struct Compiled {
+    /// The rule's name, shared by its drafts.
+    name: Arc<str>,
+    /// The rule's `type` when it is a constant (most are), shared by its drafts.
+    ty: Option<Arc<str>>,
     needs: Needs,
     /// Which bodies `data` reads, for [`EventDraft::data_truncated`].
     data_request_body: bool,
@@ -304,6 +309,8 @@ impl RuleSet {
                     None => (false, true),
                 };
                 Compiled {
+                    name: Arc::from(r.name.as_str()),
+                    ty: r.ty.as_constant().filter(|t| !t.is_empty()).map(Arc::from),
                     needs: r.needs(),
                     data_request_body: req,
                     data_response_body: resp,
@@ -430,8 +437,12 @@ fn evaluate_rule<'a>(
             Err(e) => return skip(SkipReason::ConditionError(e)),
         }
     }
-    let Some(ty) = attribute(rule.ty.eval_with(ex, &params)) else {
-        return skip(SkipReason::MissingType);
+    let ty = match &compiled.ty {
+        Some(ty) => ty.clone(),
+        None => match attribute(rule.ty.eval_with(ex, &params)) {
+            Some(ty) => Arc::from(ty),
+            None => return skip(SkipReason::MissingType),
+        },
     };
     let attr = |t: &Option<Template>| t.as_ref().and_then(|t| attribute(t.eval_with(ex, &params)));
     let (data, data_text) = match &rule.data {
@@ -449,7 +460,7 @@ fn evaluate_rule<'a>(
     let data_truncated = (compiled.data_request_body && ex.request_body.is_truncated())
         || (compiled.data_response_body && ex.response_body.is_truncated());
     Outcome::Emit(EventDraft {
-        rule: rule.name.clone(),
+        rule: compiled.name.clone(),
         ty,
         source: attr(&rule.source),
         subject: attr(&rule.subject),
@@ -642,8 +653,10 @@ impl From<Value> for Data {
 /// (`id`, `source`, `partitionkey`), `datacontenttype` and the extensions.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EventDraft {
-    pub rule: String,
-    pub ty: String,
+    /// Shared with the rule set (and `ty` too when constant): a draft per event copies no
+    /// strings of the rule.
+    pub rule: Arc<str>,
+    pub ty: Arc<str>,
     pub source: Option<String>,
     pub subject: Option<String>,
     pub partition_key: Option<String>,

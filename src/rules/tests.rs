@@ -165,7 +165,7 @@ fn every_skip_reason() {
 
     let r = rule("typed", None, "/orders", "shop.{response.body.kind}");
     assert_eq!(
-        one_event(&set(vec![r]), order_exchange()).ty,
+        &*one_event(&set(vec![r]), order_exchange()).ty,
         "shop.",
         "a type with text is never empty"
     );
