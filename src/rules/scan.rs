@@ -442,6 +442,10 @@ fn skip(b: &[u8], mut i: usize, depth: u8) -> Result<usize, Refused> {
         let c = *b.get(i).ok_or(Refused)?;
         if c == b'"' {
             i = string_end(b, i)?;
+        } else if c.wrapping_sub(b'1') < 9 {
+            // A number not starting with `0` or `-` (those are below): tested before the
+            // containers, as documents hold more numbers than containers.
+            i = number(b, i)?;
         } else if c == b'{' || c == b'[' {
             open += 1;
             if open >= depth {
