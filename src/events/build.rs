@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 
-use crate::rules::{plain_len, Data, EventDraft};
+use crate::rules::{plain_len, special, Data, EventDraft};
 
 use super::{CloudEvent, ENCODE_CAPACITY, SPEC_VERSION};
 
@@ -268,7 +268,6 @@ fn write_str(out: &mut Vec<u8>, s: &str) {
 #[cold]
 #[inline(never)]
 fn write_escaped(out: &mut Vec<u8>, bytes: &[u8]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push(b'"');
     let mut rest = bytes;
     loop {
@@ -285,22 +284,15 @@ fn write_escaped(out: &mut Vec<u8>, bytes: &[u8]) {
             0x0a => out.extend_from_slice(b"\\n"),
             0x0c => out.extend_from_slice(b"\\f"),
             0x0d => out.extend_from_slice(b"\\r"),
-            _ => out.extend_from_slice(&[
-                b'\\',
-                b'u',
-                b'0',
-                b'0',
-                HEX[usize::from(c >> 4)],
-                HEX[usize::from(c & 0xf)],
-            ]),
+            _ => {
+                let [high, low] = HEX_PAIRS[usize::from(c)];
+                out.extend_from_slice(&[b'\\', b'u', b'0', b'0', high, low]);
+            }
         }
         rest = tail;
     }
     out.push(b'"');
 }
-
-const ONES: u64 = u64::from_ne_bytes([1; 8]);
-const HIGH: u64 = ONES << 7;
 
 /// Whether any byte of `bytes` is `"`, `\` or a control character. Eight bytes at a time: a
 /// string of eight or more ends with an overlapping last word, a shorter one is padded with
@@ -311,30 +303,21 @@ fn needs_escape(bytes: &[u8]) -> bool {
         w[..chunk.len()].copy_from_slice(chunk);
         u64::from_le_bytes(w)
     };
+    // The scanner's word test: any flagged byte means one to escape (the lowest flagged is
+    // sure to be one, and a borrow flags only above a real one).
+    let flagged = |w: u64| special(w, false) != 0;
     if bytes.len() < 8 {
-        return special(word(bytes));
+        return flagged(word(bytes));
     }
     let mut chunks = bytes.chunks_exact(8);
     let mut found = false;
     for chunk in chunks.by_ref() {
-        found |= special(word(chunk));
+        found |= flagged(word(chunk));
     }
     if !chunks.remainder().is_empty() {
-        found |= special(word(&bytes[bytes.len() - 8..]));
+        found |= flagged(word(&bytes[bytes.len() - 8..]));
     }
     found
-}
-
-/// Whether a byte of `chars` is `"`, `\` or below `0x20`: the classic has-zero-byte test on
-/// `chars - 0x20`, `chars ^ '"'` and `chars ^ '\\'` (exact as a yes or no; bytes at or over
-/// `0x80` never count).
-fn special(chars: u64) -> bool {
-    let control = chars.wrapping_sub(ONES * 0x20) & !chars;
-    let quote = chars ^ (ONES * u64::from(b'"'));
-    let quote = quote.wrapping_sub(ONES) & !quote;
-    let backslash = chars ^ (ONES * u64::from(b'\\'));
-    let backslash = backslash.wrapping_sub(ONES) & !backslash;
-    (control | quote | backslash) & HIGH != 0
 }
 
 /// The first second of year 10000: RFC 3339 has four digits for the year.

@@ -256,7 +256,8 @@ const HIGH: u64 = ONES << 7;
 /// The high bit of each byte of `chars` (little-endian) that is `"`, `\` or a control
 /// character, or (`ascii_too`) not ASCII. Only the lowest flagged byte is sure to be one (a
 /// borrow can flag bytes above a real one), which is all that the callers use.
-fn special(chars: u64, ascii_too: bool) -> u64 {
+#[inline]
+pub(crate) fn special(chars: u64, ascii_too: bool) -> u64 {
     let control = chars.wrapping_sub(ONES * 0x20) & !chars;
     let quote = chars ^ (ONES * u64::from(b'"'));
     let quote = quote.wrapping_sub(ONES) & !quote;
