@@ -146,37 +146,61 @@ pub struct CaptureSlot {
 
 #[derive(Debug, Default)]
 struct CaptureBuf {
-    /// The body while it is one chunk: kept as it came, not copied. Most request bodies
-    /// arrive so.
-    first: Bytes,
-    /// The body once a second chunk came: everything copied here.
-    more: BytesMut,
+    bytes: Gathered,
     truncated: bool,
     complete: bool,
+}
+
+/// A body's bytes gathered from its chunks: the first kept as it came, not copied (most
+/// bodies arrive in one), all copied together once a second one comes.
+#[derive(Debug, Default)]
+struct Gathered {
+    first: Bytes,
+    more: BytesMut,
+}
+
+impl Gathered {
+    fn len(&self) -> usize {
+        self.first.len() + self.more.len()
+    }
+
+    fn push(&mut self, data: Bytes) {
+        if data.is_empty() {
+            return;
+        }
+        if self.first.is_empty() && self.more.is_empty() {
+            self.first = data;
+            return;
+        }
+        if !self.first.is_empty() {
+            let first = std::mem::take(&mut self.first);
+            self.more.reserve(first.len() + data.len());
+            self.more.extend_from_slice(&first);
+        }
+        self.more.extend_from_slice(&data);
+    }
+
+    /// Everything gathered, leaving it empty.
+    fn take(&mut self) -> Bytes {
+        if self.more.is_empty() {
+            std::mem::take(&mut self.first)
+        } else {
+            std::mem::take(&mut self.more).freeze()
+        }
+    }
 }
 
 impl CaptureSlot {
     fn push(&self, data: &Bytes, limit: usize) {
         if let Ok(mut buf) = self.inner.lock() {
-            let buf = &mut *buf;
-            let room = limit.saturating_sub(buf.first.len() + buf.more.len());
+            let room = limit.saturating_sub(buf.bytes.len());
             if data.len() > room {
                 buf.truncated = true;
             }
             let take = data.len().min(room);
-            if take == 0 {
-                return;
+            if take > 0 {
+                buf.bytes.push(data.slice(..take));
             }
-            if buf.first.is_empty() && buf.more.is_empty() {
-                buf.first = data.slice(..take);
-                return;
-            }
-            if !buf.first.is_empty() {
-                let first = std::mem::take(&mut buf.first);
-                buf.more.reserve(first.len() + take);
-                buf.more.extend_from_slice(&first);
-            }
-            buf.more.extend_from_slice(&data[..take]);
         }
     }
 
@@ -192,12 +216,7 @@ impl CaptureSlot {
         match self.inner.lock() {
             Ok(mut buf) => {
                 let truncated = buf.truncated || !buf.complete;
-                let bytes = if buf.more.is_empty() {
-                    std::mem::take(&mut buf.first)
-                } else {
-                    std::mem::take(&mut buf.more).freeze()
-                };
-                Captured::new(bytes, content_type, truncated)
+                Captured::new(buf.bytes.take(), content_type, truncated)
             }
             Err(_) => Captured::empty(),
         }
@@ -449,26 +468,13 @@ where
 /// A body's data, whole (its trailers dropped): the one chunk it came in as it is, more
 /// copied together. What `collect().to_bytes()` gives, without its list of chunks.
 async fn read_whole(mut body: ProxyBody) -> Result<Bytes, BoxError> {
-    let mut first = Bytes::new();
-    let mut more = BytesMut::new();
+    let mut bytes = Gathered::default();
     while let Some(frame) = body.frame().await {
-        let Ok(data) = frame?.into_data() else {
-            continue;
-        };
-        if first.is_empty() && more.is_empty() {
-            first = data;
-        } else {
-            if !first.is_empty() {
-                more.extend_from_slice(&std::mem::take(&mut first));
-            }
-            more.extend_from_slice(&data);
+        if let Ok(data) = frame?.into_data() {
+            bytes.push(data);
         }
     }
-    Ok(if more.is_empty() {
-        first
-    } else {
-        more.freeze()
-    })
+    Ok(bytes.take())
 }
 
 /// What became of an exchange's events.
