@@ -287,6 +287,8 @@ struct Compiled {
     name: Arc<str>,
     /// The rule's `type` when it is a constant (most are), shared by its drafts.
     ty: Option<Arc<str>>,
+    /// The rule's `sinks`, shared by its drafts.
+    sinks: Option<Arc<[String]>>,
     needs: Needs,
     /// Which bodies `data` reads, for [`EventDraft::data_truncated`].
     data_request_body: bool,
@@ -311,6 +313,7 @@ impl RuleSet {
                 Compiled {
                     name: Arc::from(r.name.as_str()),
                     ty: r.ty.as_constant().filter(|t| !t.is_empty()).map(Arc::from),
+                    sinks: r.sinks.as_deref().map(Arc::from),
                     needs: r.needs(),
                     data_request_body: req,
                     data_response_body: resp,
@@ -470,7 +473,7 @@ fn evaluate_rule<'a>(
         data_text: data_text && data.is_string(),
         data: (!data.is_null()).then_some(data),
         data_truncated,
-        sinks: rule.sinks.clone(),
+        sinks: compiled.sinks.clone(),
     })
 }
 
@@ -669,5 +672,6 @@ pub struct EventDraft {
     /// `data` is the text of a non-JSON response body (the default data): `text/plain`.
     /// Otherwise data is JSON.
     pub data_text: bool,
-    pub sinks: Option<Vec<String>>,
+    /// The rule's `sinks`, shared with the rule set.
+    pub sinks: Option<Arc<[String]>>,
 }

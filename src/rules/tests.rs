@@ -113,7 +113,7 @@ fn a_typical_rule_emits_its_draft() {
             data: Some(json!({"order_id": 42, "customer": "c-9", "total": 12.5}).into()),
             data_truncated: false,
             data_text: false,
-            sinks: Some(vec!["bus".into(), "audit".into()]),
+            sinks: Some(vec!["bus".to_string(), "audit".to_string()].into()),
         }
     );
 }
