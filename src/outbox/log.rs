@@ -13,8 +13,9 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, Seek, SeekFrom, Write};
+use std::io::{self, BufReader, Seek, SeekFrom};
 use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -22,6 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use bytes::Bytes;
 
 use super::format::{self, Decoded, FILE_HEADER_LEN, RECORD_HEADER_LEN, SEGMENT_MAGIC};
+use super::spare::{self, Spare};
 use super::{cursor, io_err, OutboxError, Record};
 
 /// Smallest accepted `segment_bytes`: a header and a few records.
@@ -124,10 +126,15 @@ struct Checkpoint {
 pub struct SegmentWriter {
     store: Store,
     segment_bytes: u64,
-    /// The active segment, opened for appending.
+    /// The active segment. Records are written at `len` with positioned writes.
     file: File,
     first_seq: u64,
     len: u64,
+    /// The active segment's size on disk: past `len` it holds zeros (a spare segment, see
+    /// the `spare` module). A write below it changes no metadata, so its fdatasync flushes
+    /// data only; a write past it grows the file.
+    allocated: u64,
+    spare: Spare,
     next_seq: u64,
     checkpoint: Checkpoint,
     /// Set when a write or fsync failed: the tail of the active segment is unknown until
@@ -158,6 +165,7 @@ pub fn open(
     }
     let layout = Layout::new(dir);
     layout.create()?;
+    spare::remove_leftover(&layout.segments);
     let mut recovery = Recovery::default();
     let mut cursors = cursor::load_all(&layout.cursors, true)?;
     let mut segments = list_segments(&layout.segments)?;
@@ -247,6 +255,8 @@ pub fn open(
         file,
         first_seq,
         len,
+        allocated: len,
+        spare: Spare::new(),
         next_seq,
         checkpoint: Checkpoint {
             first_seq,
@@ -295,12 +305,13 @@ fn read_segment_header(path: &Path) -> Result<u64, OutboxError> {
 
 /// Recovers the last segment: checks every record, cuts a torn or damaged tail, fsyncs what
 /// is left (so that everything a reader is given after a restart is on disk). Returns the
-/// file opened for appending, its length, the next seq and the bytes cut.
+/// file opened for writing, its length, the next seq and the bytes cut (zeros a spare
+/// segment had past the last record are cut too, but not counted: nothing was lost there).
 fn recover_last(seg: &Segment, syncs: &AtomicU64) -> Result<(File, u64, u64, u64), OutboxError> {
     let path = &seg.path;
     let mut file = OpenOptions::new()
         .read(true)
-        .append(true)
+        .write(true)
         .open(path)
         .map_err(io_err(path, "open last segment"))?;
     let file_len = file
@@ -328,7 +339,7 @@ fn recover_last(seg: &Segment, syncs: &AtomicU64) -> Result<(File, u64, u64, u64
             tracing::warn!(file = %path.display(), %problem, "rewriting the header of a segment created just before a crash");
             file.set_len(0)
                 .map_err(io_err(path, "truncate torn segment"))?;
-            file.write_all(&format::encode_header(SEGMENT_MAGIC, seg.first_seq))
+            file.write_all_at(&format::encode_header(SEGMENT_MAGIC, seg.first_seq), 0)
                 .map_err(io_err(path, "write segment header"))?;
             file.sync_data().map_err(io_err(path, "fsync segment"))?;
             syncs.fetch_add(1, Ordering::Relaxed);
@@ -352,7 +363,13 @@ fn recover_last(seg: &Segment, syncs: &AtomicU64) -> Result<(File, u64, u64, u64
     )
     .map_err(io_err(path, "read last segment"))?;
     let mut cut = 0;
-    if end.good_len < file_len {
+    if end.good_len < file_len
+        && zeros_from(&mut file, end.good_len).map_err(io_err(path, "read last segment"))?
+    {
+        tracing::debug!(file = %path.display(), bytes = file_len - end.good_len, "cutting the unused zeros of a preallocated last segment");
+        file.set_len(end.good_len)
+            .map_err(io_err(path, "truncate preallocated tail"))?;
+    } else if end.good_len < file_len {
         cut = file_len - end.good_len;
         tracing::warn!(
             file = %path.display(),
@@ -370,6 +387,22 @@ fn recover_last(seg: &Segment, syncs: &AtomicU64) -> Result<(File, u64, u64, u64
     Ok((file, end.good_len, end.next_seq, cut))
 }
 
+/// Whether every byte of `file` from `offset` to its end is zero: the unused part of a
+/// preallocated segment rather than a torn or damaged record.
+fn zeros_from(file: &mut File, offset: u64) -> io::Result<bool> {
+    file.seek(SeekFrom::Start(offset))?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = format::read_full(file, &mut buf)?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        if n < buf.len() {
+            return Ok(true);
+        }
+    }
+}
+
 /// Creates a segment file holding only its header, durably: the header is fsynced, then the
 /// directory, before any record goes into it.
 fn create_segment(
@@ -378,16 +411,43 @@ fn create_segment(
     syncs: &AtomicU64,
 ) -> Result<(File, PathBuf), OutboxError> {
     let path = dir.join(format::segment_file_name(first_seq));
-    let mut file = OpenOptions::new()
+    let file = OpenOptions::new()
         .read(true)
-        .append(true)
+        .write(true)
         .create_new(true)
         .open(&path)
         .map_err(io_err(&path, "create segment"))?;
-    file.write_all(&format::encode_header(SEGMENT_MAGIC, first_seq))
+    file.write_all_at(&format::encode_header(SEGMENT_MAGIC, first_seq), 0)
         .map_err(io_err(&path, "write segment header"))?;
     file.sync_data().map_err(io_err(&path, "fsync segment"))?;
     syncs.fetch_add(1, Ordering::Relaxed);
+    cursor::sync_dir(dir)?;
+    Ok((file, path))
+}
+
+/// Makes the zero-filled spare the segment starting at `first_seq`, durably, as
+/// [`create_segment`] makes a new one: header written and fsynced, then the rename and the
+/// directory fsynced, before any record goes into it.
+fn install_spare(
+    dir: &Path,
+    file: File,
+    first_seq: u64,
+    syncs: &AtomicU64,
+) -> Result<(File, PathBuf), OutboxError> {
+    let spare = dir.join(spare::SPARE_FILE);
+    let path = dir.join(format::segment_file_name(first_seq));
+    if path.exists() {
+        return Err(OutboxError::Corrupt {
+            path,
+            offset: 0,
+            reason: "a segment with this first seq exists already".into(),
+        });
+    }
+    file.write_all_at(&format::encode_header(SEGMENT_MAGIC, first_seq), 0)
+        .map_err(io_err(&spare, "write segment header"))?;
+    file.sync_data().map_err(io_err(&spare, "fsync segment"))?;
+    syncs.fetch_add(1, Ordering::Relaxed);
+    fs::rename(&spare, &path).map_err(io_err(&spare, "rename the spare segment"))?;
     cursor::sync_dir(dir)?;
     Ok((file, path))
 }
@@ -476,6 +536,12 @@ impl SegmentWriter {
     }
 
     fn append_inner(&mut self, payloads: &[Bytes]) -> Result<(), OutboxError> {
+        // A segment that grows as it is written leaves as soon as a preallocated one is
+        // ready (see the `spare` module); an empty one stays, as its successor would have
+        // the same name.
+        if self.len >= self.allocated && self.next_seq > self.first_seq && self.spare.ready() {
+            self.roll()?;
+        }
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
         let mut result = Ok(());
@@ -495,6 +561,10 @@ impl SegmentWriter {
         if result.is_ok() {
             result = self.write_out(&buf);
         }
+        if self.len - FILE_HEADER_LEN >= spare::START_AFTER.min(self.segment_bytes / 2) {
+            self.spare
+                .start(&self.store.inner.layout.segments, self.segment_bytes);
+        }
         // Keep the allocation for the next batch, but not a huge one.
         if buf.capacity() <= 8 << 20 {
             self.buf = buf;
@@ -508,10 +578,14 @@ impl SegmentWriter {
         }
         if let Err(e) = self.fault("write") {
             // Only in tests: a write cut short by the failure.
-            let _ = self.file.write_all(&buf[..buf.len() / 2]);
+            let _ = self.file.write_all_at(&buf[..buf.len() / 2], self.len);
+            self.allocated = self.allocated.max(self.len + (buf.len() / 2) as u64);
             return Err(io_err(&self.active_path(), "write segment")(e));
         }
-        if let Err(e) = self.file.write_all(buf) {
+        let written = self.file.write_all_at(buf, self.len);
+        // Even a failed write may have grown the file; the rollback cuts it back.
+        self.allocated = self.allocated.max(self.len + buf.len() as u64);
+        if let Err(e) = written {
             return Err(io_err(&self.active_path(), "write segment")(e));
         }
         self.len += buf.len() as u64;
@@ -526,15 +600,30 @@ impl SegmentWriter {
     /// and starts the next one at `next_seq`.
     fn roll(&mut self) -> Result<(), OutboxError> {
         let old = self.active_path();
+        // A complete segment ends with its last record: readers and recovery of earlier
+        // segments know nothing of preallocated zeros.
+        if self.allocated > self.len {
+            self.file
+                .set_len(self.len)
+                .map_err(io_err(&old, "cut the unused zeros of a segment"))?;
+            self.allocated = self.len;
+        }
         self.fault("fsync")
             .and_then(|()| self.file.sync_data())
             .map_err(io_err(&old, "fsync segment"))?;
         self.store.inner.syncs.fetch_add(1, Ordering::Relaxed);
-        let (file, path) = create_segment(
-            &self.store.inner.layout.segments,
-            self.next_seq,
-            &self.store.inner.syncs,
-        )?;
+        let dir = &self.store.inner.layout.segments;
+        let syncs = &self.store.inner.syncs;
+        let (file, path, allocated) = match self.spare.take() {
+            Some(spare) => {
+                let (file, path) = install_spare(dir, spare, self.next_seq, syncs)?;
+                (file, path, self.segment_bytes)
+            }
+            None => {
+                let (file, path) = create_segment(dir, self.next_seq, syncs)?;
+                (file, path, FILE_HEADER_LEN)
+            }
+        };
         {
             let mut segs = lock(&self.store.inner.segments);
             if let Some(last) = segs.last_mut() {
@@ -553,6 +642,7 @@ impl SegmentWriter {
         self.file = file;
         self.first_seq = self.next_seq;
         self.len = FILE_HEADER_LEN;
+        self.allocated = allocated;
         Ok(())
     }
 
@@ -600,7 +690,7 @@ impl SegmentWriter {
             Some(seg) if seg.first_seq == cp.first_seq => {
                 let file = OpenOptions::new()
                     .read(true)
-                    .append(true)
+                    .write(true)
                     .open(&seg.path)
                     .map_err(io_err(&seg.path, "reopen segment"))?;
                 file.set_len(cp.len)
@@ -616,6 +706,7 @@ impl SegmentWriter {
                 self.file = file;
                 self.first_seq = cp.first_seq;
                 self.len = cp.len;
+                self.allocated = cp.len;
             }
             _ => {
                 // The checkpoint's segment was complete and every cursor had passed it, so a
@@ -630,6 +721,7 @@ impl SegmentWriter {
                 self.file = file;
                 self.first_seq = cp.end;
                 self.len = FILE_HEADER_LEN;
+                self.allocated = FILE_HEADER_LEN;
                 self.checkpoint = Checkpoint {
                     first_seq: cp.end,
                     len: FILE_HEADER_LEN,
@@ -642,6 +734,12 @@ impl SegmentWriter {
         self.next_seq = cp.end;
         self.poisoned = false;
         Ok(())
+    }
+
+    /// Whether a spare segment is ready to be rolled into (tests wait for its thread).
+    #[cfg(test)]
+    pub(crate) fn spare_ready(&mut self) -> bool {
+        self.spare.ready()
     }
 
     #[cfg(test)]
@@ -1258,14 +1356,26 @@ pub(crate) fn summarize(dir: &Path) -> Result<SegmentSummary, OutboxError> {
             .map_err(io_err(&last.path, "read segment header"))?;
         let end = match format::decode_header(&header[..n], SEGMENT_MAGIC) {
             Ok(_) => {
-                format::scan(
+                let scan = format::scan(
                     &mut BufReader::new(&mut file),
                     FILE_HEADER_LEN,
                     Some(last.first_seq),
                     |_, _| {},
                 )
-                .map_err(io_err(&last.path, "read segment"))?
-                .next_seq
+                .map_err(io_err(&last.path, "read segment"))?;
+                // The active segment may be preallocated: its zeros hold no event. (A torn
+                // record at the end does count: those bytes are taken until recovery.)
+                let size = file
+                    .metadata()
+                    .map_err(io_err(&last.path, "stat segment"))?
+                    .len();
+                if scan.good_len < size
+                    && zeros_from(&mut file, scan.good_len)
+                        .map_err(io_err(&last.path, "read segment"))?
+                {
+                    bytes = bytes.saturating_sub(size - scan.good_len);
+                }
+                scan.next_seq
             }
             // Being created right now, or torn: it holds no record yet.
             Err(format::HeaderProblem::Short(_)) => last.first_seq,

@@ -57,6 +57,10 @@
 //!
 //! When the active segment would pass `segment_bytes`, it is fsynced, the next segment is
 //! created (header written and fsynced, then the directory fsynced) and writing goes on there.
+//! Under load the next segment is a spare made beforehand by another thread, full of zeros
+//! that records then overwrite: an fdatasync that need not commit a new file size costs half
+//! as much (the `spare` module says why and how). So the active segment may be longer than
+//! its records; a rolled-over segment is cut to its records first.
 //!
 //! ## Invariants
 //!
@@ -64,7 +68,8 @@
 //!    only after an `fdatasync` that covered it returned success.
 //! 2. Readers see only records below the durable end, so a sink never delivers an event a
 //!    crash could take back.
-//! 3. Every segment but the last is complete and fsynced; only the last can have a torn tail.
+//! 3. Every segment but the last is complete, fsynced, and ends with its last record; only
+//!    the last can have a torn tail, or zeros after its records (preallocated, never written).
 //! 4. Seqs are consecutive; recovery, readers and the writer all check it.
 //! 5. A segment is deleted only when every cursor file in `cursors/` is at or past the next
 //!    segment's first seq. A sink removed from the config keeps its cursor file, so its
@@ -78,10 +83,12 @@
 //!   A bad header on any but the last segment is [`OutboxError::Corrupt`]: refuse to start.
 //! - The last segment is scanned record by record. At the first short record, bad crc, or
 //!   seq out of order, the file is truncated to the last good record, logged with
-//!   `tracing::warn!` (bytes cut). Everything before it is fsynced again: what a reader is
-//!   handed after a restart is on disk. A last segment whose header is torn and that holds
-//!   nothing else (a crash while it was created) gets its header rewritten; a bad header with
-//!   records after it is damage, not a crash, and is refused.
+//!   `tracing::warn!` (bytes cut), unless all it cuts is zeros (the unused part of a
+//!   preallocated segment: nothing was lost there, so nothing is reported). Everything before
+//!   it is fsynced again: what a reader is handed after a restart is on disk. A last segment
+//!   whose header is torn and that holds nothing else (a crash while it was created) gets its
+//!   header rewritten; a bad header with records after it is damage, not a crash, and is
+//!   refused. A leftover `segments/spare` is deleted.
 //! - Cursor files are read; a damaged one is an error naming it (never "start from 0"). A
 //!   cursor below the oldest segment is treated as the oldest record; one past the end (its
 //!   records were cut as damaged) is moved back to the end, so the sink takes the new records
@@ -133,6 +140,7 @@ mod cursor;
 mod dead;
 pub mod format;
 pub mod log;
+mod spare;
 
 use std::collections::{BTreeSet, VecDeque};
 use std::io;

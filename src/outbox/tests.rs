@@ -255,9 +255,13 @@ fn segments_are_deleted_only_when_every_cursor_passed_them() {
     store.commit("audit", before[2]).expect("commit");
     assert_eq!(segment_files(dir.path()), before[2..].to_vec());
     assert!(store.bytes() < bytes_before);
+    // (The zero-filled spare segment, made once the active one is half full, holds no
+    // record and is not counted.)
     let on_disk: u64 = fs::read_dir(dir.path().join("segments"))
         .expect("list")
-        .map(|e| e.expect("entry").metadata().expect("stat").len())
+        .map(|e| e.expect("entry"))
+        .filter(|e| e.file_name() != "spare")
+        .map(|e| e.metadata().expect("stat").len())
         .sum();
     assert_eq!(store.bytes(), on_disk);
 
@@ -729,4 +733,133 @@ fn tickets_resolve_after_the_opening_runtime_is_gone() {
         .block_on(ticket.durable())
         .expect("durable without a runtime at append");
     assert_eq!(outbox.durable_end(), 24);
+}
+
+/// Waits, with a deadline, for the writer's spare segment (made by a thread) to be ready.
+fn wait_for_spare(w: &mut log::SegmentWriter) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !w.spare_ready() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no spare segment after 20 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+fn file_len(path: &Path) -> u64 {
+    fs::metadata(path).expect("stat").len()
+}
+
+#[test]
+fn records_go_into_a_preallocated_segment_in_place_and_its_zeros_are_no_loss() {
+    const SEGMENT: u64 = 64 << 10;
+    let frame = format::frame_len(1000);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spare = dir.path().join("segments").join("spare");
+    let (mut w, store, _) = log::open(dir.path(), SEGMENT).expect("open");
+    // A new outbox's first segment grows as it is written; once it holds half a segment, a
+    // zero-filled spare is made beside it.
+    w.write_batch(&payloads(0..40, 1000)).expect("write");
+    wait_for_spare(&mut w);
+    assert_eq!(file_len(&spare), SEGMENT);
+    // The next write moves to the spare at once, rather than when the first segment is full.
+    w.write_batch(&payloads(40..41, 1000)).expect("write");
+    let segments = store.segments();
+    assert_eq!(
+        segments.iter().map(|s| s.0).collect::<Vec<_>>(),
+        vec![0, 40]
+    );
+    assert!(!spare.exists(), "the spare became segment 40");
+    assert_eq!(file_len(&segments[0].1), FILE_HEADER_LEN + 40 * frame);
+    // Writing there changes no file size (so fdatasync has no metadata to commit).
+    assert_eq!(file_len(&segments[1].1), SEGMENT);
+    w.write_batch(&payloads(41..60, 1000)).expect("write");
+    assert_eq!(file_len(&segments[1].1), SEGMENT);
+    assert_eq!(store.bytes(), FILE_HEADER_LEN * 2 + 60 * frame);
+    // `ficus outbox status` counts records, not zeros.
+    assert_eq!(status(dir.path()).expect("status").bytes, store.bytes());
+    // Once full, it is rolled over and cut to its records, like every complete segment.
+    w.write_batch(&payloads(60..110, 1000)).expect("write");
+    let segments = store.segments();
+    assert_eq!(segments.len(), 3);
+    let third = segments[2].0;
+    assert_eq!(
+        file_len(&segments[1].1),
+        FILE_HEADER_LEN + (third - 40) * frame
+    );
+    // A crash: the zeros after the last record end the log like a torn tail, are cut, and
+    // are not reported as lost. (The third segment is preallocated or not, depending on
+    // whether the next spare was ready at the roll; either way nothing is lost.)
+    drop((w, store));
+    let (mut w, store, recovery) = log::open(dir.path(), SEGMENT).expect("reopen");
+    assert_eq!(recovery, log::Recovery::default());
+    assert_eq!(w.next_seq(), 110);
+    assert_eq!(
+        file_len(&segments[2].1),
+        FILE_HEADER_LEN + (110 - third) * frame
+    );
+    let all = read_all(&store, 0);
+    assert_eq!(seqs(&all), (0..110).collect::<Vec<_>>());
+    assert!(all.iter().all(|r| r.payload == payload(r.seq, 1000)));
+    assert_eq!(
+        w.write_batch(&payloads(110..111, 1000)).expect("write"),
+        110..111
+    );
+}
+
+#[test]
+fn a_torn_record_before_the_zeros_of_a_preallocated_segment_is_cut_and_counted() {
+    const SEGMENT: u64 = 64 << 10;
+    let frame = format::frame_len(1000);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut w, store, _) = log::open(dir.path(), SEGMENT).expect("open");
+    w.write_batch(&payloads(0..40, 1000)).expect("write");
+    wait_for_spare(&mut w);
+    w.write_batch(&payloads(40..45, 1000)).expect("write");
+    let active = store.segments().last().expect("segment").1.clone();
+    assert_eq!(file_len(&active), SEGMENT, "writing into the spare");
+    drop((w, store));
+    // Half of the 46th record, where the zeros began; and a spare a crash left half made.
+    let mut extra = Vec::new();
+    format::encode_record(&mut extra, 45, &payload(45, 1000));
+    let end = FILE_HEADER_LEN + 5 * frame;
+    OpenOptions::new()
+        .write(true)
+        .open(&active)
+        .and_then(|f| std::os::unix::fs::FileExt::write_all_at(&f, &extra[..600], end))
+        .expect("tear");
+    let spare = dir.path().join("segments").join("spare");
+    fs::write(&spare, [0u8; 100]).expect("leftover spare");
+    let (w, store, recovery) = log::open(dir.path(), SEGMENT).expect("reopen");
+    assert_eq!(recovery.truncated_bytes, SEGMENT - end);
+    assert_eq!(file_len(&active), end);
+    assert!(!spare.exists(), "a leftover spare is removed at open");
+    assert_eq!(w.next_seq(), 45);
+    assert_eq!(seqs(&read_all(&store, 0)), (0..45).collect::<Vec<_>>());
+}
+
+#[test]
+fn when_no_spare_can_be_made_segments_grow_as_written_and_nothing_fails() {
+    const SEGMENT: u64 = 8 << 10;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A directory where the spare would go: neither removable as a leftover nor writable,
+    // as a full disk would refuse it.
+    let blocked = dir.path().join("segments").join("spare");
+    fs::create_dir_all(blocked.join("x")).expect("block the spare");
+    let (mut w, store, _) = log::open(dir.path(), SEGMENT).expect("open");
+    for i in 0..50 {
+        w.write_batch(&payloads(i * 10..i * 10 + 10, 200))
+            .expect("write");
+    }
+    assert!(store.segments().len() > 5, "segments rolled over");
+    // Every segment, the active one too, holds records only: nothing was preallocated.
+    let on_disk: u64 = store.segments().iter().map(|s| file_len(&s.1)).sum();
+    assert_eq!(on_disk, store.bytes());
+    assert!(blocked.is_dir());
+    drop((w, store));
+    let (w, store, recovery) = log::open(dir.path(), SEGMENT).expect("reopen");
+    assert_eq!(recovery, log::Recovery::default());
+    assert_eq!(w.next_seq(), 500);
+    assert_eq!(seqs(&read_all(&store, 0)), (0..500).collect::<Vec<_>>());
 }
