@@ -135,6 +135,8 @@ pub struct SegmentWriter {
     /// data only; a write past it grows the file.
     allocated: u64,
     spare: Spare,
+    /// No spare is made while the records and two segments would pass this (`max_bytes`).
+    preallocation_limit: u64,
     next_seq: u64,
     checkpoint: Checkpoint,
     /// Set when a write or fsync failed: the tail of the active segment is unknown until
@@ -257,6 +259,7 @@ pub fn open(
         len,
         allocated: len,
         spare: Spare::new(),
+        preallocation_limit: u64::MAX,
         next_seq,
         checkpoint: Checkpoint {
             first_seq,
@@ -506,6 +509,12 @@ impl SegmentWriter {
         Ok(range)
     }
 
+    /// Makes no spare segment while the records and two segments would pass `limit` bytes,
+    /// so that preallocation does not take the last of a disk sized for `max_bytes`.
+    pub fn limit_preallocation(&mut self, limit: u64) {
+        self.preallocation_limit = limit;
+    }
+
     /// The seq the next appended record gets.
     pub fn next_seq(&self) -> u64 {
         self.next_seq
@@ -561,7 +570,9 @@ impl SegmentWriter {
         if result.is_ok() {
             result = self.write_out(&buf);
         }
-        if self.len - FILE_HEADER_LEN >= spare::START_AFTER.min(self.segment_bytes / 2) {
+        if self.len - FILE_HEADER_LEN >= spare::START_AFTER.min(self.segment_bytes / 2)
+            && self.store.bytes().saturating_add(2 * self.segment_bytes) <= self.preallocation_limit
+        {
             self.spare
                 .start(&self.store.inner.layout.segments, self.segment_bytes);
         }

@@ -118,7 +118,10 @@
 //! the segments every cursor has passed; only whole segments are deleted, never the active
 //! one. `max_bytes` counts segment bytes on disk plus bytes queued: an append that would pass
 //! it fails with [`OutboxError::Full`] and queues nothing. So that commits can always free
-//! space, segments are at most a quarter of `max_bytes`.
+//! space, segments are at most a quarter of `max_bytes`. Preallocated zeros are not counted;
+//! a spare is made only while the records leave room for it and the active segment's zeros
+//! (two segments) below `max_bytes`, so disk use passes `max_bytes` only while an outbox
+//! that had that room fills up, by at most two segments.
 //!
 //! ## Dead letters and replay
 //!
@@ -471,7 +474,8 @@ impl Outbox {
             .segment_bytes
             .clamp(MIN_SEGMENT_BYTES, settings.max_bytes / 4);
         let dir_lock = lock_dir(&settings.dir)?;
-        let (writer, store, recovery) = log::open(&settings.dir, settings.segment_bytes)?;
+        let (mut writer, store, recovery) = log::open(&settings.dir, settings.segment_bytes)?;
+        writer.limit_preallocation(settings.max_bytes);
         tracing::info!(
             dir = %settings.dir.display(),
             first_seq = store.first_seq(),

@@ -23,9 +23,9 @@
 //! zeros as the end of the log and cuts them like a torn tail (and says so only when they
 //! are not all zeros). Every other segment is cut to its records' length when it is rolled
 //! over, so readers and the format of complete segments are unchanged. A leftover spare
-//! is deleted at open. Disk use is at most two segments above `max_bytes` (the active
-//! segment's zeros and the spare), which `max_bytes` does not count: it bounds the events
-//! kept, not the preallocation.
+//! is deleted at open. `max_bytes` does not count the zeros (it bounds the events kept), but
+//! no spare is made while the records plus two segments (the spare and the active segment's
+//! zeros) would pass it: a disk sized for `max_bytes` is not filled with zeros.
 //!
 //! When it cannot be made (a full disk, above all), the writer logs it and goes on with a
 //! segment that grows as it is written, as before; it tries again at the next segment.

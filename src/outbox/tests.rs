@@ -863,3 +863,28 @@ fn when_no_spare_can_be_made_segments_grow_as_written_and_nothing_fails() {
     assert_eq!(w.next_seq(), 500);
     assert_eq!(seqs(&read_all(&store, 0)), (0..500).collect::<Vec<_>>());
 }
+
+#[test]
+fn no_spare_is_made_when_the_records_and_two_segments_would_pass_max_bytes() {
+    const SEGMENT: u64 = 8 << 10;
+    for (limit, spare_expected) in [(64u64 << 10, false), (u64::MAX, true)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut w, store, _) = log::open(dir.path(), SEGMENT).expect("open");
+        w.limit_preallocation(limit);
+        // 50 KiB of records: with a 64 KiB limit, two 8 KiB segments more would pass it.
+        w.write_batch(&payloads(0..250, 200)).expect("write");
+        assert!(store.bytes() > (64 << 10) - 2 * SEGMENT);
+        if spare_expected {
+            wait_for_spare(&mut w);
+            continue;
+        }
+        for i in 0..10 {
+            w.write_batch(&payloads(250 + i * 5..255 + i * 5, 200))
+                .expect("write");
+        }
+        assert!(!w.spare_ready());
+        assert!(!dir.path().join("segments").join("spare").exists());
+        let on_disk: u64 = store.segments().iter().map(|s| file_len(&s.1)).sum();
+        assert_eq!(on_disk, store.bytes());
+    }
+}
