@@ -888,3 +888,42 @@ fn no_spare_is_made_when_the_records_and_two_segments_would_pass_max_bytes() {
         assert_eq!(on_disk, store.bytes());
     }
 }
+
+/// Whether a spare segment exists, or a segment is still preallocated (its length is a whole
+/// `segment_bytes`, which 112-byte records after a 24-byte header never fill exactly).
+fn preallocation_seen(dir: &Path, segment_bytes: u64) -> bool {
+    fs::read_dir(dir.join("segments"))
+        .expect("list")
+        .filter_map(Result::ok)
+        .any(|e| e.file_name() == "spare" || e.metadata().is_ok_and(|m| m.len() == segment_bytes))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_sync_outboxes_preallocate_segments() {
+    for durability in [Durability::Sync, Durability::Async] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = settings(dir.path());
+        s.durability = durability;
+        let outbox = Outbox::open(s, OutboxMetrics::unregistered()).expect("open");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let mut seen = false;
+        let mut i = 0;
+        // Sync: write until a spare shows up (it is made by a thread). Async: 40 writes of
+        // ten segments in all, none of which may bring one.
+        while !seen && std::time::Instant::now() < deadline {
+            if durability == Durability::Async && i == 40 {
+                break;
+            }
+            outbox
+                .append(payloads(i * 10..i * 10 + 10, 100))
+                .expect("append")
+                .durable()
+                .await
+                .expect("durable");
+            seen = preallocation_seen(dir.path(), 4096);
+            i += 1;
+        }
+        outbox.close().await.expect("close");
+        assert_eq!(seen, durability == Durability::Sync, "{durability:?}");
+    }
+}
