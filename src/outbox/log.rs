@@ -1338,11 +1338,13 @@ pub(crate) fn summarize(dir: &Path) -> Result<SegmentSummary, OutboxError> {
     for _attempt in 0..5 {
         let segs = list_segments(dir)?;
         let mut bytes = 0;
+        let mut last_listed = 0;
         let mut present = Vec::new();
         for seg in segs {
             match fs::metadata(&seg.path) {
                 Ok(m) => {
                     bytes += m.len();
+                    last_listed = m.len();
                     present.push(seg);
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -1374,18 +1376,12 @@ pub(crate) fn summarize(dir: &Path) -> Result<SegmentSummary, OutboxError> {
                     |_, _| {},
                 )
                 .map_err(io_err(&last.path, "read segment"))?;
-                // The active segment may be preallocated: its zeros hold no event. (A torn
-                // record at the end does count: those bytes are taken until recovery.)
-                let size = file
-                    .metadata()
-                    .map_err(io_err(&last.path, "stat segment"))?
-                    .len();
-                if scan.good_len < size
-                    && zeros_from(&mut file, scan.good_len)
-                        .map_err(io_err(&last.path, "read segment"))?
-                {
-                    bytes = bytes.saturating_sub(size - scan.good_len);
-                }
+                // The last segment counts up to its last whole record: what follows is a
+                // record being written, a torn one, or preallocated zeros, none of them an
+                // event yet.
+                bytes = bytes
+                    .saturating_sub(last_listed)
+                    .saturating_add(scan.good_len);
                 scan.next_seq
             }
             // Being created right now, or torn: it holds no record yet.

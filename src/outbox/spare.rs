@@ -33,7 +33,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -125,15 +125,32 @@ impl Spare {
 }
 
 impl Drop for Spare {
+    /// Stops a fill in progress and waits for it (one chunk at most, or its final fsync), so
+    /// that it cannot delete or truncate the spare of an outbox opened on the same directory
+    /// right after this one closed.
     fn drop(&mut self) {
         self.cancel.store(true, Ordering::Relaxed);
+        if let State::Filling(handle) = std::mem::replace(&mut self.state, State::None) {
+            let _ = handle.join();
+        }
     }
 }
 
 /// Writes `size` zero bytes to a new `path` and fsyncs it (size and blocks included). On
 /// failure or cancellation the file is deleted.
-fn fill(path: &PathBuf, size: u64, cancel: &AtomicBool) -> io::Result<File> {
+fn fill(path: &Path, size: u64, cancel: &AtomicBool) -> io::Result<File> {
     let result = (|| {
+        // The spare must not take the room the writer's records need: a disk smaller than
+        // `max_bytes` would otherwise fail appends while it is being filled.
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let stat = rustix::fs::statvfs(dir).map_err(io::Error::from)?;
+        let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+        if free < size.saturating_mul(2) {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                format!("{free} bytes free: a spare of {size} needs twice that, to leave as much for the events"),
+            ));
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)

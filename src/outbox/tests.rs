@@ -664,7 +664,7 @@ fn status_reads_a_directory_without_changing_it() {
     assert_eq!(s.end_seq, 30);
     assert_eq!(s.first_seq, store.first_seq());
     assert_eq!(s.segments, store.segments().len());
-    assert_eq!(s.bytes, store.bytes() + 5);
+    assert_eq!(s.bytes, store.bytes());
     assert_eq!(
         s.sinks,
         vec![SinkStatus {
@@ -788,23 +788,29 @@ fn records_go_into_a_preallocated_segment_in_place_and_its_zeros_are_no_loss() {
         file_len(&segments[1].1),
         FILE_HEADER_LEN + (third - 40) * frame
     );
+    // The third grows as written (no spare was started before it); it too moves to a spare
+    // once one is ready, and a reader follows into the preallocated segment.
+    w.write_batch(&payloads(110..150, 1000)).expect("write");
+    wait_for_spare(&mut w);
+    w.write_batch(&payloads(150..155, 1000)).expect("write");
+    let segments = store.segments();
+    assert_eq!(segments.len(), 4);
+    let last = segments[3].1.clone();
+    assert_eq!(file_len(&last), SEGMENT);
+    assert_eq!(seqs(&read_all(&store, 0)), (0..155).collect::<Vec<_>>());
     // A crash: the zeros after the last record end the log like a torn tail, are cut, and
-    // are not reported as lost. (The third segment is preallocated or not, depending on
-    // whether the next spare was ready at the roll; either way nothing is lost.)
+    // are not reported as lost.
     drop((w, store));
     let (mut w, store, recovery) = log::open(dir.path(), SEGMENT).expect("reopen");
     assert_eq!(recovery, log::Recovery::default());
-    assert_eq!(w.next_seq(), 110);
-    assert_eq!(
-        file_len(&segments[2].1),
-        FILE_HEADER_LEN + (110 - third) * frame
-    );
+    assert_eq!(w.next_seq(), 155);
+    assert_eq!(file_len(&last), FILE_HEADER_LEN + 5 * frame);
     let all = read_all(&store, 0);
-    assert_eq!(seqs(&all), (0..110).collect::<Vec<_>>());
+    assert_eq!(seqs(&all), (0..155).collect::<Vec<_>>());
     assert!(all.iter().all(|r| r.payload == payload(r.seq, 1000)));
     assert_eq!(
-        w.write_batch(&payloads(110..111, 1000)).expect("write"),
-        110..111
+        w.write_batch(&payloads(155..156, 1000)).expect("write"),
+        155..156
     );
 }
 
@@ -926,4 +932,35 @@ async fn only_sync_outboxes_preallocate_segments() {
         outbox.close().await.expect("close");
         assert_eq!(seen, durability == Durability::Sync, "{durability:?}");
     }
+}
+
+#[test]
+fn a_failed_write_into_a_preallocated_segment_is_undone_and_written_again() {
+    const SEGMENT: u64 = 64 << 10;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut w, store, _) = log::open(dir.path(), SEGMENT).expect("open");
+    w.write_batch(&payloads(0..40, 1000)).expect("write");
+    wait_for_spare(&mut w);
+    w.write_batch(&payloads(40..41, 1000)).expect("write");
+    let active = store.segments().last().expect("segment").1.clone();
+    assert_eq!(file_len(&active), SEGMENT, "writing into the spare");
+    for what in ["write", "fsync"] {
+        store.inject_faults(1);
+        let err = w
+            .write_batch(&payloads(41..45, 1000))
+            .expect_err("injected failure");
+        assert!(err.to_string().contains("injected"), "{what}: {err}");
+    }
+    assert_eq!(
+        w.write_batch(&payloads(41..45, 1000))
+            .expect("written again"),
+        41..45
+    );
+    drop((w, store));
+    let (w, store, recovery) = log::open(dir.path(), SEGMENT).expect("reopen");
+    assert_eq!(recovery, log::Recovery::default());
+    assert_eq!(w.next_seq(), 45);
+    let all = read_all(&store, 0);
+    assert_eq!(seqs(&all), (0..45).collect::<Vec<_>>());
+    assert!(all.iter().all(|r| r.payload == payload(r.seq, 1000)));
 }
