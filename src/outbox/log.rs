@@ -509,6 +509,25 @@ impl SegmentWriter {
         Ok(range)
     }
 
+    /// Cuts the active segment's unused preallocated zeros (at a clean close). A failure
+    /// only leaves them for recovery to cut, so it is logged, not returned.
+    pub fn release_preallocation(&mut self) {
+        if self.poisoned || self.allocated <= self.len {
+            return;
+        }
+        let path = self.active_path();
+        match self
+            .file
+            .set_len(self.len)
+            .and_then(|()| self.file.sync_data())
+        {
+            Ok(()) => self.allocated = self.len,
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "cannot cut the unused zeros of the last segment; the next start will")
+            }
+        }
+    }
+
     /// Makes no spare segment while the records and two segments would pass `limit` bytes,
     /// so that preallocation does not take the last of a disk sized for `max_bytes`.
     pub fn limit_preallocation(&mut self, limit: u64) {

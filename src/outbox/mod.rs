@@ -995,6 +995,9 @@ fn write_loop(
             }
         }
     }
+    // A closed outbox leaves no preallocated zeros behind: the next start need not read them,
+    // and `ficus outbox status` sees the directory as it is.
+    writer.release_preallocation();
     tracing::debug!("outbox writer stopped");
 }
 
