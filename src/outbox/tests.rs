@@ -814,17 +814,27 @@ fn records_go_into_a_preallocated_segment_in_place_and_its_zeros_are_no_loss() {
     );
 }
 
-#[test]
-fn a_torn_record_before_the_zeros_of_a_preallocated_segment_is_cut_and_counted() {
-    const SEGMENT: u64 = 64 << 10;
-    let frame = format::frame_len(1000);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (mut w, store, _) = log::open(dir.path(), SEGMENT).expect("open");
+/// Segments of this size in [`writing_into_a_spare`].
+const SPARE_SEGMENT: u64 = 64 << 10;
+
+/// An outbox in `dir` with records 0..`end` of 1000 bytes: 0..40 in a first segment that grew
+/// as written, 40..`end` in the preallocated spare it rolled into. Returns the writer, the
+/// store and the active (preallocated) segment's path.
+fn writing_into_a_spare(dir: &Path, end: u64) -> (log::SegmentWriter, log::Store, PathBuf) {
+    let (mut w, store, _) = log::open(dir, SPARE_SEGMENT).expect("open");
     w.write_batch(&payloads(0..40, 1000)).expect("write");
     wait_for_spare(&mut w);
-    w.write_batch(&payloads(40..45, 1000)).expect("write");
+    w.write_batch(&payloads(40..end, 1000)).expect("write");
     let active = store.segments().last().expect("segment").1.clone();
-    assert_eq!(file_len(&active), SEGMENT, "writing into the spare");
+    assert_eq!(file_len(&active), SPARE_SEGMENT, "writing into the spare");
+    (w, store, active)
+}
+
+#[test]
+fn a_torn_record_before_the_zeros_of_a_preallocated_segment_is_cut_and_counted() {
+    let frame = format::frame_len(1000);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (w, store, active) = writing_into_a_spare(dir.path(), 45);
     drop((w, store));
     // Half of the 46th record, where the zeros began; and a spare a crash left half made.
     let mut extra = Vec::new();
@@ -837,8 +847,8 @@ fn a_torn_record_before_the_zeros_of_a_preallocated_segment_is_cut_and_counted()
         .expect("tear");
     let spare = dir.path().join("segments").join("spare");
     fs::write(&spare, [0u8; 100]).expect("leftover spare");
-    let (w, store, recovery) = log::open(dir.path(), SEGMENT).expect("reopen");
-    assert_eq!(recovery.truncated_bytes, SEGMENT - end);
+    let (w, store, recovery) = log::open(dir.path(), SPARE_SEGMENT).expect("reopen");
+    assert_eq!(recovery.truncated_bytes, SPARE_SEGMENT - end);
     assert_eq!(file_len(&active), end);
     assert!(!spare.exists(), "a leftover spare is removed at open");
     assert_eq!(w.next_seq(), 45);
@@ -936,14 +946,8 @@ async fn only_sync_outboxes_preallocate_segments() {
 
 #[test]
 fn a_failed_write_into_a_preallocated_segment_is_undone_and_written_again() {
-    const SEGMENT: u64 = 64 << 10;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (mut w, store, _) = log::open(dir.path(), SEGMENT).expect("open");
-    w.write_batch(&payloads(0..40, 1000)).expect("write");
-    wait_for_spare(&mut w);
-    w.write_batch(&payloads(40..41, 1000)).expect("write");
-    let active = store.segments().last().expect("segment").1.clone();
-    assert_eq!(file_len(&active), SEGMENT, "writing into the spare");
+    let (mut w, store, _) = writing_into_a_spare(dir.path(), 41);
     for what in ["write", "fsync"] {
         store.inject_faults(1);
         let err = w
@@ -957,7 +961,7 @@ fn a_failed_write_into_a_preallocated_segment_is_undone_and_written_again() {
         41..45
     );
     drop((w, store));
-    let (w, store, recovery) = log::open(dir.path(), SEGMENT).expect("reopen");
+    let (w, store, recovery) = log::open(dir.path(), SPARE_SEGMENT).expect("reopen");
     assert_eq!(recovery, log::Recovery::default());
     assert_eq!(w.next_seq(), 45);
     let all = read_all(&store, 0);
