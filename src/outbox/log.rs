@@ -205,7 +205,7 @@ pub fn open(
             if start > 0 {
                 tracing::warn!(dir = %layout.segments.display(), start, "no segment files but cursors exist: starting at the highest cursor");
             }
-            let (file, path) = create_segment(&layout.segments, start, &syncs)?;
+            let (file, path) = create_segment(&layout.segments, start, &syncs, &|_| Ok(()))?;
             let seg = Segment {
                 first_seq: start,
                 path,
@@ -412,6 +412,7 @@ fn create_segment(
     dir: &Path,
     first_seq: u64,
     syncs: &AtomicU64,
+    fault: &dyn Fn(&str) -> io::Result<()>,
 ) -> Result<(File, PathBuf), OutboxError> {
     let path = dir.join(format::segment_file_name(first_seq));
     let file = OpenOptions::new()
@@ -420,22 +421,48 @@ fn create_segment(
         .create_new(true)
         .open(&path)
         .map_err(io_err(&path, "create segment"))?;
-    file.write_all_at(&format::encode_header(SEGMENT_MAGIC, first_seq), 0)
-        .map_err(io_err(&path, "write segment header"))?;
-    file.sync_data().map_err(io_err(&path, "fsync segment"))?;
-    syncs.fetch_add(1, Ordering::Relaxed);
-    cursor::sync_dir(dir)?;
-    Ok((file, path))
+    let made = fault("write")
+        .and_then(|()| file.write_all_at(&format::encode_header(SEGMENT_MAGIC, first_seq), 0))
+        .map_err(io_err(&path, "write segment header"))
+        .and_then(|()| {
+            fault("fsync")
+                .and_then(|()| file.sync_data())
+                .map_err(io_err(&path, "fsync segment"))
+        })
+        .and_then(|()| {
+            syncs.fetch_add(1, Ordering::Relaxed);
+            fault("fsync").map_err(io_err(dir, "fsync directory"))?;
+            cursor::sync_dir(dir)
+        });
+    match made {
+        Ok(()) => Ok((file, path)),
+        Err(e) => Err(unmake(&path, e)),
+    }
+}
+
+/// Deletes the next segment whose making failed, so that the retry can make it again (it
+/// would find the name taken) and the directory holds only segments the writer knows.
+/// Should the delete fail too, recovery at the next start reads the file as a segment made
+/// just before a crash.
+fn unmake(path: &Path, e: OutboxError) -> OutboxError {
+    if let Err(again) = fs::remove_file(path) {
+        if again.kind() != io::ErrorKind::NotFound {
+            tracing::error!(file = %path.display(), error = %again, "outbox: cannot delete a segment whose making failed; writes fail until ficus restarts");
+        }
+    }
+    e
 }
 
 /// Makes the zero-filled spare the segment starting at `first_seq`, durably, as
 /// [`create_segment`] makes a new one: header written and fsynced, then the rename and the
-/// directory fsynced, before any record goes into it.
+/// directory fsynced, before any record goes into it. On failure the spare is gone (deleted,
+/// under either name): the retry makes a segment that grows as it is written.
 fn install_spare(
     dir: &Path,
     file: File,
     first_seq: u64,
     syncs: &AtomicU64,
+    fault: &dyn Fn(&str) -> io::Result<()>,
 ) -> Result<(File, PathBuf), OutboxError> {
     let spare = dir.join(spare::SPARE_FILE);
     let path = dir.join(format::segment_file_name(first_seq));
@@ -446,13 +473,28 @@ fn install_spare(
             reason: "a segment with this first seq exists already".into(),
         });
     }
-    file.write_all_at(&format::encode_header(SEGMENT_MAGIC, first_seq), 0)
-        .map_err(io_err(&spare, "write segment header"))?;
-    file.sync_data().map_err(io_err(&spare, "fsync segment"))?;
-    syncs.fetch_add(1, Ordering::Relaxed);
-    fs::rename(&spare, &path).map_err(io_err(&spare, "rename the spare segment"))?;
-    cursor::sync_dir(dir)?;
-    Ok((file, path))
+    let header = fault("write")
+        .and_then(|()| file.write_all_at(&format::encode_header(SEGMENT_MAGIC, first_seq), 0))
+        .map_err(io_err(&spare, "write segment header"))
+        .and_then(|()| {
+            fault("fsync")
+                .and_then(|()| file.sync_data())
+                .map_err(io_err(&spare, "fsync segment"))
+        })
+        .and_then(|()| {
+            syncs.fetch_add(1, Ordering::Relaxed);
+            fs::rename(&spare, &path).map_err(io_err(&spare, "rename the spare segment"))
+        });
+    if let Err(e) = header {
+        return Err(unmake(&spare, e));
+    }
+    match fault("fsync")
+        .map_err(io_err(dir, "fsync directory"))
+        .and_then(|()| cursor::sync_dir(dir))
+    {
+        Ok(()) => Ok((file, path)),
+        Err(e) => Err(unmake(&path, e)),
+    }
 }
 
 impl SegmentWriter {
@@ -646,11 +688,12 @@ impl SegmentWriter {
         let syncs = &self.store.inner.syncs;
         let (file, path, allocated) = match self.spare.take() {
             Some(spare) => {
-                let (file, path) = install_spare(dir, spare, self.next_seq, syncs)?;
+                let (file, path) =
+                    install_spare(dir, spare, self.next_seq, syncs, &|w| self.fault(w))?;
                 (file, path, self.segment_bytes)
             }
             None => {
-                let (file, path) = create_segment(dir, self.next_seq, syncs)?;
+                let (file, path) = create_segment(dir, self.next_seq, syncs, &|w| self.fault(w))?;
                 (file, path, FILE_HEADER_LEN)
             }
         };
@@ -741,7 +784,10 @@ impl SegmentWriter {
             _ => {
                 // The checkpoint's segment was complete and every cursor had passed it, so a
                 // commit deleted it: start a fresh segment where it ended.
-                let (file, path) = create_segment(&inner.layout.segments, cp.end, &inner.syncs)?;
+                let (file, path) =
+                    create_segment(&inner.layout.segments, cp.end, &inner.syncs, &|w| {
+                        self.fault(w)
+                    })?;
                 segs.push(Segment {
                     first_seq: cp.end,
                     path,

@@ -367,18 +367,13 @@ fn a_damaged_cursor_file_stops_open_with_its_name() {
 
 #[test]
 fn a_failed_write_or_fsync_is_undone_and_the_same_seqs_are_written_again() {
-    // The batch rolls over twice: fault points are write, fsync (roll), write, fsync (roll),
-    // write, fsync (batch). Fail each in turn, once or several times in a row.
-    for (skip, fail) in [
-        (0, 1),
-        (1, 1),
-        (2, 1),
-        (3, 1),
-        (4, 1),
-        (5, 1),
-        (0, 3),
-        (1, 4),
-    ] {
+    // The batch rolls over twice. Fault points: write, then per roll the old segment's
+    // fsync and the new one's header write, header fsync and directory fsync, twice; then
+    // write, fsync (batch): 12 in all. Fail each in turn, once or several times in a row. A
+    // new segment whose making failed must not be left behind, or the retry finds its name
+    // taken.
+    let each_once = (0..12).map(|skip| (skip, 1));
+    for (skip, fail) in each_once.chain([(0, 3), (1, 4), (3, 3), (8, 4)]) {
         let dir = tempfile::tempdir().expect("tempdir");
         let (mut w, store, _) = log::open(dir.path(), 2048).expect("open");
         w.write_batch(&payloads(0..5, 100)).expect("write");
@@ -967,4 +962,46 @@ fn a_failed_write_into_a_preallocated_segment_is_undone_and_written_again() {
     let all = read_all(&store, 0);
     assert_eq!(seqs(&all), (0..45).collect::<Vec<_>>());
     assert!(all.iter().all(|r| r.payload == payload(r.seq, 1000)));
+}
+
+#[test]
+fn a_failed_roll_into_the_spare_leaves_no_segment_behind_and_writing_goes_on() {
+    // Fault points of the batch that rolls into the ready spare: the old segment's fsync,
+    // then the spare's header write, header fsync and (after the rename) the directory
+    // fsync. Each of the last three fails once; the spare is lost, not the records, and no
+    // file is left under the next segment's name to collide with a later roll or read as a
+    // segment at the next start.
+    for skip in 1..4 {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut w, store, _) = log::open(dir.path(), SPARE_SEGMENT).expect("open");
+        w.write_batch(&payloads(0..40, 1000)).expect("write");
+        wait_for_spare(&mut w);
+        let segments_before = store.segments();
+        store.inject_faults_after(skip, 1);
+        let err = w
+            .write_batch(&payloads(40..45, 1000))
+            .expect_err("injected failure");
+        assert!(err.to_string().contains("injected"), "skip {skip}: {err}");
+        assert_eq!(store.segments(), segments_before, "skip {skip}");
+        let on_disk: Vec<_> = fs::read_dir(dir.path().join("segments"))
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(on_disk.len(), 1, "skip {skip}: {on_disk:?}");
+        // Written again, and on through more rolls.
+        assert_eq!(
+            w.write_batch(&payloads(40..45, 1000)).expect("again"),
+            40..45
+        );
+        assert_eq!(
+            w.write_batch(&payloads(45..200, 1000)).expect("on"),
+            45..200
+        );
+        drop((w, store));
+        let (w, store, _) = log::open(dir.path(), SPARE_SEGMENT).expect("reopen");
+        assert_eq!(w.next_seq(), 200, "skip {skip}");
+        let all = read_all(&store, 0);
+        assert_eq!(seqs(&all), (0..200).collect::<Vec<_>>(), "skip {skip}");
+        assert!(all.iter().all(|r| r.payload == payload(r.seq, 1000)));
+    }
 }
