@@ -105,12 +105,12 @@
 //! When a write or fsync fails, the batch's tickets fail with the error, [`Outbox::health`]
 //! reports it (so `/readyz` turns 503), and the disk is put back to the last successful sync
 //! (segments created since are deleted, the active one is truncated, and a next segment or
-//! spare whose making failed midway is deleted too, so the retry finds its name free): after an fsync error
-//! the kernel may have dropped the dirty pages, so nothing after that point is trusted. The
-//! batch stays in memory and the writer retries it, with backoff, before anything newer, so
-//! seqs stay consecutive and nothing is silently lost; a failed ticket therefore means "not
-//! known durable", and the event may still be delivered later (at least once). The queue stays
-//! bounded by `max_bytes`. The first successful write clears the health error.
+//! spare whose making failed midway is deleted too, so the retry finds its name free): after an
+//! fsync error the kernel may have dropped the dirty pages, so nothing after that point is
+//! trusted. The batch stays in memory and the writer retries it, with backoff, before anything
+//! newer, so seqs stay consecutive and nothing is silently lost; a failed ticket therefore
+//! means "not known durable", and the event may still be delivered later (at least once). The
+//! queue stays bounded by `max_bytes`. The first successful write clears the health error.
 //!
 //! ## Reading, cursors, deletion
 //!
