@@ -88,6 +88,7 @@ async fn forward(state: &Arc<ProxyState>, conn: &ConnInfo, routed: Routed) -> Re
         {
             parts.headers.insert(header::HOST, host);
         }
+        headers::join_cookies(&mut parts.headers);
     }
     headers::add_forwarding(
         &mut parts.headers,

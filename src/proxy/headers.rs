@@ -127,6 +127,27 @@ pub fn add_forwarding(headers: &mut HeaderMap, client_ip: &HeaderValue, tls: boo
     append_list(headers, &header::VIA, &VIA, true);
 }
 
+/// Joins the `cookie` fields of an HTTP/2 request into one, with `"; "`, as it must be before
+/// it goes out over HTTP/1.1 (RFC 9113 section 8.2.3): HTTP/2 clients send each cookie in a
+/// field of its own, and many HTTP/1.1 servers read only the first `cookie` line.
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let mut fields = headers.get_all(header::COOKIE).iter();
+    if fields.next().is_none() || fields.next().is_none() {
+        return;
+    }
+    let mut joined: Vec<u8> = Vec::with_capacity(128);
+    for v in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    // The parts were valid field values, and so is their join.
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
 /// Appends `value` to a comma-separated list field, folding repeated fields into one so that
 /// the order of hops is kept; without `keep`, replaces the field.
 fn append_list(headers: &mut HeaderMap, name: &HeaderName, value: &HeaderValue, keep: bool) {
@@ -161,6 +182,19 @@ mod tests {
             );
         }
         h
+    }
+
+    #[test]
+    fn cookie_fields_are_joined_with_semicolons_and_a_single_one_is_left_alone() {
+        let mut h = map(&[("cookie", "a=1"), ("x-other", "o"), ("cookie", "b=2; c=3")]);
+        join_cookies(&mut h);
+        let cookies: Vec<&[u8]> = h.get_all("cookie").iter().map(|v| v.as_bytes()).collect();
+        assert_eq!(cookies, [b"a=1; b=2; c=3".as_slice()]);
+        assert_eq!(h.get("x-other").expect("kept"), "o");
+        let mut one = map(&[("cookie", "a=1, b")]);
+        join_cookies(&mut one);
+        assert_eq!(one.get_all("cookie").iter().count(), 1);
+        assert_eq!(one.get("cookie").expect("kept"), "a=1, b");
     }
 
     #[test]

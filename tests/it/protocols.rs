@@ -243,6 +243,9 @@ async fn h2c_prior_knowledge_reaches_http1_upstream_unchanged() {
     let req = Request::post(format!("http://{authority}/orders/42?expand=items&x=%20y"))
         .header("x-custom", "kept")
         .header("content-type", "application/json")
+        // HTTP/2 sends each cookie in a field of its own (RFC 9113 section 8.2.3).
+        .header("cookie", "session=s1")
+        .header("cookie", "theme=dark")
         .body(Full::new(Bytes::from_static(b"{\"total\":12}")))
         .expect("request");
     let resp = client.send_request(req).await.expect("response over h2c");
@@ -276,6 +279,17 @@ async fn h2c_prior_knowledge_reaches_http1_upstream_unchanged() {
     assert_eq!(
         seen.header("content-type").as_deref(),
         Some("application/json")
+    );
+    let cookies: Vec<&[u8]> = seen
+        .headers
+        .iter()
+        .filter(|(n, _)| n == "cookie")
+        .map(|(_, v)| v.as_slice())
+        .collect();
+    assert_eq!(
+        cookies,
+        [b"session=s1; theme=dark".as_slice()],
+        "HTTP/1.1 gets one cookie field"
     );
     assert_eq!(seen.header("via").as_deref(), Some("1.1 ficus"));
     assert_eq!(seen.header("x-forwarded-proto").as_deref(), Some("http"));
