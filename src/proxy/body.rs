@@ -74,6 +74,9 @@ pin_project! {
         inner: B,
         sleep: Option<Pin<Box<Sleep>>>,
         activity: Arc<Activity>,
+        // Counted when the inner body fails: on a response, the upstream's `reset` errors
+        // after its head (a request's inner body failing is the client's doing).
+        broken: Option<prometheus::IntCounter>,
     }
 }
 
@@ -83,7 +86,14 @@ impl<B> Idle<B> {
             inner,
             sleep: None,
             activity,
+            broken: None,
         }
+    }
+
+    /// Counts on `broken` (once) when the inner body fails.
+    pub fn counting_failures(mut self, broken: prometheus::IntCounter) -> Self {
+        self.broken = Some(broken);
+        self
     }
 
     pub fn into_inner(self) -> B {
@@ -109,7 +119,14 @@ where
                 this.activity.touch();
                 return Poll::Ready(Some(Ok(frame)));
             }
-            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Err(e))) => {
+                let e = e.into();
+                if let Some(broken) = this.broken.take() {
+                    broken.inc();
+                    tracing::warn!(error = %super::forward::error_chain(&*e), "upstream response cut short after its head");
+                }
+                return Poll::Ready(Some(Err(e)));
+            }
             Poll::Ready(None) => return Poll::Ready(None),
             Poll::Pending => {}
         }

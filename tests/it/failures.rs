@@ -88,6 +88,37 @@ async fn reset_before_response_is_502_reset() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_after_the_response_head_cuts_the_client_body_and_counts_reset() {
+    // The head and part of a 1000-byte body, then a reset: too late for a 502, but the
+    // client's body must fail (not look complete) and the reset must be counted.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = tcp.read(&mut buf).await;
+            let _ = tcp
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\npartial")
+                .await;
+            let _ = tcp.flush().await;
+            let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+            drop(tcp);
+        }
+    });
+    let ficus = Ficus::start(addr, "").await;
+    let resp = send_streaming(ficus.addr, get_req("/orders")).await;
+    assert_eq!(resp.status(), 200);
+    let body = tokio::time::timeout(WAIT, resp.into_body().collect())
+        .await
+        .expect("cut well before the test deadline");
+    assert!(body.is_err(), "a cut body must not look complete");
+    eventually(WAIT, "reset counted", || async {
+        (upstream_errors(&ficus, "reset").await == 1.0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_response_is_502_protocol() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -179,6 +210,7 @@ async fn a_stalled_download_is_cut_after_idle_timeout() {
     );
     assert!(started.elapsed() >= Duration::from_millis(400));
     assert_eq!(upstream_errors(&ficus, "idle_timeout").await, 1.0);
+    assert_eq!(upstream_errors(&ficus, "reset").await, 0.0, "one cut, one kind");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
