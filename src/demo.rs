@@ -21,6 +21,11 @@ use serde_json::{json, Map, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// `println!` through [`crate::print_out`]: a closed stdout ends the output quietly.
+macro_rules! outln {
+    ($($arg:tt)*) => { crate::print_out(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
 /// The demo's config, embedded so that `ficus demo` works from any directory.
 pub const DEMO_CONFIG: &str = include_str!("../config/demo.yaml");
 
@@ -178,13 +183,13 @@ pub async fn print_events(
         match tail.recv().await {
             Ok(event) => {
                 let json = serde_json::to_string_pretty(&*event).unwrap_or_default();
-                println!(
+                outln!(
                     "event {} (subject {}):\n{json}",
                     event.ty,
                     event.subject.as_deref().unwrap_or("-")
                 );
             }
-            Err(RecvError::Lagged(n)) => println!("({n} events not shown)"),
+            Err(RecvError::Lagged(n)) => outln!("({n} events not shown)"),
             Err(RecvError::Closed) => return,
         }
     }

@@ -52,3 +52,15 @@ pub mod sinks;
 
 pub use app::{App, AppError, Listeners};
 pub use config::Config;
+
+/// Writes to stdout for the commands' output. When the reader went away (`ficus check | head`)
+/// the output ends quietly, where `print!` would panic; any other failure is said on stderr.
+pub fn print_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(error) = out.write_fmt(args).and_then(|()| out.flush()) {
+        if error.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("ficus: cannot write to stdout: {error}");
+        }
+    }
+}

@@ -11,6 +11,14 @@ use ficus::{App, Listeners};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::filter::LevelFilter;
 
+/// `print!`/`println!` through [`ficus::print_out`]: a closed stdout ends the output quietly.
+macro_rules! out {
+    ($($arg:tt)*) => { ficus::print_out(format_args!($($arg)*)) };
+}
+macro_rules! outln {
+    ($($arg:tt)*) => { ficus::print_out(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
 /// Exit status for an invalid config, as `ficus check` and `ficus run` promise.
 const EXIT_INVALID_CONFIG: u8 = 2;
 
@@ -87,7 +95,7 @@ fn main() -> ExitCode {
                 for warning in &config.warnings {
                     eprintln!("warning: {warning}");
                 }
-                print!("{}: ok\n{}", arg.config.display(), config.summary());
+                out!("{}: ok\n{}", arg.config.display(), config.summary());
                 ExitCode::SUCCESS
             }
             Err(error) => config_error(&error),
@@ -99,7 +107,7 @@ fn main() -> ExitCode {
         Command::Demo => run_async(demo()),
         Command::Asyncapi(arg) => match Config::load(&arg.config) {
             Ok(config) => {
-                println!("{}", ficus::asyncapi::document(&config));
+                outln!("{}", ficus::asyncapi::document(&config));
                 ExitCode::SUCCESS
             }
             Err(error) => config_error(&error),
@@ -130,7 +138,7 @@ fn rules_test(config: &std::path::Path, samples: &std::path::Path) -> ExitCode {
     };
     match ficus::samples::run(&config, &data) {
         Ok((report, _)) => {
-            print!("{report}");
+            out!("{report}");
             ExitCode::SUCCESS
         }
         Err(error) => {
@@ -153,7 +161,7 @@ fn outbox_command(command: OutboxCommand) -> ExitCode {
     if let Some(sink) = replay {
         return match ficus::outbox::replay(dir, sink.as_deref()) {
             Ok(n) => {
-                println!("{n} dead letter(s) queued for delivery again");
+                outln!("{n} dead letter(s) queued for delivery again");
                 ExitCode::SUCCESS
             }
             Err(error) => {
@@ -164,7 +172,7 @@ fn outbox_command(command: OutboxCommand) -> ExitCode {
     }
     match ficus::outbox::status(dir) {
         Ok(status) => {
-            println!(
+            outln!(
                 "outbox {}: {} bytes in {} segment(s), events {}..{}",
                 status.dir.display(),
                 status.bytes,
@@ -172,9 +180,13 @@ fn outbox_command(command: OutboxCommand) -> ExitCode {
                 status.first_seq,
                 status.end_seq
             );
-            println!(
+            outln!(
                 "{:<20} {:>10} {:>10} {:>12} {:>10}",
-                "sink", "cursor", "pending", "dead letters", "replaying"
+                "sink",
+                "cursor",
+                "pending",
+                "dead letters",
+                "replaying"
             );
             for s in status.sinks {
                 let configured = if config.sinks.iter().any(|c| c.name == s.sink) {
@@ -182,9 +194,13 @@ fn outbox_command(command: OutboxCommand) -> ExitCode {
                 } else {
                     " (not in config)"
                 };
-                println!(
+                outln!(
                     "{:<20} {:>10} {:>10} {:>12} {:>10}{configured}",
-                    s.sink, s.cursor, s.pending, s.dead_letters, s.replaying
+                    s.sink,
+                    s.cursor,
+                    s.pending,
+                    s.dead_letters,
+                    s.replaying
                 );
             }
             ExitCode::SUCCESS
@@ -391,7 +407,7 @@ async fn demo() -> anyhow::Result<()> {
     let app = App::new(config, prometheus::Registry::new())?;
     tokio::spawn(ficus::demo::serve_shop(shop_listener, shutdown.clone()));
     tokio::spawn(ficus::demo::print_events(app.tail()));
-    println!(
+    outln!(
         "{}",
         ficus::demo::banner(
             listeners.proxy_addr(),
