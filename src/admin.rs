@@ -59,6 +59,8 @@ impl Readiness {
 
 pub struct Admin {
     pub registry: Registry,
+    /// Every family ficus exports, declared even before its first series.
+    pub families: Arc<[crate::metrics::Family]>,
     pub readiness: Arc<Readiness>,
     /// Set once the outbox is open (at start, or by the first reload that needs one).
     pub outbox: Arc<OnceLock<Outbox>>,
@@ -84,7 +86,8 @@ impl Admin {
             "/healthz" => text(StatusCode::OK, "ok\n"),
             "/readyz" => self.readyz(),
             "/metrics" => {
-                let mut response = Response::new(full(crate::metrics::render(&self.registry)));
+                let mut response =
+                    Response::new(full(crate::metrics::render(&self.registry, &self.families)));
                 response.headers_mut().insert(
                     header::CONTENT_TYPE,
                     header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -220,6 +220,7 @@ impl App {
         )));
         let admin = Arc::new(Admin {
             registry: self.registry.clone(),
+            families: self.metrics.families.clone(),
             readiness: self.readiness.clone(),
             outbox: self.outbox.clone(),
             live: self.live.clone(),

@@ -63,6 +63,30 @@ pub struct Metrics {
     pub shadow_dropped_total: IntCounterVec,
     /// `ficus_config_reloads_total{result}`: `ok` and `error` exist from the start.
     pub config_reloads_total: IntCounterVec,
+    /// Every family above, for [`render`] to declare those that have no series yet.
+    pub families: std::sync::Arc<[Family]>,
+}
+
+/// A metric family's name, help and type: what `# HELP` and `# TYPE` say.
+#[derive(Debug, Clone)]
+pub struct Family {
+    name: String,
+    help: String,
+    kind: &'static str,
+}
+
+impl Family {
+    fn of(collector: &dyn prometheus::core::Collector, kind: &'static str) -> Vec<Family> {
+        collector
+            .desc()
+            .into_iter()
+            .map(|d| Family {
+                name: d.fq_name.clone(),
+                help: d.help.replace('\\', "\\\\").replace('\n', "\\n"),
+                kind,
+            })
+            .collect()
+    }
 }
 
 /// Why an event that a rule produced (or would have) did not reach the outbox.
@@ -252,6 +276,27 @@ impl Metrics {
         registry.register(Box::new(outbox_bytes.clone()))?;
         registry.register(Box::new(outbox_unflushed_events.clone()))?;
         registry.register(Box::new(event_delivery_lag_seconds.clone()))?;
+        let families: Vec<Family> = [
+            Family::of(&requests_total, "counter"),
+            Family::of(&request_duration, "histogram"),
+            Family::of(&upstream_request_duration, "histogram"),
+            Family::of(&upstream_errors_total, "counter"),
+            Family::of(&build_info, "gauge"),
+            Family::of(&events_emitted_total, "counter"),
+            Family::of(&events_delivered_total, "counter"),
+            Family::of(&event_delivery_failures_total, "counter"),
+            Family::of(&events_dead_lettered_total, "counter"),
+            Family::of(&events_dropped_total, "counter"),
+            Family::of(&outbox_pending_events, "gauge"),
+            Family::of(&outbox_bytes, "gauge"),
+            Family::of(&outbox_unflushed_events, "gauge"),
+            Family::of(&event_delivery_lag_seconds, "gauge"),
+            Family::of(&route_fallbacks_total, "counter"),
+            Family::of(&shadow_comparisons_total, "counter"),
+            Family::of(&shadow_dropped_total, "counter"),
+            Family::of(&config_reloads_total, "counter"),
+        ]
+        .concat();
         Ok(Metrics {
             requests_total,
             request_duration,
@@ -271,6 +316,7 @@ impl Metrics {
             shadow_comparisons_total,
             shadow_dropped_total,
             config_reloads_total,
+            families: families.into(),
         })
     }
 
@@ -343,11 +389,22 @@ impl UpstreamMetrics {
 }
 
 /// The Prometheus text exposition of `registry`.
-pub fn render(registry: &Registry) -> Vec<u8> {
+pub fn render(registry: &Registry, families: &[Family]) -> Vec<u8> {
     let mut buf = Vec::with_capacity(8 * 1024);
     let encoder = TextEncoder::new();
-    if let Err(e) = encoder.encode(&registry.gather(), &mut buf) {
+    let gathered = registry.gather();
+    if let Err(e) = encoder.encode(&gathered, &mut buf) {
         tracing::warn!(error = %e, "cannot encode metrics");
+    }
+    // A family with no series yet (no request so far, no route with a fallback or a shadow)
+    // is left out by the encoder; its HELP and TYPE lines say that ficus has it.
+    for family in families {
+        if !gathered.iter().any(|g| g.name() == family.name) {
+            let Family { name, help, kind } = family;
+            buf.extend_from_slice(
+                format!("# HELP {name} {help}\n# TYPE {name} {kind}\n").as_bytes(),
+            );
+        }
     }
     buf
 }

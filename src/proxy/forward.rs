@@ -215,7 +215,9 @@ async fn forward(state: &Arc<ProxyState>, conn: &ConnInfo, routed: Routed) -> Re
     if served != target.upstream {
         parts.extensions.insert(ServedBy(served));
     }
-    let reset = state.upstreams[served].metrics.counter(UpstreamErrorKind::Reset);
+    let reset = state.upstreams[served]
+        .metrics
+        .counter(UpstreamErrorKind::Reset);
     let body = Idle::new(body, activity).counting_failures(reset.clone());
     let body = match tap {
         Some(tap) => ProxyBody::Shadowed {

@@ -30,6 +30,55 @@ async fn readyz_is_503_with_a_reason_before_the_app_runs() {
     assert_eq!(app.readiness().reason().as_deref(), Some("starting"));
 }
 
+/// SPEC section 5's table, with each family's type.
+const SPEC_FAMILIES: [(&str, &str); 17] = [
+    ("ficus_requests_total", "counter"),
+    ("ficus_request_duration_seconds", "histogram"),
+    ("ficus_upstream_request_duration_seconds", "histogram"),
+    ("ficus_upstream_errors_total", "counter"),
+    ("ficus_events_emitted_total", "counter"),
+    ("ficus_events_delivered_total", "counter"),
+    ("ficus_event_delivery_failures_total", "counter"),
+    ("ficus_events_dead_lettered_total", "counter"),
+    ("ficus_events_dropped_total", "counter"),
+    ("ficus_outbox_pending_events", "gauge"),
+    ("ficus_outbox_bytes", "gauge"),
+    ("ficus_outbox_unflushed_events", "gauge"),
+    ("ficus_route_fallbacks_total", "counter"),
+    ("ficus_event_delivery_lag_seconds", "gauge"),
+    ("ficus_shadow_comparisons_total", "counter"),
+    ("ficus_config_reloads_total", "counter"),
+    ("ficus_build_info", "gauge"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_spec_family_is_declared_before_its_first_series() {
+    // No routes (so no fallback or shadow series), no rules, no request yet: the families
+    // still say they exist, each once and with its type.
+    let upstream = TestUpstream::echo().await;
+    let ficus = Ficus::start(upstream.addr, "").await;
+    let metrics = ficus.metrics().await;
+    for (name, kind) in SPEC_FAMILIES {
+        let declared = format!("# TYPE {name} {kind}\n");
+        assert_eq!(metrics.matches(&declared).count(), 1, "{name}:\n{metrics}");
+        assert_eq!(
+            metrics.matches(&format!("# HELP {name} ")).count(),
+            1,
+            "{name}"
+        );
+    }
+    // Once a series exists the family is printed by the encoder alone, not declared twice.
+    assert_eq!(get(ficus.addr, "/x").await.0, 200);
+    let metrics = ficus.metrics().await;
+    assert_eq!(
+        metrics
+            .matches("# TYPE ficus_requests_total counter\n")
+            .count(),
+        1
+    );
+    assert!(sample(&metrics, "ficus_requests_total", &[("route", "default")]).is_some());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_known_traffic() {
     let upstream = TestUpstream::with(|req, rec| async move {

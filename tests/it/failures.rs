@@ -210,7 +210,11 @@ async fn a_stalled_download_is_cut_after_idle_timeout() {
     );
     assert!(started.elapsed() >= Duration::from_millis(400));
     assert_eq!(upstream_errors(&ficus, "idle_timeout").await, 1.0);
-    assert_eq!(upstream_errors(&ficus, "reset").await, 0.0, "one cut, one kind");
+    assert_eq!(
+        upstream_errors(&ficus, "reset").await,
+        0.0,
+        "one cut, one kind"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
