@@ -393,9 +393,15 @@ struct Shared {
     queued_bytes: AtomicU64,
     durable: watch::Receiver<u64>,
     failure: Mutex<Option<Failure>>,
+    /// The last cursor commit's error, while commits fail (for `health`).
+    commit_failure: Mutex<Option<String>>,
     /// Failed write attempts since open: `flush` fails on one that happens while it waits.
     failed_attempts: AtomicU64,
 }
+
+/// Free disk space below which the outbox reports itself not writable: room for a few
+/// batches of records, and for the cursor and segment files that deliveries make.
+pub const MIN_FREE_BYTES: u64 = 64 << 10;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Critical sections here never leave data half-updated, so a poisoned lock is usable.
@@ -515,6 +521,7 @@ impl Outbox {
             queued_bytes: AtomicU64::new(0),
             durable: rx,
             failure: Mutex::new(None),
+            commit_failure: Mutex::new(None),
             failed_attempts: AtomicU64::new(0),
         });
         let for_writer = shared.clone();
@@ -658,13 +665,44 @@ impl Outbox {
             <= shared.settings.max_bytes
     }
 
-    /// `Err(reason)` while the last write or fsync failed (for `/readyz`); `Ok` again after
-    /// a write succeeds.
+    /// `Err(reason)` while the outbox cannot be written (for `/readyz`): the last write or
+    /// fsync failed (until a write succeeds), the last cursor commit failed (until one
+    /// succeeds), a directory of the outbox is gone or not writable, or its disk has less
+    /// than [`MIN_FREE_BYTES`] free. The last two are looked at on each call, so that
+    /// readiness turns before a request's event fails on them: an append into the open
+    /// segment may still succeed for a while after the directory went or the disk filled.
     pub fn health(&self) -> Result<(), String> {
-        match &*lock(&self.shared().failure) {
-            Some(f) => Err(format!("outbox write failing: {}", f.error)),
-            None => Ok(()),
+        let shared = self.shared();
+        if let Some(f) = &*lock(&shared.failure) {
+            return Err(format!("outbox write failing: {}", f.error));
         }
+        if let Some(error) = &*lock(&shared.commit_failure) {
+            return Err(format!("outbox cursor commit failing: {error}"));
+        }
+        let layout = shared.store.layout();
+        for dir in [&layout.segments, &layout.cursors] {
+            let access = rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK;
+            if let Err(e) = rustix::fs::access(dir, access) {
+                return Err(format!(
+                    "{} is not writable: {}",
+                    dir.display(),
+                    io::Error::from(e)
+                ));
+            }
+        }
+        match rustix::fs::statvfs(&layout.segments) {
+            Ok(stat) => {
+                let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+                if free < MIN_FREE_BYTES {
+                    return Err(format!(
+                        "disk full: {free} bytes free for {}",
+                        layout.dir.display()
+                    ));
+                }
+            }
+            Err(e) => return Err(format!("{}: {}", layout.dir.display(), io::Error::from(e))),
+        }
+        Ok(())
     }
 
     /// Waits until everything appended so far is durable (used at shutdown). Fails when a
@@ -746,6 +784,7 @@ impl Outbox {
         let shared = self.shared();
         let result = shared.store.commit(sink, next);
         shared.metrics.bytes.set(gauge(shared.store.bytes()));
+        *lock(&shared.commit_failure) = result.as_ref().err().map(ToString::to_string);
         result
     }
 

@@ -165,3 +165,27 @@ async fn metrics_count_known_traffic() {
     assert!(m.contains("# TYPE ficus_requests_total counter"));
     assert!(!m.contains("/orders"), "no raw path in any label");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_is_503_once_the_outbox_directory_is_gone() {
+    // An operator's `rm -rf`, or a volume that went away: appends may still land in the
+    // open (unlinked) segment, so readiness must look at the directory itself.
+    let upstream = crate::events::shop().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let outbox = dir.path().join("outbox");
+    let events = dir.path().join("e.jsonl");
+    let sinks = format!("  audit: {{ type: file, path: {} }}", events.display());
+    let ficus = Ficus::start(
+        upstream.addr,
+        &crate::events::whole_body_rule(&sinks, &outbox, ""),
+    )
+    .await;
+    assert_eq!(get(ficus.admin, "/readyz").await, (200, "ready\n".into()));
+    std::fs::remove_dir_all(&outbox).expect("rm -rf the outbox");
+    let (status, body) = get(ficus.admin, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.starts_with("not ready: outbox not writable: ") && body.contains("segments"),
+        "{body}"
+    );
+}

@@ -116,3 +116,34 @@ async fn a_full_disk_makes_ficus_unready_and_withholds_unstored_events() {
     assert_eq!(send(ficus.addr, padded_order(100)).await.status(), 201);
     drop(ficus);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_turns_with_the_free_space_before_any_write_fails() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(_tmpfs) = Tmpfs::mount(dir.path(), "2m") else {
+        return;
+    };
+    let upstream = shop().await;
+    let events_file = tempfile::tempdir().expect("tempdir");
+    let sinks = format!(
+        "  audit: {{ type: file, path: {} }}",
+        events_file.path().join("e.jsonl").display()
+    );
+    let ficus = Ficus::start(
+        upstream.addr,
+        &whole_body_rule(&sinks, &dir.path().join("outbox"), ""),
+    )
+    .await;
+    assert_eq!(get(ficus.admin, "/readyz").await.0, 200);
+    // Something else on the volume takes the space; ficus has written nothing since.
+    let filler = dir.path().join("filler");
+    let mut file = std::fs::File::create(&filler).expect("filler");
+    let chunk = vec![1u8; 16 << 10];
+    while std::io::Write::write_all(&mut file, &chunk).is_ok() {}
+    drop(file);
+    let (status, body) = get(ficus.admin, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("disk full"), "{body}");
+    std::fs::remove_file(&filler).expect("free the space");
+    assert_eq!(get(ficus.admin, "/readyz").await.0, 200);
+}
