@@ -339,14 +339,28 @@ impl Dispatcher {
             let delay = self.retry.delay(attempt);
             attempt = attempt.saturating_add(1);
             tracing::warn!(sink = %self.name, attempt, retry_in = ?delay, reason = %failure.message, "delivery failed; will retry");
-            tokio::select! {
-                _ = stop.cancelled() => return Ok(false),
-                _ = tokio::time::sleep(delay) => {}
+            // The gauges go on moving while the sink is down (a backoff lasts up to
+            // `retry.max`): the oldest event ages, and new ones arrive behind it.
+            let retry_at = tokio::time::Instant::now() + delay;
+            loop {
+                let tick = retry_at.min(tokio::time::Instant::now() + GAUGE_REFRESH);
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(false),
+                    _ = tokio::time::sleep_until(tick) => {}
+                }
+                if tick >= retry_at {
+                    break;
+                }
+                self.metrics.lag_seconds.set(age_seconds(&events[next]));
+                self.update_pending(position);
             }
         }
         Ok(true)
     }
 }
+
+/// How often a dispatcher waiting to retry refreshes its sink's lag and pending gauges.
+const GAUGE_REFRESH: Duration = Duration::from_secs(1);
 
 fn age_seconds(event: &StoredEvent) -> f64 {
     event

@@ -409,6 +409,69 @@ async fn http_sink_binary_structured_and_batch_modes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_and_pending_move_while_the_dispatcher_waits_to_retry() {
+    let upstream = shop().await;
+    let port = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sinks = format!("  broker: {{ type: http, url: \"http://{port}/\" }}");
+    // Long backoffs (random up to 20 s): the gauges must not wait for the next attempt.
+    let extra = "  retry: { initial: 20s, max: 20s }\n";
+    let ficus = Ficus::start(
+        upstream.addr,
+        &rules(&sinks, &dir.path().join("outbox"), extra),
+    )
+    .await;
+    let order = |i: usize| {
+        Request::post("/orders")
+            .header("host", "shop")
+            .header("content-type", "application/json")
+            .header("x-order-id", i.to_string())
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .expect("request")
+    };
+    assert_eq!(send(ficus.addr, order(0)).await.status(), 201);
+    let gauges = || async {
+        let m = ficus.metrics().await;
+        let get = |name| sample(&m, name, &[("sink", "broker")]).unwrap_or(-1.0);
+        (
+            get("ficus_event_delivery_failures_total"),
+            get("ficus_event_delivery_lag_seconds"),
+            get("ficus_outbox_pending_events"),
+        )
+    };
+    eventually(WAIT, "a first failed attempt", || async {
+        (gauges().await.0 >= 1.0).then_some(())
+    })
+    .await;
+    // Look for a stretch of 1.5 s with no attempt in it (each attempt counts a failure): the
+    // lag grew by the time that passed and the new events count as pending all the same.
+    let mut seen = Vec::new();
+    for round in 0..8 {
+        let (failures, lag, pending) = gauges().await;
+        for i in 0..2 {
+            assert_eq!(
+                send(ficus.addr, order(10 * round + i + 1)).await.status(),
+                201
+            );
+        }
+        // The time that passes is what is measured here, not a stand-in for an event.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let after = gauges().await;
+        if after.0 == failures {
+            assert!(after.1 >= lag + 1.0, "lag moved on: {lag} -> {}", after.1);
+            assert_eq!(after.2, pending + 2.0, "pending counts the new events");
+            return;
+        }
+        seen.push((failures, after));
+    }
+    panic!("no 1.5 s without a retry in 8 tries (random backoffs up to 20 s): {seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sink_that_is_down_gets_everything_in_order_when_it_returns() {
     let upstream = shop().await;
     // Reserve a port, then free it: the sink is down until the test listens there again.
