@@ -22,7 +22,8 @@ pub struct Context<'a> {
 fn content_type(draft: &EventDraft) -> Option<&'static str> {
     draft.data.as_ref().map(|d| {
         if draft.data_text && d.is_string() {
-            "text/plain; charset=utf-8"
+            // SPEC section 4's value; the data is a JSON string, so Unicode whatever the body was.
+            "text/plain"
         } else {
             "application/json"
         }

@@ -277,9 +277,8 @@ async fn text_bodies_become_text_data() {
         .expect("request");
     assert_eq!(send(ficus.addr, req).await.status(), 200);
     let events = wait_for_events(&file, 1).await;
-    assert!(events[0]
-        .datacontenttype()
-        .is_some_and(|c| c.starts_with("text/plain")));
+    // Exactly SPEC section 4's value.
+    assert_eq!(events[0].datacontenttype(), Some("text/plain"));
     assert_eq!(data_json(&events[0]), "plain words");
 }
 
