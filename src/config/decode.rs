@@ -212,6 +212,9 @@ pub fn interpolate(text: &str, env: Env<'_>) -> Result<String, String> {
                 return Err(format!("invalid variable name `{name}` in `${{{inner}}}`"));
             }
             match (env(name), default) {
+                // As in the shell and Compose, `:-` also stands in for a variable set empty
+                // (a Secret key left blank); `${NAME}` keeps the empty value.
+                (Some(v), Some(d)) if v.is_empty() => out.push_str(d),
                 (Some(v), _) => out.push_str(&v),
                 (None, Some(d)) => out.push_str(d),
                 (None, None) => {
@@ -283,7 +286,11 @@ mod tests {
     use super::*;
 
     fn env(name: &str) -> Option<String> {
-        (name == "HOST").then(|| "10.0.0.1".to_string())
+        match name {
+            "HOST" => Some("10.0.0.1".to_string()),
+            "BLANK" => Some(String::new()),
+            _ => None,
+        }
     }
 
     #[test]
@@ -294,6 +301,9 @@ mod tests {
         );
         assert_eq!(interpolate("${NOPE:-x}", &env).as_deref(), Ok("x"));
         assert_eq!(interpolate("${NOPE:-}", &env).as_deref(), Ok(""));
+        assert_eq!(interpolate("${BLANK:-x}", &env).as_deref(), Ok("x"));
+        assert_eq!(interpolate("[${BLANK}]", &env).as_deref(), Ok("[]"));
+        assert_eq!(interpolate("${HOST:-x}", &env).as_deref(), Ok("10.0.0.1"));
         assert_eq!(interpolate("$${HOST}", &env).as_deref(), Ok("${HOST}"));
         assert_eq!(interpolate("cost $5", &env).as_deref(), Ok("cost $5"));
         assert!(interpolate("${NOPE}", &env)
