@@ -39,6 +39,10 @@ pub struct Decoder<'a> {
     pub errors: Vec<ConfigError>,
     /// Valid but risky settings, located like errors; printed by `check`, logged by `run`.
     pub warnings: Vec<ConfigError>,
+    /// The upstream and sink names the file declares, valid or not: a reference to one whose
+    /// own settings are invalid (and reported there) is no second error.
+    pub declared_upstreams: Vec<String>,
+    pub declared_sinks: Vec<String>,
 }
 
 /// The entries of a mapping whose keys were already checked against the known ones.
@@ -72,6 +76,8 @@ impl<'a> Decoder<'a> {
             env,
             errors: Vec::new(),
             warnings: Vec::new(),
+            declared_upstreams: Vec::new(),
+            declared_sinks: Vec::new(),
         }
     }
 

@@ -720,14 +720,17 @@ pub(super) fn decode_events(
                 for (i, item) in items.iter().enumerate() {
                     let path = format!("events.rules[{i}]");
                     if let Some(rule) = decode_rule(d, item, &path, sinks) {
-                        if !names.insert(rule.name.clone()) {
+                        rules.push(rule);
+                    }
+                    // Names as written, of valid and invalid rules alike.
+                    if let Some(name) = item.scalar("name") {
+                        if !names.insert(name) {
                             d.error(
-                                item.mark,
+                                item.value_mark("name"),
                                 &join(&path, "name"),
-                                format!("duplicate rule name `{}`", rule.name),
+                                format!("duplicate rule name `{name}`"),
                             );
                         }
-                        rules.push(rule);
                     }
                 }
             }
@@ -738,7 +741,7 @@ pub(super) fn decode_events(
             ),
         }
     }
-    if !rules.is_empty() && sinks.is_empty() {
+    if !rules.is_empty() && sinks.is_empty() && d.declared_sinks.is_empty() {
         d.error(
             node.mark,
             "sinks",
@@ -855,12 +858,13 @@ fn decode_rule(d: &mut Decoder<'_>, node: &Node, path: &str, sinks: &[SinkConfig
         let spath = join(path, "sinks");
         let list = strings(d, n, &spath);
         for (i, (s, mark)) in list.iter().enumerate() {
-            if !sinks.iter().any(|k| &k.name == s) {
-                let known: Vec<&str> = sinks.iter().map(|k| k.name.as_str()).collect();
+            // A sink declared with invalid settings was reported where it is declared.
+            if !sinks.iter().any(|k| &k.name == s) && !d.declared_sinks.contains(s) {
+                let known = d.declared_sinks.join(", ");
                 d.error(
                     *mark,
                     &format!("{spath}[{i}]"),
-                    format!("no sink named `{s}` (known: {})", known.join(", ")),
+                    format!("no sink named `{s}` (known: {known})"),
                 );
             }
         }

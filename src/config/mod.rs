@@ -394,6 +394,12 @@ fn decode_config(d: &mut Decoder<'_>, root: &Node) -> Option<Config> {
         return None;
     }
     let top = d.map(root, "", TOP_LEVEL)?;
+    let declared = |key| match top.get(key).map(|n| &n.value) {
+        Some(Value::Map(entries)) => entries.iter().map(|(k, _)| k.name.clone()).collect(),
+        _ => Vec::new(),
+    };
+    d.declared_upstreams = declared("upstreams");
+    d.declared_sinks = declared("sinks");
 
     let listen = decode_listen(d, top.get("listen"));
     let admin_addr = top
@@ -413,7 +419,11 @@ fn decode_config(d: &mut Decoder<'_>, root: &Node) -> Option<Config> {
 
     if listen.address == admin_addr && listen.address.port() != 0 {
         if let Some(n) = top.get("admin") {
-            d.error(n.mark, "admin.address", "must differ from listen.address");
+            d.error(
+                n.value_mark("address"),
+                "admin.address",
+                "must differ from listen.address",
+            );
         }
     }
 
@@ -656,16 +666,12 @@ fn decode_default_upstream(
             let found = upstreams.iter().position(|u| u.name == name);
             // Named in the file counts as known even when its own settings are invalid (and
             // already reported): the reference itself is fine.
-            let declared: Vec<&str> = match top.get("upstreams").map(|n| &n.value) {
-                Some(Value::Map(entries)) => entries.iter().map(|(k, _)| k.name.as_str()).collect(),
-                _ => Vec::new(),
-            };
-            if found.is_none() && !declared.contains(&name.as_str()) {
-                let known = declared;
+            if found.is_none() && !d.declared_upstreams.contains(&name) {
+                let known = d.declared_upstreams.join(", ");
                 d.error(
                     n.mark,
                     "default_upstream",
-                    format!("no upstream named `{name}` (known: {})", known.join(", ")),
+                    format!("no upstream named `{name}` (known: {known})"),
                 );
             }
             found
@@ -845,6 +851,54 @@ mod tests {
                 "missing `{want}` in {errors:#?}"
             );
         }
+        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+    }
+
+    #[test]
+    fn clashes_are_located_at_the_value_and_invalid_declarations_cause_no_second_error() {
+        let errors = load(concat!(
+            "listen: { address: \"127.0.0.1:8080\" }\n",
+            "admin:\n",
+            "  address: \"127.0.0.1:8080\"\n",
+            "upstreams:\n",
+            "  m: { url: \"http://a:1\" }\n",
+            "  broken: { url: \"ftp://x\" }\n",
+            "routes:\n",
+            "  - name: r\n",
+            "    match: { path: /a }\n",
+            "    upstream: m\n",
+            "  - name: r\n",
+            "    match: { path: /b }\n",
+            "    upstream: broken\n",
+            "events:\n",
+            "  rules:\n",
+            "    - name: e\n",
+            "      match: { path: /a }\n",
+            "      type: t\n",
+            "      sinks: [bad, gone]\n",
+            "    - name: e\n",
+            "      match: { path: /b }\n",
+            "      type: t\n",
+            "sinks:\n",
+            "  bad: { type: http, url: \"nope\" }\n",
+            "default_upstream: m\n",
+        ))
+        .expect_err("invalid");
+        let expected = [
+            "f.yaml:3:12: admin.address: must differ from listen.address",
+            "f.yaml:6:18: upstreams.broken.url: expected an http:// or https:// URL",
+            "f.yaml:11:11: routes[1].name: duplicate route name `r`",
+            "f.yaml:19:20: events.rules[0].sinks[1]: no sink named `gone` (known: bad)",
+            "f.yaml:20:13: events.rules[1].name: duplicate rule name `e`",
+            "f.yaml:24:27: sinks.bad.url:",
+        ];
+        for want in expected {
+            assert!(
+                errors.iter().any(|e| e.starts_with(want)),
+                "missing `{want}` in {errors:#?}"
+            );
+        }
+        // Not `routes[0].upstream: no upstream named broken`, nor `sinks[0]: no sink named bad`.
         assert_eq!(errors.len(), expected.len(), "{errors:#?}");
     }
 

@@ -105,17 +105,22 @@ pub(super) fn decode_routes(
         return Vec::new();
     };
     let mut out: Vec<RouteConfig> = Vec::new();
+    // Names as written, of valid and invalid routes alike.
+    let mut names: Vec<&str> = Vec::new();
     for (i, item) in items.iter().enumerate() {
         let path = format!("routes[{i}]");
         if let Some(route) = decode_route(d, item, &path, upstreams) {
-            if out.iter().any(|r| r.name == route.name) {
+            out.push(route);
+        }
+        if let Some(name) = item.scalar("name") {
+            if names.contains(&name) {
                 d.error(
-                    item.mark,
+                    item.value_mark("name"),
                     &join(&path, "name"),
-                    format!("duplicate route name `{}`", route.name),
+                    format!("duplicate route name `{name}`"),
                 );
             }
-            out.push(route);
+            names.push(name);
         }
     }
     out
@@ -129,12 +134,13 @@ fn upstream_ref(
 ) -> Option<usize> {
     let name = d.string(node, path)?;
     let found = upstreams.iter().position(|u| u.name == name);
-    if found.is_none() {
-        let known: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
+    // An upstream declared with invalid settings was reported where it is declared.
+    if found.is_none() && !d.declared_upstreams.contains(&name) {
+        let known = d.declared_upstreams.join(", ");
         d.error(
             node.mark,
             path,
-            format!("no upstream named `{name}` (known: {})", known.join(", ")),
+            format!("no upstream named `{name}` (known: {known})"),
         );
     }
     found

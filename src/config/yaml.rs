@@ -55,6 +55,28 @@ impl Node {
             Value::Map(_) => "a mapping",
         }
     }
+
+    /// Where the value of this mapping's `key` is, for an error about that value found after
+    /// decoding (a duplicate name, a clash between fields); the mapping's own mark when it
+    /// has no such key.
+    pub fn value_mark(&self, key: &str) -> Mark {
+        self.child(key).map_or(self.mark, |n| n.mark)
+    }
+
+    /// The scalar text of this mapping's `key`, as written.
+    pub fn scalar(&self, key: &str) -> Option<&str> {
+        match &self.child(key)?.value {
+            Value::Scalar(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn child(&self, key: &str) -> Option<&Node> {
+        match &self.value {
+            Value::Map(entries) => entries.iter().find(|(k, _)| k.name == key).map(|(_, n)| n),
+            _ => None,
+        }
+    }
 }
 
 /// A YAML syntax error, or a structural one (duplicate key, alias bomb) found while building.
