@@ -845,6 +845,9 @@ fn decode_rule(d: &mut Decoder<'_>, node: &Node, path: &str, sinks: &[SinkConfig
     let sequence = template(d, f.get("sequence"), &join(path, "sequence"));
     let data = f.get("data").and_then(|n| {
         let dpath = join(path, "data");
+        if !data_templates_parse(d, n, &dpath) {
+            return None;
+        }
         let json = to_json(d, n, &dpath)?;
         match DataTemplate::from_json(&json) {
             Ok(t) => Some(t),
@@ -920,6 +923,32 @@ fn decode_status(d: &mut Decoder<'_>, node: &Node, path: &str) -> Option<StatusM
 
 /// A YAML subtree as JSON: plain scalars that read as numbers, booleans or null keep that
 /// type; quoted scalars stay strings.
+/// Parses every string of a rule's `data` as a template, reporting each that does not parse
+/// at its own place and key path (the whole tree is then built by [`to_json`] and
+/// [`DataTemplate::from_json`], which would stop at the first and know no places).
+fn data_templates_parse(d: &mut Decoder<'_>, node: &Node, path: &str) -> bool {
+    match &node.value {
+        Value::Null => true,
+        Value::Scalar(_) => match to_json(d, node, path) {
+            Some(serde_json::Value::String(text)) => match Template::parse(&text) {
+                Ok(_) => true,
+                Err(e) => {
+                    d.error(node.mark, path, e);
+                    false
+                }
+            },
+            Some(_) => true,
+            None => false,
+        },
+        Value::Seq(items) => items.iter().enumerate().fold(true, |ok, (i, item)| {
+            data_templates_parse(d, item, &format!("{path}[{i}]")) && ok
+        }),
+        Value::Map(entries) => entries.iter().fold(true, |ok, (k, item)| {
+            data_templates_parse(d, item, &join(path, &k.name)) && ok
+        }),
+    }
+}
+
 pub(super) fn to_json(d: &mut Decoder<'_>, node: &Node, path: &str) -> Option<serde_json::Value> {
     use serde_json::Value as J;
     Some(match &node.value {

@@ -903,6 +903,36 @@ mod tests {
     }
 
     #[test]
+    fn each_bad_data_template_is_reported_at_its_value() {
+        let errors = load(concat!(
+            "upstreams: { m: { url: \"http://a:1\" } }\n",
+            "sinks: { out: { type: stdout } }\n",
+            "events:\n",
+            "  rules:\n",
+            "    - name: e\n",
+            "      type: t\n",
+            "      match: { path: /a }\n",
+            "      data:\n",
+            "        a: \"{response.body.id}\"\n",
+            "        b: \"{resp.x}\"\n",
+            "        c: { d: \"{zzz}\", e: [1, \"x {nope.y}\"] }\n",
+        ))
+        .expect_err("invalid");
+        let expected = [
+            "f.yaml:10:12: events.rules[0].data.b: ",
+            "f.yaml:11:17: events.rules[0].data.c.d: ",
+            "f.yaml:11:33: events.rules[0].data.c.e[1]: ",
+        ];
+        for want in expected {
+            assert!(
+                errors.iter().any(|e| e.starts_with(want)),
+                "missing `{want}` in {errors:#?}"
+            );
+        }
+        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+    }
+
+    #[test]
     fn routes_name_known_upstreams() {
         let errors = load(concat!(
             "upstreams: { m: { url: \"http://a:1\" }, f: { url: \"http://b:1\" } }\n",
