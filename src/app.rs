@@ -44,8 +44,21 @@ pub enum AppError {
     Metrics(#[from] prometheus::Error),
     #[error(transparent)]
     Outbox(#[from] OutboxError),
-    #[error("sink `{0}`: {1}")]
+    /// The client error names the sink already.
+    #[error("sink {1}")]
     Sink(String, ClientError),
+}
+
+impl AppError {
+    /// A file the config names (a certificate, a key, a CA) that cannot be read or used: the
+    /// config is what is wrong, as for `ficus check`'s errors (exit 2), though `check` cannot
+    /// know it (the files are often only mounted where ficus runs).
+    pub fn is_config_material(&self) -> bool {
+        matches!(
+            self,
+            AppError::Tls(_) | AppError::Upstream(_) | AppError::Sink(..)
+        )
+    }
 }
 
 /// The bound sockets, so that a caller (a test) can bind port 0 and learn the ports before

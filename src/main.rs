@@ -234,7 +234,10 @@ fn run_async(main: impl std::future::Future<Output = anyhow::Result<()>>) -> Exi
             let message = causes(&error);
             tracing::error!(error = %message, "ficus stopped");
             eprintln!("ficus: {message}");
-            ExitCode::FAILURE
+            match error.downcast_ref::<ficus::AppError>() {
+                Some(e) if e.is_config_material() => ExitCode::from(EXIT_INVALID_CONFIG),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -92,6 +92,35 @@ fn run_refuses_a_bad_config_with_exit_2_and_binds_nothing() {
 }
 
 #[test]
+fn run_on_unreadable_tls_files_exits_2_naming_them() {
+    // `check` passes (the files are often only mounted where ficus runs); `run` finds them
+    // missing before binding, and that is a config error too.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().join("no-such-ca.pem");
+    for (what, yaml) in [
+        (
+            "sink",
+            format!("upstreams: {{ m: {{ url: \"http://127.0.0.1:1\" }} }}\nsinks:\n  h: {{ type: http, url: \"https://127.0.0.1:1/\", tls: {{ ca: {} }} }}\n", ca.display()),
+        ),
+        (
+            "upstream",
+            format!("upstreams: {{ m: {{ url: \"https://127.0.0.1:1\", tls: {{ ca: {} }} }} }}\n", ca.display()),
+        ),
+    ] {
+        let path = dir.path().join(format!("{what}.yaml"));
+        std::fs::write(&path, yaml).expect("write");
+        let path = path.to_str().expect("utf-8");
+        let checked = ficus(&["check", "-c", path]).output().expect("check");
+        assert_eq!(checked.status.code(), Some(0), "{what}: {checked:?}");
+        let out = ficus(&["run", "-c", path]).output().expect("run");
+        assert_eq!(out.status.code(), Some(2), "{what}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("no-such-ca.pem"), "{what}: {stderr}");
+        assert!(stderr.contains(&format!("{what} `")), "{what}: {stderr}");
+    }
+}
+
+#[test]
 fn missing_config_file_is_a_clear_error() {
     let out = ficus(&["check", "-c", "/nonexistent/ficus.yaml"])
         .output()
