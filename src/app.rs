@@ -332,6 +332,9 @@ impl Core {
         // What was last loaded (or refused): a file event that leaves the text as it was
         // (a touch, a second event of one swap) reloads nothing.
         let mut loaded = self.config.fingerprint;
+        // The last read error: while the file stays unreadable the same way, the other files
+        // changing in its directory (a sink's file, a log) refuse nothing again.
+        let mut unreadable: Option<String> = None;
         loop {
             let trigger = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -339,10 +342,18 @@ impl Core {
             };
             let file = path.display().to_string();
             let text = match tokio::fs::read_to_string(&path).await {
-                Ok(text) => text,
+                Ok(text) => {
+                    unreadable = None;
+                    text
+                }
                 Err(error) => {
                     // Mid-swap, or deleted: the running config stays; the next change or
                     // SIGHUP tries again.
+                    let said = error.to_string();
+                    if trigger == Trigger::Changed && unreadable.as_ref() == Some(&said) {
+                        continue;
+                    }
+                    unreadable = Some(said);
                     tracing::error!(file = %file, %error, "config reload refused: cannot read the file; the running config stays");
                     self.metrics
                         .config_reloads_total

@@ -289,6 +289,34 @@ async fn a_broken_config_is_refused_with_located_errors_while_the_old_one_serves
     log_line(&mut ficus, &["config reloaded", "Signal"]).await;
     assert_eq!(reloads(ficus.admin, "ok").await, 2.0);
     assert_eq!(reloads(ficus.admin, "error").await, 1.0);
+
+    // The file goes away: one refusal, however many other files of its directory change
+    // meanwhile (a log or a sink's file there would otherwise feed a refusal per write).
+    std::fs::remove_file(&path).expect("remove the config");
+    log_line(&mut ficus, &["cannot read the file"]).await;
+    for i in 0..5 {
+        std::fs::write(ficus.dir.path().join(format!("other-{i}")), "x").expect("write");
+    }
+    // A SIGHUP is refused and counted again (someone asked); its refusal is logged after the
+    // other files' change was looked at, or the change is looked at after it: either way
+    // that change alone counts nothing.
+    ficus.signal("HUP");
+    log_line(&mut ficus, &["cannot read the file"]).await;
+    // Back, changed: once this reload shows, every earlier event was taken.
+    replace(
+        &path,
+        &fixed.replace(
+            "log: { format: json }",
+            "log: { format: json, level: info }",
+        ),
+    );
+    log_line(&mut ficus, &["config reloaded"]).await;
+    assert_eq!(reloads(ficus.admin, "ok").await, 3.0);
+    assert_eq!(
+        reloads(ficus.admin, "error").await,
+        3.0,
+        "one refusal for the missing file, one for the SIGHUP"
+    );
 }
 
 fn shop_with_sinks(shop: &TestUpstream, outbox: &Path, ty: &str, sinks: &str) -> String {
