@@ -88,6 +88,11 @@ enum OutboxCommand {
 }
 
 fn main() -> ExitCode {
+    // An empty `FICUS_CONFIG` (a manifest's `value: ""`) means unset, as for most tools, not
+    // "a value is required". Removed before any thread exists.
+    if std::env::var_os("FICUS_CONFIG").is_some_and(|v| v.is_empty()) {
+        std::env::remove_var("FICUS_CONFIG");
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Check(arg) => match Config::load(&arg.config) {

@@ -40,6 +40,24 @@ fn check_reports_every_error_located_and_exits_2() {
 }
 
 #[test]
+fn an_empty_ficus_config_falls_back_to_the_default_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("config")).expect("mkdir");
+    std::fs::write(
+        dir.path().join("config/ficus.yaml"),
+        "upstreams: { monolith: { url: \"http://127.0.0.1:3000\" } }\n",
+    )
+    .expect("write");
+    let out = ficus(&["check"])
+        .env("FICUS_CONFIG", "")
+        .current_dir(dir.path())
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("config/ficus.yaml: ok"));
+}
+
+#[test]
 fn check_prints_a_summary_for_a_valid_file_given_by_ficus_config() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("ok.yaml");
