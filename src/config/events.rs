@@ -700,14 +700,18 @@ pub(super) fn decode_events(
     let redact = match f.get("redact") {
         Some(n) => {
             let items = strings(d, n, "events.redact");
+            // Each path alone first, so that every bad one is reported.
+            let mut valid = true;
+            for (i, (text, mark)) in items.iter().enumerate() {
+                if let Err((_, msg)) = Redactor::parse(std::slice::from_ref(text)) {
+                    d.error(*mark, &format!("events.redact[{i}]"), msg);
+                    valid = false;
+                }
+            }
             let texts: Vec<String> = items.iter().map(|(s, _)| s.clone()).collect();
             match Redactor::parse(&texts) {
-                Ok(r) => r,
-                Err((i, msg)) => {
-                    let mark = items.get(i).map_or(n.mark, |(_, m)| *m);
-                    d.error(mark, &format!("events.redact[{i}]"), msg);
-                    Redactor::default()
-                }
+                Ok(r) if valid => r,
+                _ => Redactor::default(),
             }
         }
         None => Redactor::default(),

@@ -903,7 +903,7 @@ mod tests {
     }
 
     #[test]
-    fn each_bad_data_template_is_reported_at_its_value() {
+    fn each_bad_data_template_and_redact_path_is_reported_at_its_value() {
         let errors = load(concat!(
             "upstreams: { m: { url: \"http://a:1\" } }\n",
             "sinks: { out: { type: stdout } }\n",
@@ -916,12 +916,15 @@ mod tests {
             "        a: \"{response.body.id}\"\n",
             "        b: \"{resp.x}\"\n",
             "        c: { d: \"{zzz}\", e: [1, \"x {nope.y}\"] }\n",
+            "  redact: [request.body.password, bogus.x, request.body.card, also.bad]\n",
         ))
         .expect_err("invalid");
         let expected = [
             "f.yaml:10:12: events.rules[0].data.b: ",
             "f.yaml:11:17: events.rules[0].data.c.d: ",
             "f.yaml:11:33: events.rules[0].data.c.e[1]: ",
+            "f.yaml:12:35: events.redact[1]: ",
+            "f.yaml:12:63: events.redact[3]: ",
         ];
         for want in expected {
             assert!(
