@@ -5,6 +5,9 @@
 //! request starts is unknown. hyper already refuses differing lengths and drops the length
 //! when both are present, so the second case is seen through [`super::smuggling`], which
 //! watches the raw bytes.
+//!
+//! Also refused with `400` (`x-ficus-error: host`), the connection kept: a `Host` that is
+//! missing from an HTTP/1.1 request, repeated or invalid (RFC 9112 §3.2 says MUST).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -44,6 +47,48 @@ pub fn ambiguous_framing(headers: &HeaderMap) -> Option<&'static str> {
     conflicting.then_some("ficus: request has conflicting Content-Length values\n")
 }
 
+/// Why a request's `Host` is refused (RFC 9112 §3.2: a server MUST answer `400` to an
+/// HTTP/1.1 request without one, and to any request with several or an invalid one), or
+/// `None`. An HTTP/2 request carries `:authority` instead and may have no `Host`. Two parsers
+/// on the path picking different hosts is the same kind of trouble as two lengths.
+pub fn bad_host(headers: &HeaderMap, version: http::Version) -> Option<&'static str> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let Some(host) = hosts.next() else {
+        return (version == http::Version::HTTP_11)
+            .then_some("ficus: an HTTP/1.1 request needs a Host header\n");
+    };
+    if hosts.next().is_some() {
+        return Some("ficus: request has more than one Host header\n");
+    }
+    // uri-host [ ":" port ]: a reg-name, an IPv4 address or an IP literal in brackets; no
+    // userinfo, path or spaces. Empty is allowed (a target without an authority).
+    let valid = host.as_bytes().iter().all(|&b| {
+        b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+                    | b':'
+                    | b'['
+                    | b']'
+            )
+    });
+    (!valid).then_some("ficus: request has an invalid Host header\n")
+}
+
 /// `Content-Length: 5, 5` is one length; `5, 6` is not.
 fn all_same(list: &[u8]) -> bool {
     let mut parts = list.split(|b| *b == b',').map(|p| p.trim_ascii());
@@ -71,6 +116,16 @@ where
         } else {
             ambiguous_framing(routed.request.headers())
         };
+        if reason.is_none() {
+            if let Some(reason) = bad_host(routed.request.headers(), routed.request.version()) {
+                tracing::debug!(
+                    reason = reason.trim_end(),
+                    "refused request with a bad Host"
+                );
+                let response = proxy_error(StatusCode::BAD_REQUEST, "host", reason.into());
+                return Either::Left(std::future::ready(Ok(response)));
+            }
+        }
         match reason {
             None => Either::Right(self.inner.call(routed)),
             Some(reason) => {
@@ -98,6 +153,26 @@ mod tests {
             h.append(*k, HeaderValue::from_static(v));
         }
         h
+    }
+
+    #[test]
+    fn host_must_be_one_valid_field_and_is_needed_in_http_1_1() {
+        use http::Version;
+        let ok = |pairs: &[(&'static str, &'static str)], v| bad_host(&headers(pairs), v);
+        for host in ["shop", "shop.example:8080", "10.0.0.1:80", "[::1]:8080", ""] {
+            assert_eq!(ok(&[("host", host)], Version::HTTP_11), None, "{host:?}");
+        }
+        for host in ["a b", "user@shop", "shop/x", "shop?x"] {
+            assert!(
+                ok(&[("host", host)], Version::HTTP_11).is_some(),
+                "{host:?}"
+            );
+        }
+        assert!(ok(&[("host", "a"), ("host", "b")], Version::HTTP_11).is_some());
+        assert!(ok(&[("host", "a"), ("host", "a")], Version::HTTP_2).is_some());
+        assert!(ok(&[], Version::HTTP_11).is_some());
+        assert_eq!(ok(&[], Version::HTTP_10), None);
+        assert_eq!(ok(&[], Version::HTTP_2), None);
     }
 
     #[test]

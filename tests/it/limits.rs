@@ -102,3 +102,30 @@ async fn conflicting_content_lengths_are_400_and_not_forwarded() {
     .await;
     assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_repeated_or_invalid_host_is_400_and_not_forwarded() {
+    let upstream = TestUpstream::echo().await;
+    let ficus = Ficus::start(upstream.addr, "").await;
+    for raw in [
+        &b"GET /orders HTTP/1.1\r\nconnection: close\r\n\r\n"[..],
+        &b"GET /orders HTTP/1.1\r\nhost: a\r\nhost: b\r\nconnection: close\r\n\r\n"[..],
+        &b"GET /orders HTTP/1.1\r\nhost: a b\r\nconnection: close\r\n\r\n"[..],
+        &b"GET /orders HTTP/1.1\r\nhost: user@a\r\nconnection: close\r\n\r\n"[..],
+    ] {
+        let response = raw_exchange(ficus.addr, raw).await;
+        assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+        assert!(response.contains("x-ficus-error: host"), "{response}");
+    }
+    assert_eq!(
+        upstream.recorder.accepted(),
+        0,
+        "nothing reached the upstream"
+    );
+    // HTTP/1.0 may leave Host out.
+    let old = raw_exchange(ficus.addr, b"GET /orders HTTP/1.0\r\n\r\n").await;
+    assert!(
+        old.starts_with("HTTP/1.0 200") || old.starts_with("HTTP/1.1 200"),
+        "{old}"
+    );
+}
