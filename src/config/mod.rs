@@ -186,7 +186,7 @@ impl Config {
     }
 
     pub fn from_str_with_env(text: &str, file: &str, env: Env<'_>) -> Result<Config, LoadError> {
-        let root = yaml::parse(text).map_err(|e| {
+        let (root, duplicates) = yaml::parse_collecting(text).map_err(|e| {
             LoadError::Invalid(vec![ConfigError {
                 file: file.to_string(),
                 line: e.mark.line,
@@ -196,6 +196,13 @@ impl Config {
             }])
         })?;
         let mut d = Decoder::new(file, env);
+        for dup in duplicates {
+            d.error(
+                dup.mark,
+                &dup.path,
+                format!("duplicate key `{}` (the first is read)", dup.name),
+            );
+        }
         let config = decode_config(&mut d, &root);
         match config {
             Some(mut c) if d.errors.is_empty() => {
@@ -925,6 +932,37 @@ mod tests {
             "f.yaml:11:33: events.rules[0].data.c.e[1]: ",
             "f.yaml:12:35: events.redact[1]: ",
             "f.yaml:12:63: events.redact[3]: ",
+        ];
+        for want in expected {
+            assert!(
+                errors.iter().any(|e| e.starts_with(want)),
+                "missing `{want}` in {errors:#?}"
+            );
+        }
+        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+    }
+
+    #[test]
+    fn a_duplicate_key_is_one_error_among_the_others_with_its_path() {
+        let errors = load(concat!(
+            "upstreams:\n",
+            "  m: { url: \"http://127.0.0.1:1\" }\n",
+            "  m: { url: \"http://127.0.0.1:2\" }\n",
+            "listen: { address: nope }\n",
+            "log: { format: xml }\n",
+            "log: { level: info }\n",
+            "routes:\n",
+            "  - name: r\n",
+            "    match: { path: /a, path: /b }\n",
+            "    upstream: m\n",
+        ))
+        .expect_err("invalid");
+        let expected = [
+            "f.yaml:3:3: upstreams.m: duplicate key `m`",
+            "f.yaml:4:20: listen.address: expected an address",
+            "f.yaml:5:16: log.format: expected `json` or `text`",
+            "f.yaml:6:1: log: duplicate key `log`",
+            "f.yaml:9:24: routes[0].match.path: duplicate key `path`",
         ];
         for want in expected {
             assert!(

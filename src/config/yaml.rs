@@ -92,11 +92,35 @@ const MAX_NODES: usize = 100_000;
 
 enum Frame {
     Seq(Vec<Node>, Mark, usize),
-    Map(Vec<(Key, Node)>, Option<Key>, Mark, usize),
+    /// The entries, and the key waiting for its value (`false`: a duplicate, dropped).
+    Map(Vec<(Key, Node)>, Option<(Key, bool)>, Mark, usize),
 }
 
-/// Parses one YAML document. An empty document is `Null`.
+/// A key given twice in one mapping: its key path and where the second one is. Only the
+/// first value is kept.
+#[derive(Debug, Clone)]
+pub struct Duplicate {
+    pub mark: Mark,
+    pub path: String,
+    pub name: String,
+}
+
+/// Parses one YAML document. An empty document is `Null`. A duplicate key is an error.
 pub fn parse(text: &str) -> Result<Node, SyntaxError> {
+    let (node, duplicates) = parse_collecting(text)?;
+    match duplicates.into_iter().next() {
+        None => Ok(node),
+        Some(d) => Err(SyntaxError {
+            mark: d.mark,
+            message: format!("duplicate key `{}`", d.name),
+        }),
+    }
+}
+
+/// [`parse`], with duplicate keys returned beside the tree (which keeps each first value)
+/// rather than stopping it: a config reports them with every other error.
+pub fn parse_collecting(text: &str) -> Result<(Node, Vec<Duplicate>), SyntaxError> {
+    let mut duplicates: Vec<Duplicate> = Vec::new();
     let mut stack: Vec<Frame> = Vec::new();
     let mut anchors: HashMap<usize, Node> = HashMap::new();
     let mut root: Option<Node> = None;
@@ -182,10 +206,10 @@ pub fn parse(text: &str) -> Result<Node, SyntaxError> {
         if anchor != 0 {
             anchors.insert(anchor, node.clone());
         }
-        match stack.last_mut() {
+        match stack.split_last_mut() {
             None => root = Some(node),
-            Some(Frame::Seq(items, _, _)) => items.push(node),
-            Some(Frame::Map(entries, pending, _, _)) => match pending.take() {
+            Some((Frame::Seq(items, _, _), _)) => items.push(node),
+            Some((Frame::Map(entries, pending, _, _), above)) => match pending.take() {
                 None => {
                     let name = match node.value {
                         Value::Scalar(text) => text,
@@ -197,26 +221,54 @@ pub fn parse(text: &str) -> Result<Node, SyntaxError> {
                             })
                         }
                     };
-                    if entries.iter().any(|(k, _)| k.name == name) {
-                        return Err(SyntaxError {
-                            mark: node.mark,
-                            message: format!("duplicate key `{name}`"),
-                        });
-                    }
-                    *pending = Some(Key {
+                    let keep = !entries.iter().any(|(k, _)| k.name == name);
+                    let key = Key {
                         name,
                         mark: node.mark,
-                    });
+                    };
+                    if !keep {
+                        duplicates.push(Duplicate {
+                            mark: node.mark,
+                            path: path_of(above, &key.name),
+                            name: key.name.clone(),
+                        });
+                    }
+                    *pending = Some((key, keep));
                 }
-                Some(key) => entries.push((key, node)),
+                Some((key, true)) => entries.push((key, node)),
+                Some((_, false)) => {}
             },
         }
     }
-    Ok(root.unwrap_or(Node {
+    let root = root.unwrap_or(Node {
         value: Value::Null,
         mark: Mark { line: 1, col: 1 },
         plain: true,
-    }))
+    });
+    Ok((root, duplicates))
+}
+
+/// `a.b[2].name` from the frames enclosing a mapping and a key of it.
+fn path_of(frames: &[Frame], key: &str) -> String {
+    let mut path = String::new();
+    for frame in frames {
+        match frame {
+            Frame::Seq(items, _, _) => path.push_str(&format!("[{}]", items.len())),
+            Frame::Map(_, pending, _, _) => {
+                if let Some((k, _)) = pending {
+                    if !path.is_empty() {
+                        path.push('.');
+                    }
+                    path.push_str(&k.name);
+                }
+            }
+        }
+    }
+    if !path.is_empty() {
+        path.push('.');
+    }
+    path.push_str(key);
+    path
 }
 
 fn count(node: &Node) -> usize {
