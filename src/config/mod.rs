@@ -825,6 +825,17 @@ mod tests {
         assert!(c.listen.trust_forwarded_headers);
     }
 
+    /// Exactly the `expected` errors (each given by how it starts), in any order.
+    fn assert_errors(errors: &[String], expected: &[&str]) {
+        for want in expected {
+            assert!(
+                errors.iter().any(|e| e.starts_with(want)),
+                "missing `{want}` in {errors:#?}"
+            );
+        }
+        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+    }
+
     #[test]
     fn every_error_is_reported_with_its_place() {
         let errors = load(concat!(
@@ -852,13 +863,7 @@ mod tests {
             "f.yaml:11:29: limits.max_header_bytes: must be between 8KiB and 16MiB",
             "f.yaml:12:16: log.format: expected `json` or `text`",
         ];
-        for want in expected {
-            assert!(
-                errors.iter().any(|e| e.starts_with(want)),
-                "missing `{want}` in {errors:#?}"
-            );
-        }
-        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+        assert_errors(&errors, &expected);
     }
 
     #[test]
@@ -899,14 +904,8 @@ mod tests {
             "f.yaml:20:13: events.rules[1].name: duplicate rule name `e`",
             "f.yaml:24:27: sinks.bad.url:",
         ];
-        for want in expected {
-            assert!(
-                errors.iter().any(|e| e.starts_with(want)),
-                "missing `{want}` in {errors:#?}"
-            );
-        }
         // Not `routes[0].upstream: no upstream named broken`, nor `sinks[0]: no sink named bad`.
-        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+        assert_errors(&errors, &expected);
     }
 
     #[test]
@@ -933,13 +932,7 @@ mod tests {
             "f.yaml:12:35: events.redact[1]: ",
             "f.yaml:12:63: events.redact[3]: ",
         ];
-        for want in expected {
-            assert!(
-                errors.iter().any(|e| e.starts_with(want)),
-                "missing `{want}` in {errors:#?}"
-            );
-        }
-        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+        assert_errors(&errors, &expected);
     }
 
     #[test]
@@ -964,13 +957,7 @@ mod tests {
             "f.yaml:6:1: log: duplicate key `log`",
             "f.yaml:9:24: routes[0].match.path: duplicate key `path`",
         ];
-        for want in expected {
-            assert!(
-                errors.iter().any(|e| e.starts_with(want)),
-                "missing `{want}` in {errors:#?}"
-            );
-        }
-        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+        assert_errors(&errors, &expected);
     }
 
     #[test]
