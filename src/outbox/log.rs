@@ -421,23 +421,36 @@ fn create_segment(
         .create_new(true)
         .open(&path)
         .map_err(io_err(&path, "create segment"))?;
-    let made = fault("write")
-        .and_then(|()| file.write_all_at(&format::encode_header(SEGMENT_MAGIC, first_seq), 0))
-        .map_err(io_err(&path, "write segment header"))
-        .and_then(|()| {
-            fault("fsync")
-                .and_then(|()| file.sync_data())
-                .map_err(io_err(&path, "fsync segment"))
-        })
-        .and_then(|()| {
-            syncs.fetch_add(1, Ordering::Relaxed);
-            fault("fsync").map_err(io_err(dir, "fsync directory"))?;
-            cursor::sync_dir(dir)
-        });
+    let made =
+        write_header(&file, &path, first_seq, syncs, fault).and_then(|()| sync_dir(dir, fault));
     match made {
         Ok(()) => Ok((file, path)),
         Err(e) => Err(unmake(&path, e)),
     }
+}
+
+/// Writes a new segment's header at offset 0 of `file` (at `path`) and fsyncs it.
+fn write_header(
+    file: &File,
+    path: &Path,
+    first_seq: u64,
+    syncs: &AtomicU64,
+    fault: &dyn Fn(&str) -> io::Result<()>,
+) -> Result<(), OutboxError> {
+    fault("write")
+        .and_then(|()| file.write_all_at(&format::encode_header(SEGMENT_MAGIC, first_seq), 0))
+        .map_err(io_err(path, "write segment header"))?;
+    fault("fsync")
+        .and_then(|()| file.sync_data())
+        .map_err(io_err(path, "fsync segment"))?;
+    syncs.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+/// [`cursor::sync_dir`], with the tests' fault point in front.
+fn sync_dir(dir: &Path, fault: &dyn Fn(&str) -> io::Result<()>) -> Result<(), OutboxError> {
+    fault("fsync").map_err(io_err(dir, "fsync directory"))?;
+    cursor::sync_dir(dir)
 }
 
 /// Deletes the next segment whose making failed, so that the retry can make it again (it
@@ -473,25 +486,13 @@ fn install_spare(
             reason: "a segment with this first seq exists already".into(),
         });
     }
-    let header = fault("write")
-        .and_then(|()| file.write_all_at(&format::encode_header(SEGMENT_MAGIC, first_seq), 0))
-        .map_err(io_err(&spare, "write segment header"))
-        .and_then(|()| {
-            fault("fsync")
-                .and_then(|()| file.sync_data())
-                .map_err(io_err(&spare, "fsync segment"))
-        })
-        .and_then(|()| {
-            syncs.fetch_add(1, Ordering::Relaxed);
-            fs::rename(&spare, &path).map_err(io_err(&spare, "rename the spare segment"))
-        });
+    let header = write_header(&file, &spare, first_seq, syncs, fault).and_then(|()| {
+        fs::rename(&spare, &path).map_err(io_err(&spare, "rename the spare segment"))
+    });
     if let Err(e) = header {
         return Err(unmake(&spare, e));
     }
-    match fault("fsync")
-        .map_err(io_err(dir, "fsync directory"))
-        .and_then(|()| cursor::sync_dir(dir))
-    {
+    match sync_dir(dir, fault) {
         Ok(()) => Ok((file, path)),
         Err(e) => Err(unmake(&path, e)),
     }
