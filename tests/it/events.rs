@@ -407,14 +407,20 @@ async fn http_sink_binary_structured_and_batch_modes() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lag_and_pending_move_while_the_dispatcher_waits_to_retry() {
-    let upstream = shop().await;
-    let port = tokio::net::TcpListener::bind("127.0.0.1:0")
+/// A loopback address nothing listens on (bound, then freed): a sink that is down until the
+/// test listens there.
+async fn free_port() -> std::net::SocketAddr {
+    tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind")
         .local_addr()
-        .expect("addr");
+        .expect("addr")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_and_pending_move_while_the_dispatcher_waits_to_retry() {
+    let upstream = shop().await;
+    let port = free_port().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let sinks = format!("  broker: {{ type: http, url: \"http://{port}/\" }}");
     // Long backoffs (random up to 20 s): the gauges must not wait for the next attempt.
@@ -424,15 +430,7 @@ async fn lag_and_pending_move_while_the_dispatcher_waits_to_retry() {
         &rules(&sinks, &dir.path().join("outbox"), extra),
     )
     .await;
-    let order = |i: usize| {
-        Request::post("/orders")
-            .header("host", "shop")
-            .header("content-type", "application/json")
-            .header("x-order-id", i.to_string())
-            .body(Full::new(Bytes::from_static(b"{}")))
-            .expect("request")
-    };
-    assert_eq!(send(ficus.addr, order(0)).await.status(), 201);
+    assert_eq!(send(ficus.addr, post_order("0", "{}")).await.status(), 201);
     let gauges = || async {
         let m = ficus.metrics().await;
         let get = |name| sample(&m, name, &[("sink", "broker")]).unwrap_or(-1.0);
@@ -452,10 +450,8 @@ async fn lag_and_pending_move_while_the_dispatcher_waits_to_retry() {
     for round in 0..8 {
         let (failures, lag, pending) = gauges().await;
         for i in 0..2 {
-            assert_eq!(
-                send(ficus.addr, order(10 * round + i + 1)).await.status(),
-                201
-            );
+            let id = (10 * round + i + 1).to_string();
+            assert_eq!(send(ficus.addr, post_order(&id, "{}")).await.status(), 201);
         }
         // The time that passes is what is measured here, not a stand-in for an event.
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -474,11 +470,7 @@ async fn lag_and_pending_move_while_the_dispatcher_waits_to_retry() {
 async fn a_sink_that_is_down_gets_everything_in_order_when_it_returns() {
     let upstream = shop().await;
     // Reserve a port, then free it: the sink is down until the test listens there again.
-    let port = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind")
-        .local_addr()
-        .expect("addr");
+    let port = free_port().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let sinks = format!("  broker: {{ type: http, url: \"http://{port}/\", mode: binary }}");
     let extra = "  retry: { initial: 20ms, max: 200ms }\n";
@@ -647,11 +639,7 @@ async fn a_full_outbox_rejects_matching_requests_before_the_monolith() {
     let upstream = shop().await;
     let dir = tempfile::tempdir().expect("tempdir");
     // A sink that never answers keeps every event in the outbox.
-    let port = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind")
-        .local_addr()
-        .expect("addr");
+    let port = free_port().await;
     let sinks = format!("  broker: {{ type: http, url: \"http://{port}/\" }}");
     let extra = "  max_bytes: 1MiB\n  when_full: reject\n";
     let ficus = Ficus::start(
@@ -692,11 +680,7 @@ async fn a_full_outbox_rejects_matching_requests_before_the_monolith() {
 async fn a_full_outbox_with_drop_forwards_and_counts() {
     let upstream = shop().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind")
-        .local_addr()
-        .expect("addr");
+    let port = free_port().await;
     let sinks = format!("  broker: {{ type: http, url: \"http://{port}/\" }}");
     let extra = "  max_bytes: 1MiB\n  when_full: drop\n";
     let ficus = Ficus::start(
