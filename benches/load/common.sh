@@ -54,9 +54,12 @@ print(json.dumps(d), end="")' >"$TMP/body.json"
 # The config of one case in directory $1, listening on $2 (admin $3): `none` (no rule),
 # `routed` (no rule; 49 routes and a sticky split that matches POST /orders, the last route),
 # or `async`/`sync` (one rule on POST /orders with a file sink, that durability).
+# The config goes in its own directory, $1/config (see ficus_config), as a ConfigMap is
+# mounted: ficus watches the config's directory, and a file sink written beside it would
+# wake that watch on every batch (~450 instructions an event in the watcher's thread, 2026-11-28).
 write_ficus_config() {
     local dir=$1 port=$2 admin=$3 case=$4
-    mkdir -p "$dir"
+    mkdir -p "$dir/config"
     {
         printf 'listen: { address: "127.0.0.1:%s" }\nadmin: { address: "127.0.0.1:%s" }\n' "$port" "$admin"
         printf 'upstreams:\n  monolith: { url: "http://127.0.0.1:%s" }\n' "$UP_PORT"
@@ -77,7 +80,12 @@ write_ficus_config() {
             ;;
         *) log "unknown case $case"; exit 1 ;;
         esac
-    } >"$dir/ficus.yaml"
+    } >"$(ficus_config "$dir")"
+}
+
+# The config file written by write_ficus_config for directory $1.
+ficus_config() {
+    printf '%s/config/ficus.yaml' "$1"
 }
 
 # Starts ficus for case $2 in $TMP/$1 on CPU $SERVER_CPU; prints "PORT PID".
@@ -85,7 +93,7 @@ start_ficus() {
     local name=$1 case=$2 port admin pid
     port=$(free_port); admin=$(free_port)
     write_ficus_config "$TMP/$name" "$port" "$admin" "$case"
-    TOKIO_WORKER_THREADS=1 taskset -c "$SERVER_CPU" "$FICUS_BIN" run -c "$TMP/$name/ficus.yaml" >"$TMP/$name/log" 2>&1 &
+    TOKIO_WORKER_THREADS=1 taskset -c "$SERVER_CPU" "$FICUS_BIN" run -c "$(ficus_config "$TMP/$name")" >"$TMP/$name/log" 2>&1 &
     pid=$!
     echo "$pid" >>"$TMP/pids"
     wait_port "$port"

@@ -81,7 +81,7 @@ for case in $CASES; do
     out="$OUT_DIR/callgrind.out.$case"
     rm -f "$out"*
     TOKIO_WORKER_THREADS=1 taskset -c "${SERVER_CPU:-1}" valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out" \
-        "$FICUS_BIN" run -c "$TMP/$name/ficus.yaml" >"$TMP/$name/log" 2>&1 &
+        "$FICUS_BIN" run -c "$(ficus_config "$TMP/$name")" >"$TMP/$name/log" 2>&1 &
     pid=$!
     echo "$pid" >>"$TMP/pids"
     wait_port "$port"

@@ -154,11 +154,16 @@ impl StoredEvent {
     /// [`parse`](Self::parse) for an envelope in the layout ficus writes
     /// (`{"sinks":[...],"rule":"...","event":{...}}`, strings without escapes, nothing else),
     /// read in place: the sink names and the rule compared or passed over as they are, the
-    /// event checked as `serde_json::Value` would parse it (see [`crate::rules::json_end`]).
+    /// event taken as everything from its `{` to the byte before the envelope's closing `}`.
     /// `None` when the envelope is in any other form, for [`parse_any`](Self::parse_any) to
-    /// read. What this accepts, `parse_any` accepts too, with the same answer: the same keys
-    /// with strings of the same text, and an event that `Value` parses is one `RawValue`
-    /// takes. The serde pass it saves was most of the cost of delivering an event.
+    /// read. The serde pass it saves was most of the cost of delivering an event.
+    ///
+    /// The event's JSON is not checked here. Every envelope in this layout is one ficus wrote
+    /// (`crate::events::build`, compared byte for byte with serde's output in its tests), and
+    /// a record reaches a reader only whole and with its CRC-32C matching, so a check could only
+    /// find a bug of ficus's own, at the price of a second pass over every event (about a third
+    /// of delivering it to a file). Where the envelope around the event is well formed, what
+    /// this accepts `parse_any` accepts too, with the same answer (a property test below).
     fn parse_written(payload: &Bytes, sink: Option<&str>) -> Option<Option<StoredEvent>> {
         let b = payload.as_ref();
         let mut i = b"{\"sinks\":[".len();
@@ -195,8 +200,8 @@ impl StoredEvent {
         if b.get(start) != Some(&b'{') {
             return None;
         }
-        let end = crate::rules::json_end(b, start, 1)?;
-        if end + 1 != b.len() || b.get(end) != Some(&b'}') {
+        let end = b.len() - 1;
+        if end <= start || b.get(end) != Some(&b'}') {
             return None;
         }
         Some(wanted.then(|| StoredEvent {
@@ -508,7 +513,10 @@ mod tests {
         #![proptest_config(proptest::test_runner::Config::with_cases(2000))]
 
         /// The in-place read of the layout ficus writes against serde's, on envelopes with
-        /// any strings, then with bytes changed: the same answer, refusals included.
+        /// any strings, then with bytes changed: the same answer, refusals included, but for
+        /// one case: the in-place read does not check the event's JSON (see
+        /// [`StoredEvent::parse_written`]), so where serde refuses and it does not, what it
+        /// took for the event must be what broke the envelope.
         #[test]
         fn written_layout_reads_as_serde_reads_it(
             sinks in proptest::option::weighted(0.9, proptest::collection::vec(
@@ -535,11 +543,18 @@ mod tests {
             }
             let payload = Bytes::from(bytes);
             let sink = ask.as_deref();
-            proptest::prop_assert_eq!(
-                answer(StoredEvent::parse(&payload, sink)),
-                answer(StoredEvent::parse_any(&payload, sink)),
-                "{}", String::from_utf8_lossy(&payload)
-            );
+            let fast = answer(StoredEvent::parse(&payload, sink));
+            let serde = answer(StoredEvent::parse_any(&payload, sink));
+            if let (Ok(_), Err(())) = (&fast, &serde) {
+                // Whether for this sink or not: the event it took is not JSON.
+                let event = StoredEvent::parse_written(&payload, None).flatten().map(|e| e.event);
+                proptest::prop_assert!(
+                    event.is_some_and(|e| serde_json::from_slice::<&RawValue>(&payload[e]).is_err()),
+                    "{}", String::from_utf8_lossy(&payload)
+                );
+            } else {
+                proptest::prop_assert_eq!(fast, serde, "{}", String::from_utf8_lossy(&payload));
+            }
         }
     }
 

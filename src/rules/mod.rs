@@ -80,7 +80,7 @@ pub use redact::Redactor;
 pub use status::StatusMatch;
 pub use template::{DataTemplate, Template};
 
-pub(crate) use scan::{json_end, plain_len, plain_string, special};
+pub(crate) use scan::{plain_len, plain_string, special};
 
 use condition::CelExchange;
 use template::attribute;

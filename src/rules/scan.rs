@@ -60,13 +60,6 @@ pub(crate) fn find(json: &[u8], steps: &[Step]) -> Result<Value, Refused> {
     }
 }
 
-/// The end (exclusive) of the JSON value at `at` in `json`, checked as
-/// `serde_json::from_slice::<Value>` checks a value inside `nesting` arrays and objects;
-/// `None` when there is no such value there.
-pub(crate) fn json_end(json: &[u8], at: usize, nesting: u8) -> Option<usize> {
-    skip(json, at, DEPTH.checked_sub(nesting)?).ok()
-}
-
 /// Whether `json` is a document exactly as `serde_json::to_vec` writes the value that
 /// `serde_json::from_slice::<Value>` reads from it, so that the bytes can stand for the value.
 /// That is: no whitespace; object keys in strictly rising byte order (a `Value` map is sorted
@@ -768,14 +761,6 @@ mod tests {
             find(json, steps),
             full(json, steps),
             "{:?} at {steps:?}",
-            String::from_utf8_lossy(json)
-        );
-        // `json_end` over the whole document, as the dispatcher checks an event.
-        let whole = json_end(json, ws(json, 0), 0).is_some_and(|end| ws(json, end) == json.len());
-        assert_eq!(
-            whole,
-            serde_json::from_slice::<Value>(json).is_ok(),
-            "json_end of {:?}",
             String::from_utf8_lossy(json)
         );
     }
