@@ -163,7 +163,22 @@ fn outbox_command(command: OutboxCommand) -> ExitCode {
         Err(error) => return config_error(&error),
     };
     let dir = &config.outbox.dir;
+    let configured: Vec<&str> = config.sinks.iter().map(|s| s.name.as_str()).collect();
     if let Some(sink) = replay {
+        if let Some(name) = sink.as_deref() {
+            // A sink removed from the config keeps its dead letters, and may replay them.
+            let on_disk = ficus::outbox::status(dir, &[])
+                .is_ok_and(|s| s.sinks.iter().any(|s| s.sink == name));
+            if !configured.contains(&name) && !on_disk {
+                eprintln!(
+                    "ficus outbox replay: no sink named `{name}` in {} or in the outbox {}; known: {}",
+                    arg.config.display(),
+                    dir.display(),
+                    configured.join(", ")
+                );
+                return ExitCode::from(EXIT_INVALID_CONFIG);
+            }
+        }
         return match ficus::outbox::replay(dir, sink.as_deref()) {
             Ok(n) => {
                 outln!("{n} dead letter(s) queued for delivery again");
@@ -175,16 +190,23 @@ fn outbox_command(command: OutboxCommand) -> ExitCode {
             }
         };
     }
-    match ficus::outbox::status(dir) {
+    match ficus::outbox::status(dir, &configured) {
         Ok(status) => {
-            outln!(
-                "outbox {}: {} bytes in {} segment(s), events {}..{}",
-                status.dir.display(),
-                status.bytes,
-                status.segments,
-                status.first_seq,
-                status.end_seq
-            );
+            if status.created {
+                outln!(
+                    "outbox {}: {} bytes in {} segment(s), events {}..{}",
+                    status.dir.display(),
+                    status.bytes,
+                    status.segments,
+                    status.first_seq,
+                    status.end_seq
+                );
+            } else {
+                outln!(
+                    "outbox {}: not created yet (ficus makes it when it starts with this config); nothing pending",
+                    status.dir.display()
+                );
+            }
             outln!(
                 "{:<20} {:>10} {:>10} {:>12} {:>10}",
                 "sink",
@@ -194,7 +216,7 @@ fn outbox_command(command: OutboxCommand) -> ExitCode {
                 "replaying"
             );
             for s in status.sinks {
-                let configured = if config.sinks.iter().any(|c| c.name == s.sink) {
+                let configured = if configured.contains(&s.sink.as_str()) {
                     ""
                 } else {
                     " (not in config)"

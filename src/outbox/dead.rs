@@ -316,14 +316,17 @@ pub(crate) fn replay(dead: &Path, sink: Option<&str>) -> Result<u64, OutboxError
     if let Some(s) = sink {
         check_sink(s)?;
     }
-    if !dead.is_dir() {
-        let outbox = dead.parent().unwrap_or(dead);
-        if !outbox.is_dir() {
-            return Err(io_err(outbox, "open outbox directory")(io::Error::from(
-                io::ErrorKind::NotFound,
-            )));
+    // No dead-letter directory (or no outbox yet): no dead letters. Anything else that keeps
+    // it from being read is said.
+    match fs::metadata(dead) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => {
+            return Err(io_err(dead, "open the dead-letter directory")(
+                io::Error::new(io::ErrorKind::NotADirectory, "not a directory"),
+            ))
         }
-        return Ok(0);
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(io_err(dead, "open the dead-letter directory")(e)),
     }
     let sinks = match sink {
         Some(s) => vec![s.to_string()],

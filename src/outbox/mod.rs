@@ -1131,6 +1131,9 @@ pub struct SinkStatus {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Status {
     pub dir: PathBuf,
+    /// Whether the directory exists: ficus makes it when it first starts with this config, so
+    /// before that there is nothing pending (and every count is 0).
+    pub created: bool,
     /// Bytes of segment files.
     pub bytes: u64,
     pub segments: usize,
@@ -1140,12 +1143,42 @@ pub struct Status {
 }
 
 /// Reads the state of an outbox directory without changing anything; safe while ficus runs
-/// on it (a record being written is not counted yet).
-pub fn status(dir: &Path) -> Result<Status, OutboxError> {
-    if !dir.is_dir() {
-        return Err(io_err(dir, "open outbox directory")(io::Error::from(
-            io::ErrorKind::NotFound,
-        )));
+/// on it (a record being written is not counted yet). Every sink in `configured` is listed,
+/// with those only the directory knows (removed from the config, their backlog kept); a sink
+/// without a cursor yet starts at the oldest record kept, as its dispatcher will. A directory
+/// that does not exist yet is an outbox with nothing in it (`created: false`), not an error:
+/// ficus has not run with this config.
+pub fn status(dir: &Path, configured: &[&str]) -> Result<Status, OutboxError> {
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => {
+            return Err(io_err(dir, "open outbox directory")(io::Error::new(
+                io::ErrorKind::NotADirectory,
+                "not a directory",
+            )))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let sinks = configured
+                .iter()
+                .map(|name| SinkStatus {
+                    sink: (*name).to_string(),
+                    cursor: 0,
+                    pending: 0,
+                    dead_letters: 0,
+                    replaying: 0,
+                })
+                .collect();
+            return Ok(Status {
+                dir: dir.to_path_buf(),
+                created: false,
+                bytes: 0,
+                segments: 0,
+                first_seq: 0,
+                end_seq: 0,
+                sinks,
+            });
+        }
+        Err(e) => return Err(io_err(dir, "open outbox directory")(e)),
     }
     let layout = log::Layout::new(dir);
     let cursors = cursor::load_all(&layout.cursors, false)?;
@@ -1165,6 +1198,7 @@ pub fn status(dir: &Path) -> Result<Status, OutboxError> {
     let end_seq = summary.end_seq.unwrap_or(first_seq).max(first_seq);
     let listing = dead::list(&layout.dead)?;
     let mut names: BTreeSet<String> = cursors.keys().cloned().collect();
+    names.extend(configured.iter().map(|s| (*s).to_string()));
     names.extend(listing.logs.iter().cloned());
     names.extend(listing.replays.iter().map(|(s, _, _)| s.clone()));
     let mut sinks = Vec::new();
@@ -1187,6 +1221,7 @@ pub fn status(dir: &Path) -> Result<Status, OutboxError> {
     }
     Ok(Status {
         dir: dir.to_path_buf(),
+        created: true,
         bytes: summary.bytes,
         segments: summary.segments,
         first_seq,
@@ -1205,8 +1240,9 @@ fn count_if_present(path: &Path) -> Result<u64, OutboxError> {
 }
 
 /// Moves `dead/<sink>.log` (every sink's when `None`) to `dead/<sink>.replay-<unix_nanos>`
-/// with an atomic rename; returns the records moved. A running ficus's dispatcher picks the
-/// files up through [`Outbox::pending_replay`], a stopped one at its next start.
+/// with an atomic rename; returns the records moved (0 when the outbox was not made yet). A
+/// running ficus's dispatcher picks the files up through [`Outbox::pending_replay`], a
+/// stopped one at its next start.
 pub fn replay(dir: &Path, sink: Option<&str>) -> Result<u64, OutboxError> {
     dead::replay(&log::Layout::new(dir).dead, sink)
 }

@@ -654,7 +654,7 @@ fn status_reads_a_directory_without_changing_it() {
     let mut f = OpenOptions::new().append(true).open(&last).expect("open");
     f.write_all(&[50, 0, 0, 0, 1]).expect("tear");
     let len = fs::metadata(&last).expect("stat").len();
-    let s = status(dir.path()).expect("status");
+    let s = status(dir.path(), &["bus"]).expect("status");
     assert_eq!(fs::metadata(&last).expect("stat").len(), len);
     assert_eq!(s.end_seq, 30);
     assert_eq!(s.first_seq, store.first_seq());
@@ -670,7 +670,29 @@ fn status_reads_a_directory_without_changing_it() {
             replaying: 0
         }]
     );
-    assert!(status(&dir.path().join("missing")).is_err());
+    // A sink named in the config with no cursor yet starts at the oldest record kept.
+    let s = status(dir.path(), &["bus", "audit"]).expect("status");
+    assert_eq!(
+        s.sinks
+            .iter()
+            .map(|s| (s.sink.as_str(), s.cursor, s.pending))
+            .collect::<Vec<_>>(),
+        vec![
+            ("audit", store.first_seq(), 30 - store.first_seq()),
+            ("bus", 12, 18)
+        ]
+    );
+    assert!(s.created);
+    // Not made yet: nothing in it, every configured sink listed, and nothing created.
+    let missing = dir.path().join("missing");
+    let s = status(&missing, &["audit"]).expect("status of an outbox not made yet");
+    assert!(!s.created);
+    assert_eq!((s.bytes, s.segments, s.end_seq), (0, 0, 0));
+    assert_eq!(s.sinks.len(), 1);
+    assert_eq!((s.sinks[0].sink.as_str(), s.sinks[0].pending), ("audit", 0));
+    assert!(!missing.exists());
+    // A file where the directory should be is an error.
+    assert!(status(&last, &[]).is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -773,7 +795,10 @@ fn records_go_into_a_preallocated_segment_in_place_and_its_zeros_are_no_loss() {
     assert_eq!(file_len(&segments[1].1), SEGMENT);
     assert_eq!(store.bytes(), FILE_HEADER_LEN * 2 + 60 * frame);
     // `ficus outbox status` counts records, not zeros.
-    assert_eq!(status(dir.path()).expect("status").bytes, store.bytes());
+    assert_eq!(
+        status(dir.path(), &[]).expect("status").bytes,
+        store.bytes()
+    );
     // Once full, it is rolled over and cut to its records, like every complete segment.
     w.write_batch(&payloads(60..110, 1000)).expect("write");
     let segments = store.segments();

@@ -151,6 +151,102 @@ fn missing_config_file_is_a_clear_error() {
     );
 }
 
+/// Runs `ficus outbox ARGS -c config`: exit code, stdout, stderr.
+fn outbox_cli(config: &std::path::Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut all = vec!["outbox"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["-c", config.to_str().expect("utf-8")]);
+    let out = ficus(&all).output().expect("run");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The row of `sink` in `ficus outbox status`: cursor, pending, dead letters, replaying.
+fn status_row(stdout: &str, sink: &str) -> Vec<u64> {
+    let line = stdout
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(sink))
+        .unwrap_or_else(|| panic!("no row for {sink} in:\n{stdout}"));
+    line.split_whitespace()
+        .skip(1)
+        .take(4)
+        .map(|n| n.parse().expect("a count"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_status_and_replay_from_the_command_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let outbox = dir.path().join("outbox");
+    let config = dir.path().join("ficus.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "upstreams: {{ monolith: {{ url: \"http://127.0.0.1:3000\" }} }}\n\
+             sinks:\n  audit: {{ type: file, path: {events} }}\n  bus: {{ type: stdout }}\n\
+             outbox: {{ dir: {outbox} }}\n",
+            events = dir.path().join("events.jsonl").display(),
+            outbox = outbox.display()
+        ),
+    )
+    .expect("write");
+
+    // Before ficus ever ran: nothing pending, every sink listed, and nothing made on disk.
+    let (code, stdout, stderr) = outbox_cli(&config, &["status"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("not created yet"), "{stdout}");
+    assert_eq!(status_row(&stdout, "audit"), [0, 0, 0, 0]);
+    assert_eq!(status_row(&stdout, "bus"), [0, 0, 0, 0]);
+    let (code, stdout, stderr) = outbox_cli(&config, &["replay"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.starts_with("0 dead letter(s)"), "{stdout}");
+    assert!(!outbox.exists());
+
+    // Three events, one of them dead-lettered for `audit`, which delivered the first.
+    let handle = ficus::outbox::Outbox::open(
+        ficus::outbox::OutboxSettings::new(&outbox),
+        ficus::outbox::OutboxMetrics::unregistered(),
+    )
+    .expect("open");
+    let payloads: Vec<Bytes> = (0..3).map(|i| Bytes::from(format!("e{i}"))).collect();
+    handle
+        .append(payloads.clone())
+        .expect("append")
+        .durable()
+        .await
+        .expect("durable");
+    handle.reader("audit").expect("register audit");
+    handle.commit("audit", 2).expect("commit");
+    let dead = ficus::outbox::Record {
+        seq: 1,
+        payload: payloads[1].clone(),
+    };
+    handle.dead_letter("audit", &[dead]).expect("dead letter");
+    drop(handle);
+
+    let (code, stdout, stderr) = outbox_cli(&config, &["status"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("events 0..3"), "{stdout}");
+    assert_eq!(status_row(&stdout, "audit"), [2, 1, 1, 0]);
+    // No cursor yet: `bus` starts at the oldest event kept, as its dispatcher will.
+    assert_eq!(status_row(&stdout, "bus"), [0, 3, 0, 0]);
+
+    // A sink neither configured nor in the outbox is a mistake, said as one.
+    let (code, _, stderr) = outbox_cli(&config, &["replay", "--sink", "nope"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("no sink named `nope`"), "{stderr}");
+    assert!(stderr.contains("known: audit, bus"), "{stderr}");
+
+    let (code, stdout, stderr) = outbox_cli(&config, &["replay", "--sink", "audit"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.starts_with("1 dead letter(s)"), "{stdout}");
+    let (_, stdout, _) = outbox_cli(&config, &["status"]);
+    assert_eq!(status_row(&stdout, "audit"), [2, 1, 0, 1]);
+}
+
 #[test]
 fn example_configs_load_and_validate() {
     let root = env!("CARGO_MANIFEST_DIR");

@@ -175,7 +175,7 @@ async fn kill_9_before_a_lagging_cursor_commit_redelivers_rather_than_loses() {
         let _ = tokio::time::timeout(WAIT, first.child.wait())
             .await
             .expect("killed");
-        let status = ficus::outbox::status(&outbox).expect("outbox status");
+        let status = ficus::outbox::status(&outbox, &[]).expect("outbox status");
         let cursor = status
             .sinks
             .iter()

@@ -599,7 +599,7 @@ async fn refused_events_are_dead_lettered_then_replayed_once_the_sink_is_fixed()
     })
     .await;
     assert!(sink.upstream.requests().is_empty());
-    let status = ficus::outbox::status(&outbox).expect("status");
+    let status = ficus::outbox::status(&outbox, &[]).expect("status");
     let broker = status
         .sinks
         .iter()
@@ -624,7 +624,7 @@ async fn refused_events_are_dead_lettered_then_replayed_once_the_sink_is_fixed()
         .collect();
     assert_eq!(subjects, ["a", "b"]);
     eventually(WAIT, "no dead letters left", || async {
-        let status = ficus::outbox::status(&outbox).expect("status");
+        let status = ficus::outbox::status(&outbox, &[]).expect("status");
         status
             .sinks
             .iter()

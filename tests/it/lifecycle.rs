@@ -151,7 +151,7 @@ async fn shutdown_keeps_undelivered_events_on_disk_for_the_next_start() {
         .expect("exits once delivery_timeout passed")
         .expect("status");
     assert_eq!(status.code(), Some(0));
-    let status = ficus::outbox::status(&outbox).expect("status");
+    let status = ficus::outbox::status(&outbox, &[]).expect("status");
     let broker = status.sinks.iter().find(|s| s.sink == "broker");
     let pending = broker.map_or(status.end_seq - status.first_seq, |b| b.pending);
     assert_eq!(pending, 2, "both events wait on disk: {status:?}");
@@ -270,7 +270,7 @@ async fn sigterm_under_load_with_a_dead_sink_loses_no_accepted_event() {
         c.await.expect("client");
     }
     let accepted: Vec<String> = accepted.lock().expect("lock").clone();
-    let on_disk = ficus::outbox::status(&outbox).expect("outbox status");
+    let on_disk = ficus::outbox::status(&outbox, &[]).expect("outbox status");
     assert!(
         on_disk.end_seq - on_disk.first_seq >= accepted.len() as u64,
         "every accepted event on disk at exit: {on_disk:?} for {} accepted",

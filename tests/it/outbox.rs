@@ -914,7 +914,7 @@ async fn dead_letters_are_counted_replayed_and_finished_while_the_outbox_runs() 
             .cloned()
             .expect("sink in status")
     };
-    let st = status(dir.path()).expect("status");
+    let st = status(dir.path(), &[]).expect("status");
     assert_eq!((st.first_seq, st.end_seq), (0, 10));
     assert_eq!(
         sink(&st, "bus"),
@@ -939,7 +939,7 @@ async fn dead_letters_are_counted_replayed_and_finished_while_the_outbox_runs() 
     );
 
     assert_eq!(replay(dir.path(), Some("bus")).expect("replay"), 4);
-    let st = status(dir.path()).expect("status");
+    let st = status(dir.path(), &[]).expect("status");
     assert_eq!(
         (sink(&st, "bus").dead_letters, sink(&st, "bus").replaying),
         (0, 4)
@@ -963,7 +963,7 @@ async fn dead_letters_are_counted_replayed_and_finished_while_the_outbox_runs() 
     outbox.finish_replay(&path).expect("finish");
     assert!(!path.exists());
     assert!(outbox.pending_replay("bus").expect("pending").is_none());
-    let st = status(dir.path()).expect("status");
+    let st = status(dir.path(), &[]).expect("status");
     assert_eq!(
         (sink(&st, "bus").dead_letters, sink(&st, "bus").replaying),
         (1, 0)
@@ -990,7 +990,7 @@ async fn dead_letters_are_counted_replayed_and_finished_while_the_outbox_runs() 
         .expect("bus's replay file");
     assert_eq!(bus, records[9..10].to_vec());
     outbox.finish_replay(&path).expect("finish");
-    let st = status(dir.path()).expect("status");
+    let st = status(dir.path(), &[]).expect("status");
     for s in &st.sinks {
         assert_eq!((s.dead_letters, s.replaying), (0, 0), "{s:?}");
     }
@@ -999,10 +999,18 @@ async fn dead_letters_are_counted_replayed_and_finished_while_the_outbox_runs() 
 }
 
 #[test]
-fn status_of_a_missing_directory_is_an_error_naming_it() {
+fn an_outbox_not_made_yet_is_empty_and_a_file_in_its_place_is_an_error_naming_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let missing: PathBuf = dir.path().join("nope");
-    let err = status(&missing).expect_err("missing");
-    assert!(err.to_string().contains("nope"), "{err}");
-    assert!(replay(&missing, None).is_err());
+    let st = status(&missing, &["audit"]).expect("not made yet");
+    assert!(!st.created);
+    assert_eq!((st.end_seq, st.sinks.len()), (0, 1));
+    assert_eq!(replay(&missing, None).expect("nothing to replay"), 0);
+    assert!(!missing.exists(), "status and replay make nothing");
+    let file: PathBuf = dir.path().join("afile");
+    std::fs::write(&file, b"x").expect("write");
+    let err = status(&file, &[]).expect_err("a file");
+    assert!(err.to_string().contains("afile"), "{err}");
+    let err = replay(&file, None).expect_err("a file");
+    assert!(err.to_string().contains("afile"), "{err}");
 }

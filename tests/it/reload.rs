@@ -443,7 +443,7 @@ async fn sinks_keep_connections_and_cursors_and_a_removed_sink_keeps_its_backlog
         1,
         "the unchanged sink kept its one connection"
     );
-    let status = ficus::outbox::status(&outbox).expect("outbox status");
+    let status = ficus::outbox::status(&outbox, &[]).expect("outbox status");
     let late = status
         .sinks
         .iter()
