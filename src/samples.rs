@@ -97,6 +97,7 @@ pub fn run(config: &Config, samples: &Value) -> Result<(String, usize), SampleEr
             .request_headers
             .get("traceparent")
             .and_then(|v| v.to_str().ok())
+            .filter(|t| crate::events::build::valid_traceparent(t))
             .map(str::to_string);
         let upstream = config
             .upstreams

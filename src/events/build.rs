@@ -19,6 +19,35 @@ pub struct Context<'a> {
     pub traceparent: Option<&'a str>,
 }
 
+/// Whether `value` is a `traceparent` that W3C Trace Context (level 1, section 3.2) lets a
+/// receiver use: `version-traceid-parentid-flags` in lowercase hex, version not `ff`, ids not
+/// all zeros, exactly 55 characters for version `00` and, for a later version, those 55
+/// followed by nothing or by `-` and more. Anything else is ignored, as the spec tells a
+/// receiver to: the event then has no `traceparent`, rather than one no tracer can read.
+pub fn valid_traceparent(value: &str) -> bool {
+    let b = value.as_bytes();
+    let hex = |r: std::ops::Range<usize>| {
+        b.get(r)
+            .is_some_and(|s| s.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')))
+    };
+    let zeros = |r: std::ops::Range<usize>| b.get(r).is_some_and(|s| s.iter().all(|&c| c == b'0'));
+    let length_ok = match b.get(..2) {
+        Some(b"00") => b.len() == 55,
+        Some(b"ff") => false,
+        _ => b.len() == 55 || b.get(55) == Some(&b'-'),
+    };
+    length_ok
+        && hex(0..2)
+        && b.get(2) == Some(&b'-')
+        && hex(3..35)
+        && !zeros(3..35)
+        && b.get(35) == Some(&b'-')
+        && hex(36..52)
+        && !zeros(36..52)
+        && b.get(52) == Some(&b'-')
+        && hex(53..55)
+}
+
 fn content_type(draft: &EventDraft) -> Option<&'static str> {
     draft.data.as_ref().map(|d| {
         if draft.data_text && d.is_string() {
@@ -470,6 +499,39 @@ mod tests {
     }
 
     /// The borrowed encoder against the owned event's, over the attributes' variants.
+    #[test]
+    fn traceparent_is_taken_only_as_trace_context_allows() {
+        let good = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        assert!(valid_traceparent(good));
+        // A later version may carry more after a dash.
+        assert!(valid_traceparent(
+            "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        ));
+        assert!(valid_traceparent(
+            "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-what-comes"
+        ));
+        for bad in [
+            "",
+            "garbage",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-more",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-0",
+            "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+            "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00_0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c_b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331_01",
+            "00-0af7651916cd43dd8448eb211c80319g-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b716920333x-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-0z",
+            "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01x",
+            "0g-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ] {
+            assert!(!valid_traceparent(bad), "{bad}");
+        }
+    }
+
     #[test]
     fn envelope_is_the_owned_events_encoding() {
         let ctx = Context {

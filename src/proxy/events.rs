@@ -549,7 +549,11 @@ fn emit(
         Some(slot) => slot.take(parts.content_type.as_ref()),
         None => Captured::empty(),
     };
-    let traceparent = parts.traceparent.as_ref().and_then(|v| v.to_str().ok());
+    let traceparent = parts
+        .traceparent
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .filter(|t| crate::events::build::valid_traceparent(t));
     let exchange = Exchange {
         method: parts.method,
         path: parts.path,

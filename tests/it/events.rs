@@ -219,6 +219,42 @@ async fn a_matching_response_becomes_a_valid_cloudevent_in_the_file_sink() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_traceparent_that_trace_context_refuses_is_left_out_of_the_event() {
+    let upstream = shop().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("events.jsonl");
+    let sinks = format!("  audit: {{ type: file, path: {} }}", file.display());
+    let ficus = Ficus::start(
+        upstream.addr,
+        &rules(&sinks, &dir.path().join("outbox"), ""),
+    )
+    .await;
+    for traceparent in [
+        "not-a-trace",
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+    ] {
+        let mut request = post_order("43", r#"{"customer_id":"c-7"}"#);
+        request
+            .headers_mut()
+            .insert("traceparent", http::HeaderValue::from_static(traceparent));
+        let resp = send(ficus.addr, request).await;
+        assert_eq!(resp.status(), 201);
+        assert_eq!(
+            upstream
+                .requests()
+                .last()
+                .and_then(|r| r.header("traceparent"))
+                .as_deref(),
+            Some(traceparent),
+            "the header itself still reaches the monolith"
+        );
+    }
+    for e in wait_for_events(&file, 2).await {
+        assert_eq!(ext(&e, "traceparent"), None, "{e}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statuses_outside_the_rule_and_unmatched_routes_emit_nothing() {
     let upstream = shop().await;
     let dir = tempfile::tempdir().expect("tempdir");
