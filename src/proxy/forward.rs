@@ -89,6 +89,16 @@ async fn forward(state: &Arc<ProxyState>, conn: &ConnInfo, routed: Routed) -> Re
             parts.headers.insert(header::HOST, host);
         }
         headers::join_cookies(&mut parts.headers);
+    } else if parts.version != Version::HTTP_2 && parts.uri.scheme().is_some() {
+        // An absolute-form target (`GET http://shop.example/x HTTP/1.1`): RFC 9112 section
+        // 3.2.2 has a proxy take the host from the target and ignore the received `Host`.
+        if let Some(host) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            parts.headers.insert(header::HOST, host);
+        }
     }
     headers::add_forwarding(
         &mut parts.headers,

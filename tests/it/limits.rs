@@ -129,3 +129,24 @@ async fn a_missing_repeated_or_invalid_host_is_400_and_not_forwarded() {
         "{old}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absolute_form_target_sets_the_host_the_upstream_sees() {
+    let upstream = TestUpstream::echo().await;
+    let ficus = Ficus::start(upstream.addr, "").await;
+    let response = raw_exchange(
+        ficus.addr,
+        b"GET http://shop.example:8080/orders?x=1 HTTP/1.1\r\nhost: elsewhere\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let seen = upstream.recorder.requests();
+    let seen = seen.last().expect("forwarded");
+    assert_eq!(seen.uri, "/orders?x=1", "origin-form upstream");
+    // RFC 9112 section 3.2.2: the target's host wins over the received Host.
+    assert_eq!(seen.header("host").as_deref(), Some("shop.example:8080"));
+    assert_eq!(
+        seen.header("x-forwarded-host").as_deref(),
+        Some("shop.example:8080")
+    );
+}
