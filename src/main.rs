@@ -165,19 +165,32 @@ fn outbox_command(command: OutboxCommand) -> ExitCode {
     let dir = &config.outbox.dir;
     let configured: Vec<&str> = config.sinks.iter().map(|s| s.name.as_str()).collect();
     if let Some(sink) = replay {
+        let status = match ficus::outbox::status(dir, &configured) {
+            Ok(status) => status,
+            Err(error) => {
+                eprintln!("ficus outbox replay: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
         if let Some(name) = sink.as_deref() {
             // A sink removed from the config keeps its dead letters, and may replay them.
-            let on_disk = ficus::outbox::status(dir, &[])
-                .is_ok_and(|s| s.sinks.iter().any(|s| s.sink == name));
-            if !configured.contains(&name) && !on_disk {
+            if !status.sinks.iter().any(|s| s.sink == name) {
+                let known: Vec<&str> = status.sinks.iter().map(|s| s.sink.as_str()).collect();
                 eprintln!(
                     "ficus outbox replay: no sink named `{name}` in {} or in the outbox {}; known: {}",
                     arg.config.display(),
                     dir.display(),
-                    configured.join(", ")
+                    known.join(", ")
                 );
                 return ExitCode::from(EXIT_INVALID_CONFIG);
             }
+        }
+        if !status.created {
+            outln!(
+                "outbox {}: not created yet (ficus makes it when it starts with this config); nothing to replay",
+                dir.display()
+            );
+            return ExitCode::SUCCESS;
         }
         return match ficus::outbox::replay(dir, sink.as_deref()) {
             Ok(n) => {
