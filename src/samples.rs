@@ -93,9 +93,9 @@ pub fn run(config: &Config, samples: &Value) -> Result<(String, usize), SampleEr
             );
             continue;
         }
-        let traceparent = exchange
-            .request_headers
-            .get("traceparent")
+        let traceparent = Some(exchange.request_headers.get_all("traceparent"))
+            .filter(|all| all.iter().count() == 1)
+            .and_then(|all| all.iter().next())
             .and_then(|v| v.to_str().ok())
             .filter(|t| crate::events::build::valid_traceparent(t))
             .map(str::to_string);

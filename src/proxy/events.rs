@@ -122,6 +122,16 @@ struct RequestParts {
     upstream: Arc<str>,
 }
 
+/// The value of a field sent exactly once: W3C Trace Context has a receiver ignore a
+/// `traceparent` that came twice, as it cannot tell which one is the caller's.
+fn only_one(headers: &http::HeaderMap, name: &str) -> Option<HeaderValue> {
+    let mut all = headers.get_all(name).iter();
+    match (all.next(), all.next()) {
+        (Some(v), None) => Some(v.clone()),
+        _ => None,
+    }
+}
+
 /// The headers of `all` that rules may read: every one when a condition may read the map
 /// whole, otherwise only those a rule names (usually none, and then nothing is copied).
 /// Cloning the whole head of every exchange was a good part of the tap's cost.
@@ -359,7 +369,7 @@ where
             query: request.uri().query().map(str::to_string),
             headers: kept_headers(request.headers(), &needs, &needs.request_headers),
             content_type: request.headers().get(http::header::CONTENT_TYPE).cloned(),
-            traceparent: request.headers().get("traceparent").cloned(),
+            traceparent: only_one(request.headers(), "traceparent"),
             needs,
             body: slot,
             upstream,

@@ -229,14 +229,24 @@ async fn a_traceparent_that_trace_context_refuses_is_left_out_of_the_event() {
         &rules(&sinks, &dir.path().join("outbox"), ""),
     )
     .await;
-    for traceparent in [
-        "not-a-trace",
-        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
-    ] {
+    let valid = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let cases: [&[&str]; 3] = [
+        &["not-a-trace"],
+        &["00-00000000000000000000000000000000-00f067aa0ba902b7-01"],
+        // Sent twice, even valid: which one is the caller's cannot be told.
+        &[
+            valid,
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ],
+    ];
+    for values in cases {
         let mut request = post_order("43", r#"{"customer_id":"c-7"}"#);
-        request
-            .headers_mut()
-            .insert("traceparent", http::HeaderValue::from_static(traceparent));
+        request.headers_mut().remove("traceparent");
+        for v in values {
+            request
+                .headers_mut()
+                .append("traceparent", http::HeaderValue::from_static(v));
+        }
         let resp = send(ficus.addr, request).await;
         assert_eq!(resp.status(), 201);
         assert_eq!(
@@ -245,11 +255,11 @@ async fn a_traceparent_that_trace_context_refuses_is_left_out_of_the_event() {
                 .last()
                 .and_then(|r| r.header("traceparent"))
                 .as_deref(),
-            Some(traceparent),
+            Some(values[0]),
             "the header itself still reaches the monolith"
         );
     }
-    for e in wait_for_events(&file, 2).await {
+    for e in wait_for_events(&file, cases.len()).await {
         assert_eq!(ext(&e, "traceparent"), None, "{e}");
     }
 }
@@ -862,8 +872,15 @@ fn rules_test_prints_events_or_why_none() {
     std::fs::write(
         &samples,
         r#"- name: created
-  request: { method: POST, path: /orders, body: { customer_id: c-1, password: "p" } }
+  request:
+    method: POST
+    path: /orders
+    headers: { traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01" }
+    body: { customer_id: c-1, password: "p" }
   response: { status: 201, body: { id: "o-9", total: 3, version: 1 } }
+- name: junk-trace
+  request: { method: POST, path: /orders, headers: { traceparent: junk-trace-value } }
+  response: { status: 201, body: { id: "o-10", total: 3, version: 1 } }
 - name: failed
   request: { method: POST, path: /orders }
   response: { status: 500, body: { error: boom } }
@@ -897,7 +914,15 @@ fn rules_test_prints_events_or_why_none() {
     );
     assert!(stdout.contains("\"order_id\": \"o-9\""), "{stdout}");
     assert!(!stdout.contains("\"p\""), "redacted: {stdout}");
-    assert!(stdout.contains("sample 2 (failed)"), "{stdout}");
+    assert!(
+        stdout.contains(
+            "\"traceparent\": \"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\""
+        ),
+        "{stdout}"
+    );
+    assert!(stdout.contains("\"subject\": \"o-10\""), "{stdout}");
+    assert!(!stdout.contains("junk-trace-value"), "{stdout}");
+    assert!(stdout.contains("sample 3 (failed)"), "{stdout}");
     assert!(
         stdout.contains("rule order-created: no event: "),
         "{stdout}"
@@ -906,7 +931,7 @@ fn rules_test_prints_events_or_why_none() {
         stdout.contains("no events: no rule matches GET /health"),
         "{stdout}"
     );
-    assert!(stdout.contains("3 sample(s), 1 event(s)"), "{stdout}");
+    assert!(stdout.contains("4 sample(s), 2 event(s)"), "{stdout}");
 }
 
 #[test]
