@@ -138,12 +138,9 @@ fn data_json(event: &cloudevents::Event) -> serde_json::Value {
     }
 }
 
-fn ext(event: &cloudevents::Event, name: &str) -> Option<String> {
-    event.extension(name).map(|v| v.to_string())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_matching_response_becomes_a_valid_cloudevent_in_the_file_sink() {
+/// The shop behind ficus with the standard rules and one file sink, `audit`: the upstream, the
+/// directory (kept alive), the sink's file and ficus.
+async fn shop_with_file_sink() -> (TestUpstream, tempfile::TempDir, std::path::PathBuf, Ficus) {
     let upstream = shop().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("events.jsonl");
@@ -153,6 +150,16 @@ async fn a_matching_response_becomes_a_valid_cloudevent_in_the_file_sink() {
         &rules(&sinks, &dir.path().join("outbox"), ""),
     )
     .await;
+    (upstream, dir, file, ficus)
+}
+
+fn ext(event: &cloudevents::Event, name: &str) -> Option<String> {
+    event.extension(name).map(|v| v.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_matching_response_becomes_a_valid_cloudevent_in_the_file_sink() {
+    let (_upstream, _dir, file, ficus) = shop_with_file_sink().await;
 
     let resp = send(
         ficus.addr,
@@ -220,15 +227,7 @@ async fn a_matching_response_becomes_a_valid_cloudevent_in_the_file_sink() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_traceparent_that_trace_context_refuses_is_left_out_of_the_event() {
-    let upstream = shop().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let file = dir.path().join("events.jsonl");
-    let sinks = format!("  audit: {{ type: file, path: {} }}", file.display());
-    let ficus = Ficus::start(
-        upstream.addr,
-        &rules(&sinks, &dir.path().join("outbox"), ""),
-    )
-    .await;
+    let (upstream, _dir, file, ficus) = shop_with_file_sink().await;
     let valid = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let cases: [&[&str]; 3] = [
         &["not-a-trace"],
@@ -266,15 +265,7 @@ async fn a_traceparent_that_trace_context_refuses_is_left_out_of_the_event() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statuses_outside_the_rule_and_unmatched_routes_emit_nothing() {
-    let upstream = shop().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let file = dir.path().join("events.jsonl");
-    let sinks = format!("  audit: {{ type: file, path: {} }}", file.display());
-    let ficus = Ficus::start(
-        upstream.addr,
-        &rules(&sinks, &dir.path().join("outbox"), ""),
-    )
-    .await;
+    let (_upstream, _dir, file, ficus) = shop_with_file_sink().await;
 
     // 404 for a DELETE: outside the default 2xx.
     let del = Request::delete("/orders/none")
@@ -308,15 +299,7 @@ async fn statuses_outside_the_rule_and_unmatched_routes_emit_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_bodies_become_text_data() {
-    let upstream = shop().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let file = dir.path().join("events.jsonl");
-    let sinks = format!("  audit: {{ type: file, path: {} }}", file.display());
-    let ficus = Ficus::start(
-        upstream.addr,
-        &rules(&sinks, &dir.path().join("outbox"), ""),
-    )
-    .await;
+    let (_upstream, _dir, file, ficus) = shop_with_file_sink().await;
     let req = Request::post("/text")
         .header("host", "shop")
         .body(Full::new(Bytes::from_static(b"hi")))
