@@ -136,8 +136,10 @@ impl Admin {
         let stream = futures_util::stream::unfold(receiver, |mut rx| async move {
             let chunk = match rx.recv().await {
                 Ok(event) => {
+                    // Unnamed SSE events, so a browser's `EventSource.onmessage` sees them;
+                    // the type is in the data. JSON has no raw newline, so one `data:` line.
                     let json = String::from_utf8_lossy(&event.to_json()).into_owned();
-                    format!("event: {}\nid: {}\ndata: {json}\n\n", event.ty, event.id)
+                    format!("id: {}\ndata: {json}\n\n", event.id)
                 }
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     format!(": {n} events skipped (slow reader)\n\n")

@@ -1,6 +1,7 @@
 //! Accepting client connections: plain TCP or TLS, then hyper-util's auto builder (HTTP/1.1,
 //! HTTP/2 with prior knowledge, h2 by ALPN) over the [`super::stack`], with graceful drain.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -84,7 +85,8 @@ impl Server {
                     state.max_header_bytes,
                 )
             };
-            let service = ConnectionService::new(self.live.clone(), conn);
+            let live = self.live.clone();
+            let service = ConnectionService::new(live.clone(), conn);
             let watcher = graceful.watcher();
             let tls = self.tls.clone();
             tokio::spawn(async move {
@@ -97,7 +99,7 @@ impl Server {
                         let conn =
                             builder.serve_connection_with_upgrades(TokioIo::new(io), service);
                         if let Err(error) = watcher.watch(conn.into_owned()).await {
-                            tracing::debug!(%remote, error = %error, "connection ended with an error");
+                            ended_with(&*error, remote, &live);
                         }
                     }
                     Some(acceptor) => {
@@ -117,7 +119,7 @@ impl Server {
                         let conn =
                             builder.serve_connection_with_upgrades(TokioIo::new(io), service);
                         if let Err(error) = watcher.watch(conn.into_owned()).await {
-                            tracing::debug!(%remote, error = %error, "connection ended with an error");
+                            ended_with(&*error, remote, &live);
                         }
                     }
                 }
@@ -135,6 +137,38 @@ impl Server {
             }
         }
     }
+}
+
+/// Logs how a connection ended with an error. A request head hyper could not parse was
+/// answered by hyper itself (400, 414 or 431: see `on_error` in hyper's `proto/h1/role.rs`)
+/// before the stack saw it; it is counted in `ficus_requests_total` like any other answer, on
+/// the `default` route with method `other` (no method was parsed that could be trusted).
+fn ended_with(error: &(dyn std::error::Error + 'static), remote: SocketAddr, live: &Live) {
+    tracing::debug!(%remote, %error, "connection ended with an error");
+    let Some(error) = error.downcast_ref::<hyper::Error>() else {
+        return;
+    };
+    let code = if error.is_parse_too_large() {
+        // hyper has one predicate for both; only its message tells them apart.
+        if error.to_string().starts_with("URI too long") {
+            "414"
+        } else {
+            "431"
+        }
+    } else if error.is_parse()
+        && !error.is_parse_version_h2()
+        && !error.is_parse_status()
+        && !error.to_string().starts_with("internal error")
+    {
+        "400"
+    } else {
+        return;
+    };
+    live.load()
+        .metrics
+        .requests_total
+        .with_label_values(&["default", "other", code])
+        .inc();
 }
 
 /// hyper's `header_read_timeout` starts once a request begins; a client that connects and

@@ -787,13 +787,21 @@ async fn events_tail_streams_derived_events() {
         .expect("frame")
         .expect("ok");
     let text = String::from_utf8_lossy(chunk.data_ref().expect("data")).into_owned();
-    assert!(text.starts_with("event: shop.order.created\n"), "{text}");
+    // Unnamed events (no `event:` line): a browser's `EventSource.onmessage` fires for them.
+    assert!(text.starts_with("id: "), "{text}");
+    assert!(!text.lines().any(|l| l.starts_with("event:")), "{text}");
+    assert!(text.ends_with("\n\n"), "{text}");
     let data = text
         .lines()
         .find_map(|l| l.strip_prefix("data: "))
         .expect("data line");
     let event: cloudevents::Event = serde_json::from_str(data).expect("CloudEvent");
     assert_eq!(event.subject(), Some("77"));
+    assert_eq!(event.ty(), "shop.order.created");
+    assert_eq!(
+        text.lines().next(),
+        Some(format!("id: {}", event.id()).as_str())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

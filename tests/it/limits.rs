@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::{raw_exchange, Ficus, TestUpstream, WAIT};
+use crate::support::{eventually, raw_exchange, sample, Ficus, TestUpstream, WAIT};
 
 fn head_with(header_bytes: usize) -> Vec<u8> {
     format!(
@@ -24,10 +24,34 @@ async fn oversized_request_head_is_431() {
     assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
     let refused = raw_exchange(ficus.addr, &head_with(20 * 1024)).await;
     assert!(refused.starts_with("HTTP/1.1 431"), "{refused}");
+    // A head hyper cannot parse is answered 400 by hyper, also before the stack.
+    let garbled = raw_exchange(ficus.addr, b"GET /x HTTP/1.1\r\nho st: a\r\n\r\n").await;
+    assert!(garbled.starts_with("HTTP/1.1 400"), "{garbled}");
     assert_eq!(
         upstream.requests().len(),
         1,
         "only the small head was forwarded"
+    );
+    // Those answers are requests like any other in the metrics (the connection's task counts
+    // them when it ends, which may be just after the client saw the close).
+    let refused = [("route", "default"), ("method", "other")];
+    eventually(WAIT, "the 431 and the 400 counted", || async {
+        let text = ficus.metrics().await;
+        let count = |code| {
+            sample(
+                &text,
+                "ficus_requests_total",
+                &[refused[0], refused[1], ("code", code)],
+            )
+        };
+        (count("431") == Some(1.0) && count("400") == Some(1.0)).then_some(())
+    })
+    .await;
+    let text = ficus.metrics().await;
+    assert_eq!(
+        sample(&text, "ficus_requests_total", &[("code", "200")]),
+        Some(1.0),
+        "{text}"
     );
 }
 
