@@ -7,6 +7,7 @@
 //! ## Files
 //!
 //! ```text
+//! <dir>/ficus.lock                      held (flock) by the ficus that has the outbox open
 //! <dir>/segments/<first_seq:020>.seg    the log, split in segments named by their first seq
 //! <dir>/cursors/<sink>.cursor           per sink: every record below this seq is done
 //! <dir>/dead/<sink>.log                 per sink: records the sink refused for good
@@ -139,7 +140,8 @@
 //!
 //! [`status`] and [`replay`] work on the directory of a running ficus: `status` only reads
 //! (it ignores a torn tail rather than cutting it), `replay` only renames dead-letter files.
-//! Two ficus processes must not open the same directory (nothing stops them yet).
+//! Neither takes `ficus.lock`; a second ficus opening the same directory does, and is refused
+//! with [`OutboxError::InUse`] (two writers would interleave seqs).
 
 mod cursor;
 mod dead;
