@@ -94,7 +94,7 @@ const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 /// does the first event after a quiet spell, so this delays events only while they flow.
 ///
 /// 25 ms rather than 10: at 37k events/s into a file sink, 40 sends a second instead of 100
-/// saved 0.7 µs of CPU per event (of the 3.8 µs an `async` event cost; `events_cpu.sh`, five
+/// saved 0.7 µs of CPU per event (of the 3.8 µs an `async` event cost; `events_cpu.sh`, eight
 /// alternated rounds, benches/README.md), as each send's fsync costs a few hundred µs on a
 /// virtual disk; 50 ms saved no more. Outbox-based CDC tools deliver in hundreds of ms
 /// (Debezium polls every 500 ms), Kafka producers linger 5 ms.
@@ -401,17 +401,6 @@ mod tests {
         }
     }
 
-    fn sink_metrics() -> SinkMetrics {
-        let counter = |n: &str| IntCounter::new(n, n).expect("counter");
-        SinkMetrics {
-            delivered: counter("delivered"),
-            failures: counter("failures"),
-            dead_lettered: counter("dead_lettered"),
-            pending: IntGauge::new("pending", "pending").expect("gauge"),
-            lag_seconds: prometheus::Gauge::new("lag", "lag").expect("gauge"),
-        }
-    }
-
     /// Events made durable one at a time, every 2 ms (a group commit each, so the dispatcher
     /// could send each on its own): they are all delivered, in order, in sends that start
     /// about `LINGER` apart or more after a send that did not fill its batch.
@@ -433,7 +422,9 @@ mod tests {
                 initial: Duration::from_millis(10),
                 max: Duration::from_millis(100),
             },
-            metrics: sink_metrics(),
+            metrics: crate::metrics::Metrics::new(&prometheus::Registry::new())
+                .expect("metrics")
+                .for_sink("timed"),
             batch_size,
             progress: tokio::sync::watch::Sender::new(0),
         };
