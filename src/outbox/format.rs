@@ -209,6 +209,10 @@ pub struct ScanEnd {
     pub next_seq: u64,
     /// Why the scan stopped before the end of the file, if it did.
     pub stopped: Option<String>,
+    /// Whether it stopped at a whole, valid record with an earlier seq than expected: in the
+    /// last segment, the old records of a recycled segment that new ones have not yet
+    /// overwritten (see the `spare` module), not damage.
+    pub behind: bool,
 }
 
 /// Chunk size of scans: large enough that a segment of small records is a few reads.
@@ -231,6 +235,7 @@ pub fn scan(
         good_len: start,
         next_seq: expect_seq.unwrap_or(0),
         stopped: None,
+        behind: false,
     };
     let mut eof = false;
     loop {
@@ -241,6 +246,7 @@ pub fn scan(
                 frame,
             } => {
                 if expect_seq.is_some() && seq != end.next_seq {
+                    end.behind = seq < end.next_seq;
                     end.stopped = Some(format!(
                         "record has seq {seq} where seq {} was expected",
                         end.next_seq

@@ -17,7 +17,7 @@ use std::io::{self, BufReader, Seek, SeekFrom};
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
@@ -100,6 +100,12 @@ struct StoreInner {
     durable_end: AtomicU64,
     /// fdatasync calls on segment files, for tests and benches.
     syncs: AtomicU64,
+    /// A segment every cursor passed is kept for recycling only while the records and two
+    /// segments stay below this (`max_bytes`; see the `spare` module).
+    recycle_limit: AtomicU64,
+    /// Set when a segment was moved to `segments/recycled`; the writer clears it when it
+    /// takes one, so that it looks at the disk only when there is something to take.
+    recycled: AtomicBool,
     /// Injected write/fsync failures (tests of the error paths): fault points to let pass,
     /// then how many to fail.
     #[cfg(test)]
@@ -240,6 +246,8 @@ pub fn open(
             bytes: AtomicU64::new(total),
             durable_end: AtomicU64::new(next_seq),
             syncs,
+            recycle_limit: AtomicU64::new(u64::MAX),
+            recycled: AtomicBool::new(false),
             #[cfg(test)]
             faults: Mutex::new((0, 0)),
         }),
@@ -308,8 +316,9 @@ fn read_segment_header(path: &Path) -> Result<u64, OutboxError> {
 
 /// Recovers the last segment: checks every record, cuts a torn or damaged tail, fsyncs what
 /// is left (so that everything a reader is given after a restart is on disk). Returns the
-/// file opened for writing, its length, the next seq and the bytes cut (zeros a spare
-/// segment had past the last record are cut too, but not counted: nothing was lost there).
+/// file opened for writing, its length, the next seq and the bytes cut (the zeros or old
+/// records a spare segment had past the last record are cut too, but not counted: nothing
+/// was lost there).
 fn recover_last(seg: &Segment, syncs: &AtomicU64) -> Result<(File, u64, u64, u64), OutboxError> {
     let path = &seg.path;
     let mut file = OpenOptions::new()
@@ -367,9 +376,10 @@ fn recover_last(seg: &Segment, syncs: &AtomicU64) -> Result<(File, u64, u64, u64
     .map_err(io_err(path, "read last segment"))?;
     let mut cut = 0;
     if end.good_len < file_len
-        && zeros_from(&mut file, end.good_len).map_err(io_err(path, "read last segment"))?
+        && (end.behind
+            || zeros_from(&mut file, end.good_len).map_err(io_err(path, "read last segment"))?)
     {
-        tracing::debug!(file = %path.display(), bytes = file_len - end.good_len, "cutting the unused zeros of a preallocated last segment");
+        tracing::debug!(file = %path.display(), bytes = file_len - end.good_len, "cutting the unused tail (zeros, or a recycled segment's old records) of a preallocated last segment");
         file.set_len(end.good_len)
             .map_err(io_err(path, "truncate preallocated tail"))?;
     } else if end.good_len < file_len {
@@ -466,31 +476,34 @@ fn unmake(path: &Path, e: OutboxError) -> OutboxError {
     e
 }
 
-/// Makes the zero-filled spare the segment starting at `first_seq`, durably, as
-/// [`create_segment`] makes a new one: header written and fsynced, then the rename and the
-/// directory fsynced, before any record goes into it. On failure the spare is gone (deleted,
-/// under either name): the retry makes a segment that grows as it is written.
+/// Makes a spare (zero-filled, or a recycled segment) at `spare` the segment starting at
+/// `first_seq`, durably, as [`create_segment`] makes a new one: header written and fsynced,
+/// then the rename and the directory fsynced, before any record goes into it. On failure the
+/// spare is gone (deleted, under either name): the retry makes a segment that grows as it is
+/// written.
 fn install_spare(
     dir: &Path,
     file: File,
+    spare: &Path,
     first_seq: u64,
     syncs: &AtomicU64,
     fault: &dyn Fn(&str) -> io::Result<()>,
 ) -> Result<(File, PathBuf), OutboxError> {
-    let spare = dir.join(spare::SPARE_FILE);
     let path = dir.join(format::segment_file_name(first_seq));
     if path.exists() {
-        return Err(OutboxError::Corrupt {
-            path,
-            offset: 0,
-            reason: "a segment with this first seq exists already".into(),
-        });
+        return Err(unmake(
+            spare,
+            OutboxError::Corrupt {
+                path,
+                offset: 0,
+                reason: "a segment with this first seq exists already".into(),
+            },
+        ));
     }
-    let header = write_header(&file, &spare, first_seq, syncs, fault).and_then(|()| {
-        fs::rename(&spare, &path).map_err(io_err(&spare, "rename the spare segment"))
-    });
+    let header = write_header(&file, spare, first_seq, syncs, fault)
+        .and_then(|()| fs::rename(spare, &path).map_err(io_err(spare, "rename the spare segment")));
     if let Err(e) = header {
-        return Err(unmake(&spare, e));
+        return Err(unmake(spare, e));
     }
     match sync_dir(dir, fault) {
         Ok(()) => Ok((file, path)),
@@ -571,10 +584,20 @@ impl SegmentWriter {
         }
     }
 
-    /// Makes no spare segment while the records and two segments would pass `limit` bytes,
-    /// so that preallocation does not take the last of a disk sized for `max_bytes`.
+    /// Makes no zero-filled spare segment while the records and two segments would pass
+    /// `limit` bytes, so that preallocation does not take the last of a disk sized for
+    /// `max_bytes`.
     pub fn limit_preallocation(&mut self, limit: u64) {
         self.preallocation_limit = limit;
+    }
+
+    /// Keeps no passed segment for recycling while the records and two segments would pass
+    /// `limit` bytes (as [`SegmentWriter::limit_preallocation`]).
+    pub fn limit_recycling(&self, limit: u64) {
+        self.store
+            .inner
+            .recycle_limit
+            .store(limit, Ordering::Relaxed);
     }
 
     /// The seq the next appended record gets.
@@ -610,7 +633,10 @@ impl SegmentWriter {
         // A segment that grows as it is written leaves as soon as a preallocated one is
         // ready (see the `spare` module); an empty one stays, as its successor would have
         // the same name.
-        if self.len >= self.allocated && self.next_seq > self.first_seq && self.spare.ready() {
+        if self.len >= self.allocated
+            && self.next_seq > self.first_seq
+            && (self.spare.ready() || self.store.inner.recycled.load(Ordering::Acquire))
+        {
             self.roll()?;
         }
         let mut buf = std::mem::take(&mut self.buf);
@@ -632,7 +658,15 @@ impl SegmentWriter {
         if result.is_ok() {
             result = self.write_out(&buf);
         }
-        if self.len - FILE_HEADER_LEN >= spare::START_AFTER.min(self.segment_bytes / 2)
+        // In a segment that was itself a spare, the zeros wait until half of it is used: by
+        // then the segment before was usually passed and recycled, which costs nothing.
+        let start_at = if self.allocated > self.len {
+            self.segment_bytes / 2
+        } else {
+            spare::START_AFTER.min(self.segment_bytes / 2)
+        };
+        if self.len - FILE_HEADER_LEN >= start_at
+            && !self.store.inner.recycled.load(Ordering::Acquire)
             && self.store.bytes().saturating_add(2 * self.segment_bytes) <= self.preallocation_limit
         {
             self.spare
@@ -687,14 +721,21 @@ impl SegmentWriter {
         self.store.inner.syncs.fetch_add(1, Ordering::Relaxed);
         let dir = &self.store.inner.layout.segments;
         let syncs = &self.store.inner.syncs;
-        let (file, path, allocated) = match self.spare.take() {
-            Some(spare) => {
-                let (file, path) =
-                    install_spare(dir, spare, self.next_seq, syncs, &|w| self.fault(w))?;
-                (file, path, self.segment_bytes)
+        let prepared = match self.spare.take() {
+            Some(file) => Some((file, dir.join(spare::SPARE_FILE), self.segment_bytes)),
+            None if self.store.inner.recycled.swap(false, Ordering::AcqRel) => {
+                spare::take_recycled(dir)
+            }
+            None => None,
+        };
+        let fault = |w: &str| self.fault(w);
+        let (file, path, allocated) = match prepared {
+            Some((spare, from, size)) => {
+                let (file, path) = install_spare(dir, spare, &from, self.next_seq, syncs, &fault)?;
+                (file, path, size.max(FILE_HEADER_LEN))
             }
             None => {
-                let (file, path) = create_segment(dir, self.next_seq, syncs, &|w| self.fault(w))?;
+                let (file, path) = create_segment(dir, self.next_seq, syncs, &fault)?;
                 (file, path, FILE_HEADER_LEN)
             }
         };
@@ -928,19 +969,28 @@ impl Store {
     }
 
     /// Deletes, oldest first, every segment but the active one whose records are all below
-    /// `min`. Called with the cursors lock held. Returns how many were deleted.
+    /// `min`, keeping the last of them for recycling when there is room (see the `spare`
+    /// module). Called with the cursors lock held. Returns how many went.
     fn delete_below(&self, min: u64) -> Result<usize, OutboxError> {
         let mut deleted = 0;
         {
             let mut segs = lock(&self.inner.segments);
             while segs.len() > 1 && segs[1].first_seq <= min {
                 let seg = &segs[0];
-                match fs::remove_file(&seg.path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(io_err(&seg.path, "delete segment")(e)),
+                let rest = self.bytes().saturating_sub(seg.bytes);
+                let keep = rest.saturating_add(seg.bytes.saturating_mul(2))
+                    <= self.inner.recycle_limit.load(Ordering::Relaxed)
+                    && spare::recycle(&seg.path, &self.inner.layout.segments, seg.bytes);
+                if keep {
+                    self.inner.recycled.store(true, Ordering::Release);
+                } else {
+                    match fs::remove_file(&seg.path) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(io_err(&seg.path, "delete segment")(e)),
+                    }
+                    tracing::debug!(file = %seg.path.display(), "deleted a segment every cursor has passed");
                 }
-                tracing::debug!(file = %seg.path.display(), "deleted a segment every cursor has passed");
                 self.inner.bytes.fetch_sub(seg.bytes, Ordering::Relaxed);
                 segs.remove(0);
                 deleted += 1;

@@ -9,6 +9,9 @@
 //! ```text
 //! <dir>/ficus.lock                      held (flock) by the ficus that has the outbox open
 //! <dir>/segments/<first_seq:020>.seg    the log, split in segments named by their first seq
+//! <dir>/segments/spare                  a zero-filled next segment being made (`spare` module)
+//! <dir>/segments/recycled               a passed segment kept to be the next one (`spare`)
+//! <dir>/segments/recycling              the recycled segment while the writer installs it
 //! <dir>/cursors/<sink>.cursor           per sink: every record below this seq is done
 //! <dir>/dead/<sink>.log                 per sink: records the sink refused for good
 //! <dir>/dead/<sink>.replay-<unix_nanos> dead letters an operator sent back for delivery
@@ -58,11 +61,13 @@
 //!
 //! When the active segment would pass `segment_bytes`, it is fsynced, the next segment is
 //! created (header written and fsynced, then the directory fsynced) and writing goes on there.
-//! With `sync`, under load, the next segment is a spare made beforehand by another thread,
-//! full of zeros that records then overwrite: an fdatasync that need not commit a new file
-//! size costs half as much (the `spare` module says why and how; `async`, whose fsyncs are
-//! paced, does not preallocate). So the active segment may be longer than
-//! its records; a rolled-over segment is cut to its records first.
+//! Under load the next segment is, where it can be, a file whose blocks are already written,
+//! which records then overwrite: an fdatasync that need not commit a new file size costs half
+//! as much. That file is a segment every sink had passed, kept for it rather than deleted
+//! (recycled), or, with `sync`, a spare full of zeros made beforehand by another thread
+//! (`async`, whose fsyncs are paced, does not pay for zeros). The `spare` module says why and
+//! how. So the active segment may be longer than its records; a rolled-over segment is cut to
+//! its records first.
 //!
 //! ## Invariants
 //!
@@ -71,7 +76,9 @@
 //! 2. Readers see only records below the durable end, so a sink never delivers an event a
 //!    crash could take back.
 //! 3. Every segment but the last is complete, fsynced, and ends with its last record; only
-//!    the last can have a torn tail, or zeros after its records (preallocated, never written).
+//!    the last can have a torn tail, or zeros or a recycled segment's old records after its
+//!    records. Old records have seqs below the segment's first, so invariant 4 stops every
+//!    scan at them.
 //! 4. Seqs are consecutive; recovery, readers and the writer all check it.
 //! 5. A segment is deleted only when every cursor file in `cursors/` is at or past the next
 //!    segment's first seq. A sink removed from the config keeps its cursor file, so its
@@ -85,12 +92,13 @@
 //!   A bad header on any but the last segment is [`OutboxError::Corrupt`]: refuse to start.
 //! - The last segment is scanned record by record. At the first short record, bad crc, or
 //!   seq out of order, the file is truncated to the last good record, logged with
-//!   `tracing::warn!` (bytes cut), unless all it cuts is zeros (the unused part of a
-//!   preallocated segment: nothing was lost there, so nothing is reported). Everything before
-//!   it is fsynced again: what a reader is handed after a restart is on disk. A last segment
-//!   whose header is torn and that holds nothing else (a crash while it was created) gets its
-//!   header rewritten; a bad header with records after it is damage, not a crash, and is
-//!   refused. A leftover `segments/spare` is deleted.
+//!   `tracing::warn!` (bytes cut), unless all it cuts is zeros or starts with a whole record
+//!   of an earlier seq (the unused part of a preallocated or recycled segment: nothing was
+//!   lost there, so nothing is reported). Everything before it is fsynced again: what a
+//!   reader is handed after a restart is on disk. A last segment whose header is torn and
+//!   that holds nothing else (a crash while it was created) gets its header rewritten; a bad
+//!   header with records after it is damage, not a crash, and is refused. Leftover
+//!   `segments/spare`, `recycled` and `recycling` files are deleted.
 //! - Cursor files are read; a damaged one is an error naming it (never "start from 0"). A
 //!   cursor below the oldest segment is treated as the oldest record; one past the end (its
 //!   records were cut as damaged) is moved back to the end, so the sink takes the new records
@@ -118,13 +126,14 @@
 //! A [`Reader`] starts at its sink's cursor, returns batches of durable records, and can
 //! [`Reader::seek`] back to retry a batch. [`Outbox::commit`] persists a sink's cursor
 //! atomically (write a temporary file, fsync, rename, fsync the directory) and then deletes
-//! the segments every cursor has passed; only whole segments are deleted, never the active
-//! one. `max_bytes` counts segment bytes on disk plus bytes queued: an append that would pass
+//! the segments every cursor has passed (keeping one as `segments/recycled`, see above); only
+//! whole segments are deleted, never the active one. `max_bytes` counts segment bytes on disk plus bytes queued: an append that would pass
 //! it fails with [`OutboxError::Full`] and queues nothing. So that commits can always free
-//! space, segments are at most a quarter of `max_bytes`. Preallocated zeros are not counted;
-//! a spare is made only while the records leave room for it and the active segment's zeros
-//! (two segments) below `max_bytes`, so disk use passes `max_bytes` only while an outbox
-//! that had that room fills up, by at most two segments.
+//! space, segments are at most a quarter of `max_bytes`. Preallocated zeros and recycled
+//! segments are not counted; a spare is made, or a passed segment kept, only while the
+//! records leave room for it and the active segment's unused tail (two segments) below
+//! `max_bytes`, so disk use passes `max_bytes` only while an outbox that had that room
+//! fills up, by at most two segments.
 //!
 //! ## Dead letters and replay
 //!
@@ -486,12 +495,14 @@ impl Outbox {
         let dir_lock = lock_dir(&settings.dir)?;
         let (mut writer, store, recovery) = log::open(&settings.dir, settings.segment_bytes)?;
         // With `async`, group commits are paced to at most one per 5 ms: the journal commits
-        // that preallocation saves (about 40 µs of CPU each here) are worth less than
+        // that a zero-filled spare saves (about 40 µs of CPU each here) are worth less than
         // writing the zeros (about 20 ms of CPU per 64 MiB spare, one per ~100k events).
+        // Recycled segments cost nothing to make, so both durabilities use them.
         writer.limit_preallocation(match settings.durability {
             Durability::Sync => settings.max_bytes,
             Durability::Async => 0,
         });
+        writer.limit_recycling(settings.max_bytes);
         tracing::info!(
             dir = %settings.dir.display(),
             first_seq = store.first_seq(),

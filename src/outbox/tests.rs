@@ -255,12 +255,12 @@ fn segments_are_deleted_only_when_every_cursor_passed_them() {
     store.commit("audit", before[2]).expect("commit");
     assert_eq!(segment_files(dir.path()), before[2..].to_vec());
     assert!(store.bytes() < bytes_before);
-    // (The zero-filled spare segment, made once the active one is half full, holds no
-    // record and is not counted.)
+    // (The zero-filled spare segment, made once the active one is half full, and the
+    // passed segment kept for recycling hold no record and are not counted.)
     let on_disk: u64 = fs::read_dir(dir.path().join("segments"))
         .expect("list")
         .map(|e| e.expect("entry"))
-        .filter(|e| e.file_name() != "spare")
+        .filter(|e| e.file_name() != "spare" && e.file_name() != "recycled")
         .map(|e| e.metadata().expect("stat").len())
         .sum();
     assert_eq!(store.bytes(), on_disk);
@@ -1028,5 +1028,142 @@ fn a_failed_roll_into_the_spare_leaves_no_segment_behind_and_writing_goes_on() {
         let all = read_all(&store, 0);
         assert_eq!(seqs(&all), (0..200).collect::<Vec<_>>(), "skip {skip}");
         assert!(all.iter().all(|r| r.payload == payload(r.seq, 1000)));
+    }
+}
+
+fn inode(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).expect("stat").ino()
+}
+
+#[test]
+fn a_passed_segment_is_recycled_and_its_old_records_are_no_loss() {
+    const SEGMENT: u64 = 64 << 10;
+    let frame = format::frame_len(1000);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let recycled = dir.path().join("segments").join(spare::RECYCLED_FILE);
+    let (mut w, store, _) = log::open(dir.path(), SEGMENT).expect("open");
+    // No zero-filled spares (as with `async`): every preallocated segment here is recycled.
+    w.limit_preallocation(0);
+    assert_eq!(store.register("bus").expect("register"), 0);
+    w.write_batch(&payloads(0..150, 1000)).expect("write");
+    let before = store.segments();
+    assert_eq!(before.len(), 3, "{before:?}");
+    let oldest = inode(&before[0].1);
+
+    // Both full segments are passed: the first is kept (the second is no larger, so it is
+    // deleted), and neither counts as outbox bytes any more.
+    store.commit("bus", before[2].0).expect("commit");
+    assert_eq!(segment_files(dir.path()), vec![before[2].0]);
+    assert_eq!(inode(&recycled), oldest);
+    let old_len = file_len(&recycled);
+    assert_eq!(store.bytes(), file_len(&before[2].1));
+
+    // The active segment grows as it is written, so the next write rolls into the recycled
+    // one at once: same blocks, new name and header, old records past the new ones.
+    w.write_batch(&payloads(150..160, 1000)).expect("write");
+    let segments = store.segments();
+    assert_eq!(
+        segments.iter().map(|s| s.0).collect::<Vec<_>>(),
+        vec![before[2].0, 150]
+    );
+    let active = segments[1].1.clone();
+    assert_eq!(inode(&active), oldest);
+    assert!(!recycled.exists());
+    assert!(!dir.path().join("segments").join(spare::TAKEN_FILE).exists());
+    assert_eq!(file_len(&active), old_len, "written in place");
+    assert!(old_len > FILE_HEADER_LEN + 10 * frame);
+    let all = read_all(&store, before[2].0);
+    assert_eq!(seqs(&all), (before[2].0..160).collect::<Vec<_>>());
+    assert!(all.iter().all(|r| r.payload == payload(r.seq, 1000)));
+    // `ficus outbox status` counts the new records, not the old ones after them.
+    assert_eq!(
+        status(dir.path(), &[]).expect("status").bytes,
+        store.bytes()
+    );
+
+    // A crash: the old records (seqs below the segment's first) end the log, are cut, and
+    // are not reported as lost.
+    drop((w, store));
+    let (mut w, store, recovery) = log::open(dir.path(), SEGMENT).expect("reopen");
+    assert_eq!(recovery, log::Recovery::default());
+    assert_eq!(w.next_seq(), 160);
+    assert_eq!(file_len(&active), FILE_HEADER_LEN + 10 * frame);
+    let all = read_all(&store, before[2].0);
+    assert_eq!(seqs(&all), (before[2].0..160).collect::<Vec<_>>());
+    assert!(all.iter().all(|r| r.payload == payload(r.seq, 1000)));
+    assert_eq!(
+        w.write_batch(&payloads(160..161, 1000)).expect("write"),
+        160..161
+    );
+}
+
+#[test]
+fn a_torn_record_over_a_recycled_segments_old_records_is_cut_and_counted() {
+    const SEGMENT: u64 = 64 << 10;
+    let frame = format::frame_len(1000);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut w, store, _) = log::open(dir.path(), SEGMENT).expect("open");
+    w.limit_preallocation(0);
+    store.register("bus").expect("register");
+    w.write_batch(&payloads(0..70, 1000)).expect("write");
+    let second = store.segments()[1].0;
+    store.commit("bus", second).expect("commit");
+    w.write_batch(&payloads(70..75, 1000)).expect("write");
+    let active = store.segments().last().expect("segment").1.clone();
+    assert_eq!(store.segments().last().expect("segment").0, 70);
+    let len = file_len(&active);
+    assert!(
+        len > FILE_HEADER_LEN + 6 * frame,
+        "writing into the recycled segment"
+    );
+    drop((w, store));
+    // Half of the 76th record over the old records: a write torn by the crash.
+    let mut record = Vec::new();
+    format::encode_record(&mut record, 75, &payload(75, 1000));
+    let at = FILE_HEADER_LEN + 5 * frame;
+    let file = OpenOptions::new().write(true).open(&active).expect("open");
+    std::os::unix::fs::FileExt::write_all_at(&file, &record[..record.len() / 2], at).expect("tear");
+    drop(file);
+    let (w, store, recovery) = log::open(dir.path(), SEGMENT).expect("reopen");
+    assert_eq!(
+        recovery.truncated_bytes,
+        len - at,
+        "a torn record is reported"
+    );
+    assert_eq!(w.next_seq(), 75);
+    assert_eq!(seqs(&read_all(&store, 70)), (70..75).collect::<Vec<_>>());
+}
+
+#[test]
+fn no_segment_is_kept_for_recycling_when_the_records_and_two_segments_would_pass_max_bytes() {
+    for (limit, kept) in [(40u64 << 10, false), (u64::MAX, true)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut w, store, _) = log::open(dir.path(), 16 << 10).expect("open");
+        w.limit_preallocation(0);
+        w.limit_recycling(limit);
+        store.register("bus").expect("register");
+        w.write_batch(&payloads(0..60, 1000)).expect("write");
+        let segments = store.segments();
+        store
+            .commit("bus", segments.last().expect("segment").0)
+            .expect("commit");
+        assert_eq!(segment_files(dir.path()).len(), 1);
+        let recycled = dir.path().join("segments").join(spare::RECYCLED_FILE);
+        assert_eq!(recycled.exists(), kept, "limit {limit}");
+    }
+}
+
+#[test]
+fn leftover_recycled_segments_are_removed_at_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    drop(log::open(dir.path(), 16 << 10).expect("open"));
+    let segments = dir.path().join("segments");
+    for name in [spare::RECYCLED_FILE, spare::TAKEN_FILE] {
+        fs::write(segments.join(name), [7u8; 100]).expect("leftover");
+    }
+    drop(log::open(dir.path(), 16 << 10).expect("reopen"));
+    for name in [spare::RECYCLED_FILE, spare::TAKEN_FILE] {
+        assert!(!segments.join(name).exists(), "{name} is removed");
     }
 }
