@@ -173,7 +173,7 @@ pub fn open(
     }
     let layout = Layout::new(dir);
     layout.create()?;
-    spare::remove_leftover(&layout.segments);
+    let recycled = spare::adopt_leftovers(&layout.segments);
     let mut recovery = Recovery::default();
     let mut cursors = cursor::load_all(&layout.cursors, true)?;
     let mut segments = list_segments(&layout.segments)?;
@@ -247,7 +247,7 @@ pub fn open(
             durable_end: AtomicU64::new(next_seq),
             syncs,
             recycle_limit: AtomicU64::new(u64::MAX),
-            recycled: AtomicBool::new(false),
+            recycled: AtomicBool::new(recycled),
             #[cfg(test)]
             faults: Mutex::new((0, 0)),
         }),

@@ -97,8 +97,8 @@
 //!   lost there, so nothing is reported). Everything before it is fsynced again: what a
 //!   reader is handed after a restart is on disk. A last segment whose header is torn and
 //!   that holds nothing else (a crash while it was created) gets its header rewritten; a bad
-//!   header with records after it is damage, not a crash, and is refused. Leftover
-//!   `segments/spare`, `recycled` and `recycling` files are deleted.
+//!   header with records after it is damage, not a crash, and is refused. A leftover
+//!   `segments/spare` is deleted; a leftover `recycled` or `recycling` is kept as `recycled`.
 //! - Cursor files are read; a damaged one is an error naming it (never "start from 0"). A
 //!   cursor below the oldest segment is treated as the oldest record; one past the end (its
 //!   records were cut as damaged) is moved back to the end, so the sink takes the new records

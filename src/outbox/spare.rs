@@ -39,7 +39,9 @@
 //! a seq below the segment's first, so recovery reads either as the end of the log and cuts
 //! it like a torn tail (and reports it only when it is neither). Every other segment is cut to
 //! its records' length when it is rolled over, so readers and the format of complete segments
-//! are unchanged. Leftover `spare`, `recycled` and `recycling` files are deleted at open.
+//! are unchanged. At open a leftover `spare` is deleted, and a leftover `recycled` or
+//! `recycling` is kept as `recycled`, so that a restart does not start over with segments
+//! that grow as written.
 //! `max_bytes` counts neither (it bounds the events kept), but no spare is made, and no
 //! segment kept for recycling, while the records plus two segments (the spare and the active
 //! segment's unused tail) would pass it, nor when the disk has less than twice the file's size
@@ -256,19 +258,32 @@ pub fn take_recycled(dir: &Path) -> Option<(File, PathBuf, u64)> {
     }
 }
 
-/// Deletes the spare and recycled segments left by an earlier run: a fill may not have
-/// finished, and their sizes are that run's `segment_bytes`.
-pub fn remove_leftover(dir: &Path) {
-    for name in [SPARE_FILE, RECYCLED_FILE, TAKEN_FILE] {
-        let path = dir.join(name);
-        match fs::remove_file(&path) {
-            Ok(()) => {
-                tracing::debug!(file = %path.display(), "removed a spare segment of an earlier run")
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
-                tracing::warn!(file = %path.display(), error = %e, "cannot remove a spare segment of an earlier run")
-            }
+/// Tidies what an earlier run left in `dir`: a zero-filled spare is deleted (its fill may
+/// not have finished, and its size is that run's `segment_bytes`); a recycled segment, or
+/// one the writer was installing (`recycling`), is kept as `recycled`, so that a restarted
+/// outbox writes into written blocks from its first roll. Either holds only old records
+/// (and perhaps a header the install had written), which a new header makes harmless.
+/// Returns whether a recycled segment is there.
+pub fn adopt_leftovers(dir: &Path) -> bool {
+    let remove = |path: &Path| match fs::remove_file(path) {
+        Ok(()) => {
+            tracing::debug!(file = %path.display(), "removed a spare segment of an earlier run")
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "cannot remove a spare segment of an earlier run")
+        }
+    };
+    remove(&dir.join(SPARE_FILE));
+    let recycled = dir.join(RECYCLED_FILE);
+    let taken = dir.join(TAKEN_FILE);
+    if taken.exists() {
+        if recycled.exists() {
+            remove(&taken);
+        } else if let Err(e) = fs::rename(&taken, &recycled) {
+            tracing::warn!(file = %taken.display(), error = %e, "cannot keep the segment an earlier run was recycling");
+            remove(&taken);
         }
     }
+    recycled.is_file()
 }
