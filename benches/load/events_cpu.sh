@@ -7,7 +7,9 @@
 #   CASES="none async" PERF=1 bash benches/load/events_cpu.sh   # + perf record per case
 #   STAT=1 bash benches/load/events_cpu.sh        # + syscalls per request (perf stat)
 #
-# For each case, after a warm-up of WARMUP requests, it reads utime+stime of ficus's threads
+# For each case, after a warm-up of WARMUP requests (200000: past a new outbox's first 64 MiB
+# segment, so that the writer writes into recycled segments as a sidecar does for the rest
+# of its life; see events.sh), it reads utime+stime of ficus's threads
 # (/proc/PID/task/*/stat) before and after REQUESTS requests and prints µs per request:
 # total, the tokio worker (proxy, event tap, dispatcher, sink), the outbox writer thread
 # (`ficus-outbox`), the blocking pool (the other tokio threads: reads, fsyncs,
@@ -18,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 REQUESTS=${REQUESTS:-200000}
-WARMUP=${WARMUP:-20000}
+WARMUP=${WARMUP:-200000}
 CONNS=${CONNS:-64}
 ROUNDS=${ROUNDS:-2}
 CASES=${CASES:-none async sync}
