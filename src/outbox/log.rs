@@ -969,7 +969,7 @@ impl Store {
     }
 
     /// Deletes, oldest first, every segment but the active one whose records are all below
-    /// `min`, keeping the last of them for recycling when there is room (see the `spare`
+    /// `min`, keeping one (the largest) for recycling when there is room (see the `spare`
     /// module). Called with the cursors lock held. Returns how many went.
     fn delete_below(&self, min: u64) -> Result<usize, OutboxError> {
         let mut deleted = 0;
