@@ -127,8 +127,9 @@
 //! [`Reader::seek`] back to retry a batch. [`Outbox::commit`] persists a sink's cursor
 //! atomically (write a temporary file, fsync, rename, fsync the directory) and then deletes
 //! the segments every cursor has passed (keeping one as `segments/recycled`, see above); only
-//! whole segments are deleted, never the active one. `max_bytes` counts segment bytes on disk plus bytes queued: an append that would pass
-//! it fails with [`OutboxError::Full`] and queues nothing. So that commits can always free
+//! whole segments are deleted, never the active one. `max_bytes` counts segment bytes on disk
+//! plus bytes queued: an append that would pass it fails with [`OutboxError::Full`] and
+//! queues nothing. So that commits can always free
 //! space, segments are at most a quarter of `max_bytes`. Preallocated zeros and recycled
 //! segments are not counted; a spare is made, or a passed segment kept, only while the
 //! records leave room for it and the active segment's unused tail (two segments) below

@@ -260,7 +260,7 @@ fn segments_are_deleted_only_when_every_cursor_passed_them() {
     let on_disk: u64 = fs::read_dir(dir.path().join("segments"))
         .expect("list")
         .map(|e| e.expect("entry"))
-        .filter(|e| e.file_name() != "spare" && e.file_name() != "recycled")
+        .filter(|e| e.file_name() != spare::SPARE_FILE && e.file_name() != spare::RECYCLED_FILE)
         .map(|e| e.metadata().expect("stat").len())
         .sum();
     assert_eq!(store.bytes(), on_disk);
@@ -1043,16 +1043,22 @@ fn inode(path: &Path) -> u64 {
     fs::metadata(path).expect("stat").ino()
 }
 
+/// An outbox in `dir` with no zero-filled spares (as with `async`), so that every
+/// preallocated segment is a recycled one, and one sink, `bus`, registered at 0.
+fn recycling_outbox(dir: &Path, segment_bytes: u64) -> (log::SegmentWriter, log::Store) {
+    let (mut w, store, _) = log::open(dir, segment_bytes).expect("open");
+    w.limit_preallocation(0);
+    assert_eq!(store.register("bus").expect("register"), 0);
+    (w, store)
+}
+
 #[test]
 fn a_passed_segment_is_recycled_and_its_old_records_are_no_loss() {
     const SEGMENT: u64 = 64 << 10;
     let frame = format::frame_len(1000);
     let dir = tempfile::tempdir().expect("tempdir");
     let recycled = dir.path().join("segments").join(spare::RECYCLED_FILE);
-    let (mut w, store, _) = log::open(dir.path(), SEGMENT).expect("open");
-    // No zero-filled spares (as with `async`): every preallocated segment here is recycled.
-    w.limit_preallocation(0);
-    assert_eq!(store.register("bus").expect("register"), 0);
+    let (mut w, store) = recycling_outbox(dir.path(), SEGMENT);
     w.write_batch(&payloads(0..150, 1000)).expect("write");
     let before = store.segments();
     assert_eq!(before.len(), 3, "{before:?}");
@@ -1110,9 +1116,7 @@ fn a_torn_record_over_a_recycled_segments_old_records_is_cut_and_counted() {
     const SEGMENT: u64 = 64 << 10;
     let frame = format::frame_len(1000);
     let dir = tempfile::tempdir().expect("tempdir");
-    let (mut w, store, _) = log::open(dir.path(), SEGMENT).expect("open");
-    w.limit_preallocation(0);
-    store.register("bus").expect("register");
+    let (mut w, store) = recycling_outbox(dir.path(), SEGMENT);
     w.write_batch(&payloads(0..70, 1000)).expect("write");
     let second = store.segments()[1].0;
     store.commit("bus", second).expect("commit");
@@ -1146,10 +1150,8 @@ fn a_torn_record_over_a_recycled_segments_old_records_is_cut_and_counted() {
 fn no_segment_is_kept_for_recycling_when_the_records_and_two_segments_would_pass_max_bytes() {
     for (limit, kept) in [(40u64 << 10, false), (u64::MAX, true)] {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (mut w, store, _) = log::open(dir.path(), 16 << 10).expect("open");
-        w.limit_preallocation(0);
+        let (mut w, store) = recycling_outbox(dir.path(), 16 << 10);
         w.limit_recycling(limit);
-        store.register("bus").expect("register");
         w.write_batch(&payloads(0..60, 1000)).expect("write");
         let segments = store.segments();
         store
@@ -1166,9 +1168,7 @@ fn a_restart_keeps_the_recycled_segment_and_writes_into_it() {
     const SEGMENT: u64 = 16 << 10;
     let dir = tempfile::tempdir().expect("tempdir");
     let segments = dir.path().join("segments");
-    let (mut w, store, _) = log::open(dir.path(), SEGMENT).expect("open");
-    w.limit_preallocation(0);
-    store.register("bus").expect("register");
+    let (mut w, store) = recycling_outbox(dir.path(), SEGMENT);
     w.write_batch(&payloads(0..40, 1000)).expect("write");
     store.commit("bus", store.segments()[1].0).expect("commit");
     let recycled = inode(&segments.join(spare::RECYCLED_FILE));
@@ -1199,4 +1199,46 @@ fn a_restart_keeps_the_recycled_segment_and_writes_into_it() {
     fs::write(segments.join(spare::SPARE_FILE), [0u8; 100]).expect("leftover spare");
     drop(log::open(dir.path(), SEGMENT).expect("reopen"));
     assert!(!segments.join(spare::SPARE_FILE).exists());
+}
+
+#[test]
+fn a_failed_roll_into_a_recycled_segment_leaves_no_file_behind_and_writing_goes_on() {
+    // The fault points of the roll, as for a zero-filled spare: the old segment's fsync, then
+    // the recycled segment's header write, header fsync and directory fsync. When one of the
+    // last three fails, the recycled segment is deleted (it may hold the new header, under
+    // either name), not the records.
+    const SEGMENT: u64 = 64 << 10;
+    for skip in 1..4 {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut w, store) = recycling_outbox(dir.path(), SEGMENT);
+        w.write_batch(&payloads(0..70, 1000)).expect("write");
+        store.commit("bus", store.segments()[1].0).expect("commit");
+        let segments_before = store.segments();
+        store.inject_faults_after(skip, 1);
+        let err = w
+            .write_batch(&payloads(70..75, 1000))
+            .expect_err("injected failure");
+        assert!(err.to_string().contains("injected"), "skip {skip}: {err}");
+        assert_eq!(store.segments(), segments_before, "skip {skip}");
+        let on_disk: Vec<_> = fs::read_dir(dir.path().join("segments"))
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(on_disk.len(), 1, "skip {skip}: {on_disk:?}");
+        assert_eq!(
+            w.write_batch(&payloads(70..75, 1000)).expect("again"),
+            70..75
+        );
+        assert_eq!(
+            w.write_batch(&payloads(75..200, 1000)).expect("on"),
+            75..200
+        );
+        let first = segments_before[0].0;
+        drop((w, store));
+        let (w, store, _) = log::open(dir.path(), SEGMENT).expect("reopen");
+        assert_eq!(w.next_seq(), 200, "skip {skip}");
+        let all = read_all(&store, first);
+        assert_eq!(seqs(&all), (first..200).collect::<Vec<_>>(), "skip {skip}");
+        assert!(all.iter().all(|r| r.payload == payload(r.seq, 1000)));
+    }
 }
