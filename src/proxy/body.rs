@@ -2,11 +2,14 @@
 //!
 //! [`Idle`] cuts an exchange in which no body bytes moved in either direction for
 //! `idle_timeout`. Both bodies of one exchange share an [`Activity`], so a long upload with a
-//! silent response (or the reverse) is not cut while the other side is moving.
+//! silent response (or the reverse) is not cut while the other side is moving. A cut while the
+//! client's request body has not ended is the client's stall, not the upstream's: the
+//! upstream is most likely waiting for those bytes, so it is not counted against it (the
+//! forwarding answers `408`, as for a stall while a body is kept for a fallback).
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -31,7 +34,9 @@ pub struct Activity {
     idle: Duration,
     /// Counted when this exchange is cut, whichever body notices first.
     cut: Option<prometheus::IntCounter>,
-    cut_once: std::sync::atomic::AtomicBool,
+    cut_once: AtomicBool,
+    /// The request body has ended (set by the request's [`Idle::request_side`] body).
+    request_ended: AtomicBool,
 }
 
 impl Activity {
@@ -41,12 +46,23 @@ impl Activity {
             last_us: AtomicU64::new(0),
             idle,
             cut,
-            cut_once: std::sync::atomic::AtomicBool::new(false),
+            cut_once: AtomicBool::new(false),
+            request_ended: AtomicBool::new(false),
         })
+    }
+
+    /// Whether the client's request body had ended: when it had not at a cut, the stall was
+    /// the client's.
+    pub fn request_ended(&self) -> bool {
+        self.request_ended.load(Ordering::Relaxed)
     }
 
     fn record_cut(&self) {
         if !self.cut_once.swap(true, Ordering::Relaxed) {
+            if !self.request_ended() {
+                tracing::warn!(idle_timeout = ?self.idle, "exchange cut: the client's request body stalled");
+                return;
+            }
             if let Some(counter) = &self.cut {
                 counter.inc();
             }
@@ -77,6 +93,8 @@ pin_project! {
         // Counted when the inner body fails: on a response, the upstream's `reset` errors
         // after its head (a request's inner body failing is the client's doing).
         broken: Option<prometheus::IntCounter>,
+        // This is the client's request body: its end is recorded in the activity.
+        request: bool,
     }
 }
 
@@ -87,7 +105,20 @@ impl<B> Idle<B> {
             sleep: None,
             activity,
             broken: None,
+            request: false,
         }
+    }
+
+    /// Marks this as the client's request body, whose end [`Activity::request_ended`] reports.
+    pub fn request_side(mut self) -> Self
+    where
+        B: Body,
+    {
+        self.request = true;
+        if self.inner.is_end_stream() {
+            self.activity.request_ended.store(true, Ordering::Relaxed);
+        }
+        self
     }
 
     /// Counts on `broken` (once) when the inner body fails.
@@ -113,10 +144,14 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        match this.inner.poll_frame(cx) {
+        let mut this = self.project();
+        match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 this.activity.touch();
+                // hyper stops polling a body that says it ended with its last frame.
+                if *this.request && this.inner.is_end_stream() {
+                    this.activity.request_ended.store(true, Ordering::Relaxed);
+                }
                 return Poll::Ready(Some(Ok(frame)));
             }
             Poll::Ready(Some(Err(e))) => {
@@ -127,7 +162,12 @@ where
                 }
                 return Poll::Ready(Some(Err(e)));
             }
-            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Ready(None) => {
+                if *this.request {
+                    this.activity.request_ended.store(true, Ordering::Relaxed);
+                }
+                return Poll::Ready(None);
+            }
             Poll::Pending => {}
         }
         // The timer is re-armed lazily: frames only store a timestamp, and the sleep moves to
@@ -321,6 +361,11 @@ mod tests {
         });
         let counter = prometheus::IntCounter::new("t", "t").expect("counter");
         let activity = Activity::new(Duration::from_secs(10), Some(counter.clone()));
+        // The request had no body: a quiet response is the upstream's.
+        let request =
+            Idle::new(http_body_util::Empty::<Bytes>::new(), activity.clone()).request_side();
+        assert!(activity.request_ended());
+        drop(request);
         let mut body = std::pin::pin!(Idle::new(StreamBody::new(stream), activity));
         // Frames every 6 s keep it alive past the 10 s idle limit.
         for _ in 0..3 {
@@ -337,5 +382,50 @@ mod tests {
         assert_eq!(counter.get(), 1, "the cut is counted once");
         assert_eq!(started.elapsed(), Duration::from_secs(10));
         drop(tx);
+    }
+
+    /// A request body that goes quiet before its end: the exchange is cut, but the stall is
+    /// the client's and is not counted against the upstream. Its last frame ends it: from
+    /// then on a quiet exchange is the upstream's again.
+    #[tokio::test(start_paused = true)]
+    async fn a_stall_before_the_request_body_ends_is_not_counted_against_the_upstream() {
+        let counter = prometheus::IntCounter::new("t", "t").expect("counter");
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        let activity = Activity::new(Duration::from_secs(10), Some(counter.clone()));
+        let request = Idle::new(StreamBody::new(stream), activity.clone()).request_side();
+        let mut request = std::pin::pin!(request);
+        tx.send(Ok(Frame::data(Bytes::from_static(b"x"))))
+            .await
+            .expect("send");
+        request.frame().await.expect("frame").expect("ok");
+        assert!(!activity.request_ended(), "the body has not ended yet");
+        let err = request.frame().await.expect("some").expect_err("idle");
+        assert!(err.is::<IdleTimeout>());
+        assert_eq!(counter.get(), 0, "a client's stall is not the upstream's");
+        assert!(!activity.request_ended());
+
+        // The same, but the request body ends: the quiet response after it is counted.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        let activity = Activity::new(Duration::from_secs(10), Some(counter.clone()));
+        let mut request =
+            std::pin::pin!(Idle::new(StreamBody::new(stream), activity.clone()).request_side());
+        tx.send(Ok(Frame::data(Bytes::from_static(b"x"))))
+            .await
+            .expect("send");
+        drop(tx);
+        request.frame().await.expect("frame").expect("ok");
+        assert!(request.frame().await.is_none(), "the body ended");
+        assert!(activity.request_ended());
+        let quiet = futures_util::stream::pending::<Result<Frame<Bytes>, BoxError>>();
+        let mut response = std::pin::pin!(Idle::new(StreamBody::new(quiet), activity));
+        let err = response.frame().await.expect("some").expect_err("idle");
+        assert!(err.is::<IdleTimeout>());
+        assert_eq!(counter.get(), 1, "a quiet upstream is counted");
     }
 }

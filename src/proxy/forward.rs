@@ -66,6 +66,9 @@ pub struct ServedBy(pub usize);
 enum Attempt {
     Answered(Response<Leased>),
     Failed(UpstreamErrorKind, String),
+    /// The client's request body went quiet for `idle_timeout` before its end: no upstream's
+    /// failure, and nothing to fall back on (a body that can be sent twice was read whole).
+    ClientIdle(std::time::Duration),
 }
 
 async fn forward(state: &Arc<ProxyState>, conn: &ConnInfo, routed: Routed) -> Response<ProxyBody> {
@@ -149,6 +152,7 @@ async fn forward(state: &Arc<ProxyState>, conn: &ConnInfo, routed: Routed) -> Re
     let needs_fallback = match &attempt {
         Attempt::Answered(r) => r.status().is_server_error(),
         Attempt::Failed(..) => true,
+        Attempt::ClientIdle(_) => false,
     };
     let mut served = target.upstream;
     let (mut response, activity) = match (needs_fallback, fallback, spare, replay.as_ref()) {
@@ -156,6 +160,7 @@ async fn forward(state: &Arc<ProxyState>, conn: &ConnInfo, routed: Routed) -> Re
             let why = match &attempt {
                 Attempt::Answered(r) => format!("answered {}", r.status()),
                 Attempt::Failed(kind, _) => kind.as_str().to_string(),
+                Attempt::ClientIdle(_) => "client idle".to_string(),
             };
             drop(attempt);
             let alternate = &state.upstreams[fallback.upstream];
@@ -174,11 +179,13 @@ async fn forward(state: &Arc<ProxyState>, conn: &ConnInfo, routed: Routed) -> Re
             match send(alternate, spare, path_and_query.clone(), body).await {
                 (Attempt::Answered(r), activity) => (r, activity),
                 (Attempt::Failed(kind, message), _) => return unsent(failure(kind, message)),
+                (Attempt::ClientIdle(idle), _) => return unsent(client_idle(idle)),
             }
         }
         _ => match attempt {
             Attempt::Answered(r) => (r, activity),
             Attempt::Failed(kind, message) => return unsent(failure(kind, message)),
+            Attempt::ClientIdle(idle) => return unsent(client_idle(idle)),
         },
     };
 
@@ -246,6 +253,16 @@ fn failure(kind: UpstreamErrorKind, message: String) -> Response<ProxyBody> {
     proxy_error(status, kind.as_str(), message)
 }
 
+/// The answer to a client whose request body went quiet for `idle`, as nginx's
+/// `client_body_timeout` answers.
+fn client_idle(idle: std::time::Duration) -> Response<ProxyBody> {
+    proxy_error(
+        StatusCode::REQUEST_TIMEOUT,
+        "client",
+        format!("ficus: no request body bytes for {idle:?}\n"),
+    )
+}
+
 /// Reads a request body so that it can be sent twice: kept whole when it ends within
 /// [`REPLAY_LIMIT`], whatever its framing (a chunked or HTTP/2 body announces no length), else
 /// what was read goes out followed by the rest, streamed once and never sent again. A client
@@ -275,13 +292,7 @@ async fn keep(
                 return Ok((UpstreamBody::buffered(bytes.clone()), Some(bytes)));
             }
             Some(Ok(frame)) => frame,
-            Some(Err(error)) if error.is::<IdleTimeout>() => {
-                return Err(proxy_error(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "client",
-                    format!("ficus: no request body bytes for {idle:?}\n"),
-                ))
-            }
+            Some(Err(error)) if error.is::<IdleTimeout>() => return Err(client_idle(idle)),
             Some(Err(error)) => {
                 return Err(proxy_error(
                     StatusCode::BAD_REQUEST,
@@ -360,7 +371,7 @@ async fn send(
         upstream.idle_timeout,
         Some(upstream.metrics.counter(UpstreamErrorKind::Idle).clone()),
     );
-    let mut request = Request::from_parts(parts, Idle::new(body, activity.clone()));
+    let mut request = Request::from_parts(parts, Idle::new(body, activity.clone()).request_side());
     *request.uri_mut() = upstream.target(path_and_query, request.headers_mut());
     let started = Instant::now();
     let result = tokio::time::timeout(upstream.timeout, upstream.client.request(request)).await;
@@ -371,6 +382,12 @@ async fn send(
                 .duration
                 .observe(started.elapsed().as_secs_f64());
             Attempt::Answered(response)
+        }
+        Ok(Err(error))
+            if classify(&error) == UpstreamErrorKind::Idle && !activity.request_ended() =>
+        {
+            tracing::warn!(upstream = %upstream.name, "the client's request body stalled; answered 408");
+            Attempt::ClientIdle(upstream.idle_timeout)
         }
         Ok(Err(error)) => {
             let kind = classify(&error);

@@ -217,8 +217,10 @@ async fn a_stalled_download_is_cut_after_idle_timeout() {
     );
 }
 
+/// A client that stops sending its body is the client's stall, not the upstream's: `408`, as
+/// when the body is kept for a fallback, and no upstream error counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_upload_is_cut_after_idle_timeout() {
+async fn a_stalled_upload_is_cut_after_idle_timeout_with_408_and_no_upstream_error() {
     let upstream = TestUpstream::echo().await;
     let ficus = Ficus::start(upstream.addr, "    idle_timeout: 400ms\n").await;
     let mut tcp = tokio::net::TcpStream::connect(ficus.addr)
@@ -233,9 +235,15 @@ async fn a_stalled_upload_is_cut_after_idle_timeout() {
         .expect("ficus answers and closes")
         .expect("read");
     let text = String::from_utf8_lossy(&out);
-    assert!(text.starts_with("HTTP/1.1 504"), "{text}");
-    assert!(text.contains("x-ficus-error: idle_timeout"), "{text}");
-    assert_eq!(upstream_errors(&ficus, "idle_timeout").await, 1.0);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("x-ficus-error: client"), "{text}");
+    assert_eq!(upstream_errors(&ficus, "idle_timeout").await, 0.0);
+    assert_eq!(upstream_errors(&ficus, "reset").await, 0.0);
+    let labels = [("route", "default"), ("method", "POST"), ("code", "408")];
+    eventually(WAIT, "the 408 counted", || async {
+        (sample(&ficus.metrics().await, "ficus_requests_total", &labels) == Some(1.0)).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
