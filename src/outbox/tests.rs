@@ -1008,34 +1008,50 @@ fn a_failed_roll_into_the_spare_leaves_no_segment_behind_and_writing_goes_on() {
         let (mut w, store, _) = log::open(dir.path(), SPARE_SEGMENT).expect("open");
         w.write_batch(&payloads(0..40, 1000)).expect("write");
         wait_for_spare(&mut w);
-        let segments_before = store.segments();
-        store.inject_faults_after(skip, 1);
-        let err = w
-            .write_batch(&payloads(40..45, 1000))
-            .expect_err("injected failure");
-        assert!(err.to_string().contains("injected"), "skip {skip}: {err}");
-        assert_eq!(store.segments(), segments_before, "skip {skip}");
-        let on_disk: Vec<_> = fs::read_dir(dir.path().join("segments"))
-            .expect("list")
-            .map(|e| e.expect("entry").file_name())
-            .collect();
-        assert_eq!(on_disk.len(), 1, "skip {skip}: {on_disk:?}");
-        // Written again, and on through more rolls.
-        assert_eq!(
-            w.write_batch(&payloads(40..45, 1000)).expect("again"),
-            40..45
-        );
-        assert_eq!(
-            w.write_batch(&payloads(45..200, 1000)).expect("on"),
-            45..200
-        );
-        drop((w, store));
-        let (w, store, _) = log::open(dir.path(), SPARE_SEGMENT).expect("reopen");
-        assert_eq!(w.next_seq(), 200, "skip {skip}");
-        let all = read_all(&store, 0);
-        assert_eq!(seqs(&all), (0..200).collect::<Vec<_>>(), "skip {skip}");
-        assert!(all.iter().all(|r| r.payload == payload(r.seq, 1000)));
+        fail_the_roll_then_write_on(dir.path(), SPARE_SEGMENT, w, store, skip);
     }
+}
+
+/// Fails the next batch, which rolls into a prepared next segment (a spare or a recycled
+/// one), at fault point `skip`, once. Then checks that the segments are as before, with only
+/// the active one on disk; that the batch is written again and more after it, through more
+/// rolls; and that a reopen reads every record back, byte-exact.
+fn fail_the_roll_then_write_on(
+    dir: &Path,
+    segment_bytes: u64,
+    mut w: log::SegmentWriter,
+    store: log::Store,
+    skip: u32,
+) {
+    let next = w.next_seq();
+    let segments_before = store.segments();
+    store.inject_faults_after(skip, 1);
+    let err = w
+        .write_batch(&payloads(next..next + 5, 1000))
+        .expect_err("injected failure");
+    assert!(err.to_string().contains("injected"), "skip {skip}: {err}");
+    assert_eq!(store.segments(), segments_before, "skip {skip}");
+    let on_disk: Vec<_> = fs::read_dir(dir.join("segments"))
+        .expect("list")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(on_disk.len(), 1, "skip {skip}: {on_disk:?}");
+    assert_eq!(
+        w.write_batch(&payloads(next..next + 5, 1000))
+            .expect("again"),
+        next..next + 5
+    );
+    assert_eq!(
+        w.write_batch(&payloads(next + 5..200, 1000)).expect("on"),
+        next + 5..200
+    );
+    let first = segments_before[0].0;
+    drop((w, store));
+    let (w, store, _) = log::open(dir, segment_bytes).expect("reopen");
+    assert_eq!(w.next_seq(), 200, "skip {skip}");
+    let all = read_all(&store, first);
+    assert_eq!(seqs(&all), (first..200).collect::<Vec<_>>(), "skip {skip}");
+    assert!(all.iter().all(|r| r.payload == payload(r.seq, 1000)));
 }
 
 fn inode(path: &Path) -> u64 {
@@ -1213,32 +1229,6 @@ fn a_failed_roll_into_a_recycled_segment_leaves_no_file_behind_and_writing_goes_
         let (mut w, store) = recycling_outbox(dir.path(), SEGMENT);
         w.write_batch(&payloads(0..70, 1000)).expect("write");
         store.commit("bus", store.segments()[1].0).expect("commit");
-        let segments_before = store.segments();
-        store.inject_faults_after(skip, 1);
-        let err = w
-            .write_batch(&payloads(70..75, 1000))
-            .expect_err("injected failure");
-        assert!(err.to_string().contains("injected"), "skip {skip}: {err}");
-        assert_eq!(store.segments(), segments_before, "skip {skip}");
-        let on_disk: Vec<_> = fs::read_dir(dir.path().join("segments"))
-            .expect("list")
-            .map(|e| e.expect("entry").file_name())
-            .collect();
-        assert_eq!(on_disk.len(), 1, "skip {skip}: {on_disk:?}");
-        assert_eq!(
-            w.write_batch(&payloads(70..75, 1000)).expect("again"),
-            70..75
-        );
-        assert_eq!(
-            w.write_batch(&payloads(75..200, 1000)).expect("on"),
-            75..200
-        );
-        let first = segments_before[0].0;
-        drop((w, store));
-        let (w, store, _) = log::open(dir.path(), SEGMENT).expect("reopen");
-        assert_eq!(w.next_seq(), 200, "skip {skip}");
-        let all = read_all(&store, first);
-        assert_eq!(seqs(&all), (first..200).collect::<Vec<_>>(), "skip {skip}");
-        assert!(all.iter().all(|r| r.payload == payload(r.seq, 1000)));
+        fail_the_roll_then_write_on(dir.path(), SEGMENT, w, store, skip);
     }
 }

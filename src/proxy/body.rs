@@ -353,12 +353,23 @@ mod tests {
     use super::*;
     use http_body_util::{BodyExt, StreamBody};
 
-    #[tokio::test(start_paused = true)]
-    async fn idle_body_fails_after_quiet_period_and_not_before() {
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+    type Item = Result<Frame<Bytes>, BoxError>;
+
+    /// A body whose frames the test sends, and which ends when the sender is dropped.
+    fn channel_body() -> (
+        tokio::sync::mpsc::Sender<Item>,
+        StreamBody<impl futures_util::Stream<Item = Item>>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Item>(1);
         let stream = futures_util::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
         });
+        (tx, StreamBody::new(stream))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_body_fails_after_quiet_period_and_not_before() {
+        let (tx, stream) = channel_body();
         let counter = prometheus::IntCounter::new("t", "t").expect("counter");
         let activity = Activity::new(Duration::from_secs(10), Some(counter.clone()));
         // The request had no body: a quiet response is the upstream's.
@@ -366,7 +377,7 @@ mod tests {
             Idle::new(http_body_util::Empty::<Bytes>::new(), activity.clone()).request_side();
         assert!(activity.request_ended());
         drop(request);
-        let mut body = std::pin::pin!(Idle::new(StreamBody::new(stream), activity));
+        let mut body = std::pin::pin!(Idle::new(stream, activity));
         // Frames every 6 s keep it alive past the 10 s idle limit.
         for _ in 0..3 {
             tokio::time::advance(Duration::from_secs(6)).await;
@@ -390,12 +401,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_stall_before_the_request_body_ends_is_not_counted_against_the_upstream() {
         let counter = prometheus::IntCounter::new("t", "t").expect("counter");
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
-        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|item| (item, rx))
-        });
+        let (tx, stream) = channel_body();
         let activity = Activity::new(Duration::from_secs(10), Some(counter.clone()));
-        let request = Idle::new(StreamBody::new(stream), activity.clone()).request_side();
+        let request = Idle::new(stream, activity.clone()).request_side();
         let mut request = std::pin::pin!(request);
         tx.send(Ok(Frame::data(Bytes::from_static(b"x"))))
             .await
@@ -408,13 +416,9 @@ mod tests {
         assert!(!activity.request_ended());
 
         // The same, but the request body ends: the quiet response after it is counted.
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
-        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|item| (item, rx))
-        });
+        let (tx, stream) = channel_body();
         let activity = Activity::new(Duration::from_secs(10), Some(counter.clone()));
-        let mut request =
-            std::pin::pin!(Idle::new(StreamBody::new(stream), activity.clone()).request_side());
+        let mut request = std::pin::pin!(Idle::new(stream, activity.clone()).request_side());
         tx.send(Ok(Frame::data(Bytes::from_static(b"x"))))
             .await
             .expect("send");

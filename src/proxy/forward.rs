@@ -283,7 +283,7 @@ async fn keep(
     if body.size_hint().lower() > REPLAY_LIMIT {
         return Ok((UpstreamBody::Stream(body), None));
     }
-    let mut body = Idle::new(body, Activity::new(idle, None));
+    let mut body = Idle::new(body, Activity::new(idle, None)).request_side();
     let mut read = bytes::BytesMut::new();
     loop {
         let frame = match body.frame().await {
@@ -383,14 +383,12 @@ async fn send(
                 .observe(started.elapsed().as_secs_f64());
             Attempt::Answered(response)
         }
-        Ok(Err(error))
-            if classify(&error) == UpstreamErrorKind::Idle && !activity.request_ended() =>
-        {
-            tracing::warn!(upstream = %upstream.name, "the client's request body stalled; answered 408");
-            Attempt::ClientIdle(upstream.idle_timeout)
-        }
         Ok(Err(error)) => {
             let kind = classify(&error);
+            // The cut was logged, and not counted, by the body that noticed it.
+            if kind == UpstreamErrorKind::Idle && !activity.request_ended() {
+                return (Attempt::ClientIdle(upstream.idle_timeout), activity);
+            }
             // An idle cut was counted by the body that noticed it.
             if kind != UpstreamErrorKind::Idle {
                 upstream.metrics.error(kind);

@@ -341,7 +341,7 @@ async fn send_copy(
     let activity = Activity::new(upstream.idle_timeout, None);
     let mut request = http::Request::from_parts(
         parts,
-        Idle::new(Tee::plain(UpstreamBody::buffered(body)), activity),
+        Idle::new(Tee::plain(UpstreamBody::buffered(body)), activity).request_side(),
     );
     *request.uri_mut() = upstream.target(path_and_query, request.headers_mut());
     let exchange = async {
