@@ -204,13 +204,7 @@ fn decode_http_sink(
         &["type", "url", "mode", "headers", "timeout", "tls"],
     )?;
     let url = match f.get("url") {
-        Some(n) => d.parse(n, &join(path, "url"), |s| {
-            let uri: http::Uri = s.parse().map_err(|e| format!("invalid URL `{s}`: {e}"))?;
-            match (uri.scheme_str(), uri.authority()) {
-                (Some("http" | "https"), Some(_)) => Ok(uri),
-                _ => Err(format!("expected an http:// or https:// URL, found `{s}`")),
-            }
-        }),
+        Some(n) => d.parse(n, &join(path, "url"), super::parse_http_url),
         None => {
             d.error(f.mark, &join(path, "url"), "is required");
             None

@@ -640,12 +640,38 @@ pub(crate) fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
-fn parse_upstream_url(s: &str) -> Result<(Scheme, Authority), String> {
+/// An `http://` or `https://` URL with a host, and a port a connection can use when it names
+/// one: `http::Uri` takes `host:65536` and then reports no port at all, which a connector
+/// would read as the scheme's default, so a typo would send traffic to port 80.
+pub(crate) fn parse_http_url(s: &str) -> Result<http::Uri, String> {
     let uri: http::Uri = s.parse().map_err(|e| format!("invalid URL `{s}`: {e}"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(format!("expected an http:// or https:// URL, found `{s}`"));
+    }
+    let Some(authority) = uri.authority() else {
+        return Err(format!("URL `{s}` has no host"));
+    };
+    if authority.host().is_empty() {
+        return Err(format!("URL `{s}` has no host"));
+    }
+    if let Some(port) = authority.as_str().rsplit_once(':').and_then(|(_, p)| {
+        // An IPv6 host's colons are inside its brackets; only a colon after them starts a port.
+        (!p.contains(']')).then_some(p)
+    }) {
+        if !matches!(port.parse::<u16>(), Ok(1..)) {
+            return Err(format!(
+                "invalid port `{port}` in `{s}`: expected a number from 1 to 65535"
+            ));
+        }
+    }
+    Ok(uri)
+}
+
+fn parse_upstream_url(s: &str) -> Result<(Scheme, Authority), String> {
+    let uri = parse_http_url(s)?;
     let scheme = match uri.scheme_str() {
-        Some("http") => Scheme::HTTP,
         Some("https") => Scheme::HTTPS,
-        _ => return Err(format!("expected an http:// or https:// URL, found `{s}`")),
+        _ => Scheme::HTTP,
     };
     let authority = uri
         .authority()
@@ -862,6 +888,31 @@ mod tests {
             "f.yaml:10:19: default_upstream: no upstream named `missing` (known: monolith, other)",
             "f.yaml:11:29: limits.max_header_bytes: must be between 8KiB and 16MiB",
             "f.yaml:12:16: log.format: expected `json` or `text`",
+        ];
+        assert_errors(&errors, &expected);
+    }
+
+    #[test]
+    fn a_url_port_that_no_connection_can_use_is_an_error_not_port_80() {
+        let errors = load(concat!(
+            "upstreams:\n",
+            "  a: { url: \"http://127.0.0.1:65536\" }\n",
+            "  b: { url: \"http://127.0.0.1:0\" }\n",
+            "  c: { url: \"https://[::1]:99999\" }\n",
+            "  d: { url: \"http://h:\" }\n",
+            "  e: { url: \"http://[::1]\" }\n",
+            "  f: { url: \"http://h:65535\" }\n",
+            "default_upstream: e\n",
+            "sinks:\n",
+            "  s: { type: http, url: \"http://127.0.0.1:99999/ingest\" }\n",
+        ))
+        .expect_err("invalid");
+        let expected = [
+            "f.yaml:2:13: upstreams.a.url: invalid port `65536`",
+            "f.yaml:3:13: upstreams.b.url: invalid port `0`",
+            "f.yaml:4:13: upstreams.c.url: invalid port `99999`",
+            "f.yaml:5:13: upstreams.d.url: invalid port ``",
+            "f.yaml:10:27: sinks.s.url: invalid port `99999`",
         ];
         assert_errors(&errors, &expected);
     }
