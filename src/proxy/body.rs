@@ -6,6 +6,11 @@
 //! client's request body has not ended is the client's stall, not the upstream's: the
 //! upstream is most likely waiting for those bytes, so it is not counted against it (the
 //! forwarding answers `408`, as for a stall while a body is kept for a fallback).
+//!
+//! The [`Activity`] also records when the request body ended, from which the upstream's
+//! `timeout` for its response head runs (a long upload is not the upstream's slowness), and
+//! whether the client's body broke off (a client that went away mid-upload is not the
+//! upstream's `reset`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -35,9 +40,14 @@ pub struct Activity {
     /// Counted when this exchange is cut, whichever body notices first.
     cut: Option<prometheus::IntCounter>,
     cut_once: AtomicBool,
-    /// The request body has ended (set by the request's [`Idle::request_side`] body).
-    request_ended: AtomicBool,
+    /// When the request body ended, as microseconds since `origin`; [`NOT_ENDED`] until it
+    /// has (set by the request's [`Idle::request_side`] body).
+    request_end_us: AtomicU64,
+    /// The client's request body failed (it went away, or broke its framing) before its end.
+    request_failed: AtomicBool,
 }
+
+const NOT_ENDED: u64 = u64::MAX;
 
 impl Activity {
     pub fn new(idle: Duration, cut: Option<prometheus::IntCounter>) -> Arc<Activity> {
@@ -47,14 +57,42 @@ impl Activity {
             idle,
             cut,
             cut_once: AtomicBool::new(false),
-            request_ended: AtomicBool::new(false),
+            request_end_us: AtomicU64::new(NOT_ENDED),
+            request_failed: AtomicBool::new(false),
         })
     }
 
     /// Whether the client's request body had ended: when it had not at a cut, the stall was
     /// the client's.
     pub fn request_ended(&self) -> bool {
-        self.request_ended.load(Ordering::Relaxed)
+        self.request_end_us.load(Ordering::Relaxed) != NOT_ENDED
+    }
+
+    /// When the client's request body ended, if it has.
+    pub fn request_end(&self) -> Option<Instant> {
+        match self.request_end_us.load(Ordering::Relaxed) {
+            NOT_ENDED => None,
+            us => Some(self.origin + Duration::from_micros(us)),
+        }
+    }
+
+    /// Whether the client's request body failed before its end: the client's doing.
+    pub fn request_failed(&self) -> bool {
+        self.request_failed.load(Ordering::Relaxed)
+    }
+
+    fn end_request(&self) {
+        // The first end counts; `NOT_ENDED - 1` keeps an (absurd) 584 000-year-old exchange
+        // from reading as not ended.
+        let us = u64::try_from(self.origin.elapsed().as_micros())
+            .unwrap_or(NOT_ENDED)
+            .min(NOT_ENDED - 1);
+        let _ = self.request_end_us.compare_exchange(
+            NOT_ENDED,
+            us,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
     }
 
     fn record_cut(&self) {
@@ -116,7 +154,7 @@ impl<B> Idle<B> {
     {
         self.request = true;
         if self.inner.is_end_stream() {
-            self.activity.request_ended.store(true, Ordering::Relaxed);
+            self.activity.end_request();
         }
         self
     }
@@ -150,12 +188,15 @@ where
                 this.activity.touch();
                 // hyper stops polling a body that says it ended with its last frame.
                 if *this.request && this.inner.is_end_stream() {
-                    this.activity.request_ended.store(true, Ordering::Relaxed);
+                    this.activity.end_request();
                 }
                 return Poll::Ready(Some(Ok(frame)));
             }
             Poll::Ready(Some(Err(e))) => {
                 let e = e.into();
+                if *this.request {
+                    this.activity.request_failed.store(true, Ordering::Relaxed);
+                }
                 if let Some(broken) = this.broken.take() {
                     broken.inc();
                     tracing::warn!(error = %super::forward::error_chain(&*e), "upstream response cut short after its head");
@@ -164,7 +205,7 @@ where
             }
             Poll::Ready(None) => {
                 if *this.request {
-                    this.activity.request_ended.store(true, Ordering::Relaxed);
+                    this.activity.end_request();
                 }
                 return Poll::Ready(None);
             }

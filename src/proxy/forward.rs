@@ -69,6 +69,9 @@ enum Attempt {
     /// The client's request body went quiet for `idle_timeout` before its end: no upstream's
     /// failure, and nothing to fall back on (a body that can be sent twice was read whole).
     ClientIdle(std::time::Duration),
+    /// The client's request body broke off before its end (the client went away, or sent
+    /// less than its `Content-Length`): no upstream's failure either.
+    ClientBroke,
 }
 
 async fn forward(state: &Arc<ProxyState>, conn: &ConnInfo, routed: Routed) -> Response<ProxyBody> {
@@ -82,8 +85,9 @@ async fn forward(state: &Arc<ProxyState>, conn: &ConnInfo, routed: Routed) -> Re
     let (mut parts, body) = req.into_parts();
 
     let hop = headers::strip_hop_by_hop(&mut parts.headers);
-    if parts.version == Version::HTTP_2 && !parts.headers.contains_key(header::HOST) {
-        // HTTP/2 carries the host in `:authority`; an HTTP/1.1 upstream needs `Host`.
+    if parts.version == Version::HTTP_2 {
+        // HTTP/2 carries the host in `:authority`; an HTTP/1.1 upstream needs `Host`, and
+        // RFC 9113 section 8.3.1 has it replace a `host` field the client also sent.
         if let Some(host) = parts
             .uri
             .authority()
@@ -152,7 +156,7 @@ async fn forward(state: &Arc<ProxyState>, conn: &ConnInfo, routed: Routed) -> Re
     let needs_fallback = match &attempt {
         Attempt::Answered(r) => r.status().is_server_error(),
         Attempt::Failed(..) => true,
-        Attempt::ClientIdle(_) => false,
+        Attempt::ClientIdle(_) | Attempt::ClientBroke => false,
     };
     let mut served = target.upstream;
     let (mut response, activity) = match (needs_fallback, fallback, spare, replay.as_ref()) {
@@ -160,7 +164,7 @@ async fn forward(state: &Arc<ProxyState>, conn: &ConnInfo, routed: Routed) -> Re
             let why = match &attempt {
                 Attempt::Answered(r) => format!("answered {}", r.status()),
                 Attempt::Failed(kind, _) => kind.as_str().to_string(),
-                Attempt::ClientIdle(_) => "client idle".to_string(),
+                Attempt::ClientIdle(_) | Attempt::ClientBroke => "client".to_string(),
             };
             drop(attempt);
             let alternate = &state.upstreams[fallback.upstream];
@@ -180,12 +184,14 @@ async fn forward(state: &Arc<ProxyState>, conn: &ConnInfo, routed: Routed) -> Re
                 (Attempt::Answered(r), activity) => (r, activity),
                 (Attempt::Failed(kind, message), _) => return unsent(failure(kind, message)),
                 (Attempt::ClientIdle(idle), _) => return unsent(client_idle(idle)),
+                (Attempt::ClientBroke, _) => return unsent(client_broke()),
             }
         }
         _ => match attempt {
             Attempt::Answered(r) => (r, activity),
             Attempt::Failed(kind, message) => return unsent(failure(kind, message)),
             Attempt::ClientIdle(idle) => return unsent(client_idle(idle)),
+            Attempt::ClientBroke => return unsent(client_broke()),
         },
     };
 
@@ -260,6 +266,16 @@ fn client_idle(idle: std::time::Duration) -> Response<ProxyBody> {
         StatusCode::REQUEST_TIMEOUT,
         "client",
         format!("ficus: no request body bytes for {idle:?}\n"),
+    )
+}
+
+/// The answer (if the client is still there to read it) to a request whose body broke off:
+/// the same as when a body kept for a fallback does.
+fn client_broke() -> Response<ProxyBody> {
+    proxy_error(
+        StatusCode::BAD_REQUEST,
+        "client",
+        "ficus: the request body ended before it was complete\n".to_string(),
     )
 }
 
@@ -359,8 +375,14 @@ fn rewrite_path(
     out.parse().ok()
 }
 
-/// One attempt at `upstream`: builds the request for it, waits up to `timeout` for the
-/// response head, and classifies failures (counted per upstream).
+/// One attempt at `upstream`: builds the request for it, waits for the response head up to
+/// `timeout` after the request body has ended, and classifies failures (counted per
+/// upstream).
+///
+/// The `timeout` clock starts at the body's end, as Envoy's route timeout does, because
+/// until then the upstream is waiting for the client: a long upload is not a slow upstream
+/// (its stalls are `idle_timeout`'s). A request without a body ends at once, so for most
+/// requests the clock starts when they are sent.
 async fn send(
     upstream: &UpstreamClient,
     parts: http::request::Parts,
@@ -374,14 +396,30 @@ async fn send(
     let mut request = Request::from_parts(parts, Idle::new(body, activity.clone()).request_side());
     *request.uri_mut() = upstream.target(path_and_query, request.headers_mut());
     let started = Instant::now();
-    let result = tokio::time::timeout(upstream.timeout, upstream.client.request(request)).await;
+    let response = upstream.client.request(request);
+    let result = until_timeout_after_request(response, &activity, upstream.timeout).await;
     let attempt = match result {
+        Ok(Ok(response)) if framing_conflict(response.headers()) => {
+            // RFC 9112 section 6.3: a response with both is a sign of response splitting, to
+            // be handled as an error; hyper read it as chunked, but the `Content-Length` a
+            // client would see could cut it short. The connection is dropped with it.
+            upstream.metrics.error(UpstreamErrorKind::Protocol);
+            tracing::warn!(upstream = %upstream.name, "upstream response has both Content-Length and Transfer-Encoding");
+            Attempt::Failed(
+                UpstreamErrorKind::Protocol,
+                describe(UpstreamErrorKind::Protocol, &upstream.name),
+            )
+        }
         Ok(Ok(response)) => {
             upstream
                 .metrics
                 .duration
                 .observe(started.elapsed().as_secs_f64());
             Attempt::Answered(response)
+        }
+        Ok(Err(_)) if activity.request_failed() => {
+            tracing::debug!(upstream = %upstream.name, "the client's request body broke off");
+            return (Attempt::ClientBroke, activity);
         }
         Ok(Err(error)) => {
             let kind = classify(&error);
@@ -396,7 +434,7 @@ async fn send(
             tracing::warn!(upstream = %upstream.name, kind = kind.as_str(), error = %error_chain(&error), "upstream request failed");
             Attempt::Failed(kind, describe(kind, &upstream.name))
         }
-        Err(_elapsed) => {
+        Err(()) => {
             upstream.metrics.error(UpstreamErrorKind::Timeout);
             tracing::warn!(upstream = %upstream.name, timeout = ?upstream.timeout, "upstream timed out before response headers");
             Attempt::Failed(
@@ -409,6 +447,36 @@ async fn send(
         }
     };
     (attempt, activity)
+}
+
+/// Waits for `response` until `timeout` has passed since the request body ended (see
+/// [`send`]); `Err` when it has.
+async fn until_timeout_after_request<F: Future>(
+    response: F,
+    activity: &Activity,
+    timeout: std::time::Duration,
+) -> Result<F::Output, ()> {
+    let deadline = |now: Instant| activity.request_end().unwrap_or(now) + timeout;
+    let sleep = tokio::time::sleep_until(deadline(Instant::now()));
+    tokio::pin!(response, sleep);
+    loop {
+        tokio::select! {
+            biased;
+            output = &mut response => return Ok(output),
+            () = &mut sleep => {
+                let now = Instant::now();
+                let due = deadline(now);
+                if activity.request_ended() && due <= now {
+                    return Err(());
+                }
+                sleep.as_mut().reset(due);
+            }
+        }
+    }
+}
+
+fn framing_conflict(headers: &http::HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING) && headers.contains_key(header::CONTENT_LENGTH)
 }
 
 /// After a `101`, the two connections are joined byte for byte until either side closes.

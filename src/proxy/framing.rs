@@ -8,6 +8,11 @@
 //!
 //! Also refused with `400` (`x-ficus-error: host`), the connection kept: a `Host` that is
 //! missing from an HTTP/1.1 request, repeated or invalid (RFC 9112 §3.2 says MUST).
+//!
+//! And `CONNECT` with `405` (`x-ficus-error: method`), the connection closed: it asks for a
+//! tunnel to a host of the client's choosing, which a proxy in front of one application does
+//! not open (nginx refuses it too); forwarded, its authority-form target would be lost and
+//! the client would get no answer it could use.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -111,6 +116,18 @@ where
     }
 
     fn call(&mut self, routed: Routed) -> Self::Future {
+        if routed.request.method() == http::Method::CONNECT {
+            tracing::debug!("refused a CONNECT request");
+            let mut response = proxy_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method",
+                "ficus: CONNECT is not proxied\n".into(),
+            );
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return Either::Left(std::future::ready(Ok(response)));
+        }
         let reason = if self.conn.ambiguous.is_set() {
             Some(BOTH)
         } else {

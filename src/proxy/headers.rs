@@ -54,7 +54,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> HopInfo {
                 {
                     // Connection options, not field names.
                 } else if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
-                    named.push(name);
+                    // `Host` is kept whatever `Connection` says (SPEC section 3): without it
+                    // the upstream would see ficus's own idea of the host, or none.
+                    if name != header::HOST {
+                        named.push(name);
+                    }
                 }
             }
         }
@@ -232,6 +236,20 @@ mod tests {
             let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
             assert_eq!(names, ["host", "x-proxy-connection"], "{name}");
         }
+    }
+
+    /// SPEC section 3 keeps `Host`; a client naming it in `Connection` cannot take it away.
+    #[test]
+    fn a_host_named_in_connection_is_kept() {
+        let mut h = map(&[
+            ("host", "shop.example"),
+            ("connection", "Host, x-hop"),
+            ("x-hop", "1"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["host"]);
+        assert_eq!(h["host"], "shop.example");
     }
 
     #[test]

@@ -199,12 +199,19 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        let frame = ready!(this.inner.poll_frame(cx));
+        let mut this = self.project();
+        let frame = ready!(this.inner.as_mut().poll_frame(cx));
         match &frame {
             Some(Ok(f)) => {
                 if let (Some(done), Some(data)) = (this.done.as_mut(), f.data_ref()) {
                     done.bytes += data.len() as u64;
+                }
+                // hyper stops polling a body that says it ended with this frame (its
+                // `Content-Length` reached): it is complete now, not at the drop.
+                if this.inner.is_end_stream() {
+                    if let Some(done) = this.done.take() {
+                        done.finish(true);
+                    }
                 }
             }
             None => {

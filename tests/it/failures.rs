@@ -37,6 +37,27 @@ async fn upstream_errors(ficus: &Ficus, kind: &str) -> f64 {
     .expect("series exists")
 }
 
+/// An upstream that answers every request with `answer`, byte for byte.
+async fn raw_upstream(answer: &'static [u8]) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = tcp.read(&mut buf).await;
+            let _ = tcp.write_all(answer).await;
+        }
+    });
+    addr
+}
+
+/// [`send`] for a streaming request body.
+async fn send_collected(addr: std::net::SocketAddr, req: Request<Body>) -> http::Response<Bytes> {
+    let (parts, body) = send_streaming(addr, req).await.into_parts();
+    let body = body.collect().await.expect("response body").to_bytes();
+    http::Response::from_parts(parts, body)
+}
+
 fn get_req(path: &str) -> Request<Full<Bytes>> {
     Request::get(path)
         .header("host", "shop")
@@ -118,17 +139,23 @@ async fn reset_after_the_response_head_cuts_the_client_body_and_counts_reset() {
     .await;
 }
 
+/// RFC 9112 section 6.3: both framings on one response is a sign of response splitting. hyper
+/// reads it as chunked; forwarding its `Content-Length` would cut the body short in the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_with_both_content_length_and_transfer_encoding_is_502_protocol() {
+    let addr = raw_upstream(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    let ficus = Ficus::start(addr, "").await;
+    let resp = send(ficus.addr, get_req("/")).await;
+    assert_ficus_error(&resp, 502, "protocol");
+    assert_eq!(upstream_errors(&ficus, "protocol").await, 1.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_response_is_502_protocol() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            let mut buf = [0u8; 4096];
-            let _ = tcp.read(&mut buf).await;
-            let _ = tcp.write_all(b"SSH-2.0-OpenSSH_9.6\r\n\r\n").await;
-        }
-    });
+    let addr = raw_upstream(b"SSH-2.0-OpenSSH_9.6\r\n\r\n").await;
     let ficus = Ficus::start(addr, "").await;
     let resp = send(ficus.addr, get_req("/")).await;
     assert_ficus_error(&resp, 502, "protocol");
@@ -171,6 +198,61 @@ fn slow_stream(chunks: usize, gap: Duration, then_stall: bool) -> Body {
         Some((frame, i + 1))
     });
     BodyExt::boxed(StreamBody::new(stream))
+}
+
+/// `timeout` runs from the request body's end: an upload that takes longer than it, while the
+/// upstream reads it, is not the upstream's slowness.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_upload_is_not_cut_by_the_header_timeout() {
+    let upstream = TestUpstream::echo().await;
+    let ficus = Ficus::start(upstream.addr, "    timeout: 300ms\n    idle_timeout: 2s\n").await;
+    // 6 chunks 150 ms apart: 750 ms of upload, the upstream answering only after its end.
+    let req = Request::post("/upload")
+        .header("host", "a")
+        .body(slow_stream(6, Duration::from_millis(150), false))
+        .expect("request");
+    let started = tokio::time::Instant::now();
+    let resp = send_collected(ficus.addr, req).await;
+    assert_eq!(resp.status(), 200, "{:?}", resp.body());
+    let seen: serde_json::Value = serde_json::from_slice(resp.body()).expect("echo's JSON");
+    assert_eq!(
+        seen["body_len"], 6000,
+        "the whole upload reached the upstream"
+    );
+    assert!(
+        started.elapsed() > Duration::from_millis(300),
+        "the upload outlived the timeout"
+    );
+    assert_eq!(upstream_errors(&ficus, "timeout").await, 0.0);
+}
+
+/// After the upload, the clock runs: an upstream that then says nothing is `504` after
+/// `timeout`, however long the upload took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_header_timeout_starts_when_the_upload_ends() {
+    let upstream = TestUpstream::with(
+        |req: http::Request<hyper::body::Incoming>, _rec| async move {
+            let _ = req.into_body().collect().await;
+            std::future::pending::<()>().await;
+            unreachable!()
+        },
+    )
+    .await;
+    let ficus = Ficus::start(upstream.addr, "    timeout: 300ms\n    idle_timeout: 2s\n").await;
+    let req = Request::post("/upload")
+        .header("host", "a")
+        .body(slow_stream(4, Duration::from_millis(150), false))
+        .expect("request");
+    let started = tokio::time::Instant::now();
+    let resp = send_collected(ficus.addr, req).await;
+    assert_ficus_error(&resp, 504, "timeout");
+    // 450 ms of upload, then 300 ms of silence.
+    assert!(
+        started.elapsed() >= Duration::from_millis(750),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(upstream_errors(&ficus, "timeout").await, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -244,6 +326,36 @@ async fn a_stalled_upload_is_cut_after_idle_timeout_with_408_and_no_upstream_err
         (sample(&ficus.metrics().await, "ficus_requests_total", &labels) == Some(1.0)).then_some(())
     })
     .await;
+}
+
+/// A client that goes away in the middle of its upload broke the exchange, not the upstream:
+/// no `reset` counted against it, and the request counted as the client's `400`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_mid_upload_is_not_an_upstream_reset() {
+    let upstream = TestUpstream::echo().await;
+    let ficus = Ficus::start(upstream.addr, "").await;
+    let mut tcp = tokio::net::TcpStream::connect(ficus.addr)
+        .await
+        .expect("connect");
+    tcp.write_all(b"POST /up HTTP/1.1\r\nhost: a\r\ncontent-length: 100\r\n\r\n0123456789")
+        .await
+        .expect("write");
+    eventually(WAIT, "upstream got the request", || async {
+        (upstream.recorder.accepted() == 1).then_some(())
+    })
+    .await;
+    drop(tcp);
+    let labels = [("route", "default"), ("method", "POST"), ("code", "400")];
+    eventually(WAIT, "the client's 400 counted", || async {
+        (sample(&ficus.metrics().await, "ficus_requests_total", &labels) == Some(1.0)).then_some(())
+    })
+    .await;
+    assert_eq!(upstream_errors(&ficus, "reset").await, 0.0);
+    let codes = [("route", "default"), ("method", "POST"), ("code", "502")];
+    assert_eq!(
+        sample(&ficus.metrics().await, "ficus_requests_total", &codes),
+        None
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -160,6 +160,27 @@ async fn a_missing_repeated_or_invalid_host_is_400_and_not_forwarded() {
     );
 }
 
+/// A tunnel to a host of the client's choosing is not what a sidecar in front of one
+/// application opens: `405`, connection closed, nothing forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_is_405_and_not_forwarded() {
+    let upstream = TestUpstream::echo().await;
+    let ficus = Ficus::start(upstream.addr, "").await;
+    let response = raw_exchange(
+        ficus.addr,
+        b"CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\n\r\n",
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 405"), "{response}");
+    assert!(response.contains("x-ficus-error: method"), "{response}");
+    assert!(response.contains("connection: close"), "{response}");
+    assert_eq!(
+        upstream.recorder.accepted(),
+        0,
+        "nothing reached the upstream"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_absolute_form_target_sets_the_host_the_upstream_sees() {
     let upstream = TestUpstream::echo().await;

@@ -305,6 +305,34 @@ async fn h2c_prior_knowledge_reaches_http1_upstream_unchanged() {
     );
 }
 
+/// RFC 9113 section 8.3.1: an intermediary forwarding to HTTP/1.1 uses `:authority` as `Host`,
+/// replacing a `host` field the client also sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_authority_replaces_a_host_field_the_client_also_sent() {
+    let (upstream, _) = versioned_echo().await;
+    let ficus = Ficus::start(upstream.addr, "").await;
+    let mut client = h2c_client::<Full<Bytes>>(ficus.addr).await;
+    let req = Request::get("http://auth.example/orders")
+        .header("host", "other.example")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let resp = client.send_request(req).await.expect("response over h2c");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let seen = upstream.requests();
+    let seen = seen.last().expect("forwarded");
+    let hosts: Vec<&[u8]> = seen
+        .headers
+        .iter()
+        .filter(|(n, _)| n == "host")
+        .map(|(_, v)| v.as_slice())
+        .collect();
+    assert_eq!(hosts, [b"auth.example".as_slice()]);
+    assert_eq!(
+        seen.header("x-forwarded-host").as_deref(),
+        Some("auth.example")
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. h2 over TLS by ALPN, and HTTP/1.1 over TLS
 // ---------------------------------------------------------------------------------------------
