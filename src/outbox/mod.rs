@@ -129,7 +129,9 @@
 //! the segments every cursor has passed (keeping one as `segments/recycled`, see above); only
 //! whole segments are deleted, never the active one. `max_bytes` counts segment bytes on disk
 //! plus bytes queued: an append that would pass it fails with [`OutboxError::Full`] and
-//! queues nothing. So that commits can always free
+//! queues nothing, except [`Outbox::append_admitted`]: the events of a request the proxy let
+//! through because there was room (`when_full: reject`) are kept even when they pass it,
+//! since the monolith has acted on that request by then. So that commits can always free
 //! space, segments are at most a quarter of `max_bytes`. Preallocated zeros and recycled
 //! segments are not counted; a spare is made, or a passed segment kept, only while the
 //! records leave room for it and the active segment's unused tail (two segments) below
@@ -560,7 +562,7 @@ impl Outbox {
     /// [`OutboxError::Full`], queueing nothing, when segment bytes on disk plus bytes queued
     /// plus these would pass `max_bytes`. Never blocks on IO.
     pub fn append(&self, payloads: Vec<Bytes>) -> Result<Ticket, OutboxError> {
-        self.queue(payloads, true)
+        self.queue(payloads, true, true)
     }
 
     /// [`append`](Self::append) for a caller that will not wait until the payloads are
@@ -568,10 +570,31 @@ impl Outbox {
     /// answer on (allocated, answered and freed for each append, it cost more than the
     /// append). Returns the first payload's seq.
     pub fn append_untracked(&self, payloads: Vec<Bytes>) -> Result<u64, OutboxError> {
-        self.queue(payloads, false).map(|ticket| ticket.first_seq)
+        self.queue(payloads, false, true)
+            .map(|ticket| ticket.first_seq)
     }
 
-    fn queue(&self, payloads: Vec<Bytes>, tracked: bool) -> Result<Ticket, OutboxError> {
+    /// [`append`](Self::append) (`tracked`, else without a channel, as
+    /// [`append_untracked`](Self::append_untracked)) for the events of a request that
+    /// [`has_room`](Self::has_room) admitted before it reached the upstream (`when_full:
+    /// reject`): queued even when they pass `max_bytes`. The upstream has changed its state
+    /// by now, and the SPEC allows no state change without its event; an event larger than
+    /// the room the admission saw, or requests admitted together, pass `max_bytes` by at most
+    /// the events of the requests in flight.
+    pub fn append_admitted(
+        &self,
+        payloads: Vec<Bytes>,
+        tracked: bool,
+    ) -> Result<Ticket, OutboxError> {
+        self.queue(payloads, tracked, false)
+    }
+
+    fn queue(
+        &self,
+        payloads: Vec<Bytes>,
+        tracked: bool,
+        limited: bool,
+    ) -> Result<Ticket, OutboxError> {
         let shared = self.shared();
         let max = shared.store.max_payload();
         let mut bytes = 0u64;
@@ -601,12 +624,13 @@ impl Outbox {
             });
         }
         let max_bytes = shared.settings.max_bytes;
-        if shared
-            .store
-            .bytes()
-            .saturating_add(q.bytes)
-            .saturating_add(bytes)
-            > max_bytes
+        if limited
+            && shared
+                .store
+                .bytes()
+                .saturating_add(q.bytes)
+                .saturating_add(bytes)
+                > max_bytes
         {
             return Err(OutboxError::Full { max_bytes });
         }

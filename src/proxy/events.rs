@@ -631,10 +631,16 @@ fn emit(
     events
         .largest
         .fetch_max(size, std::sync::atomic::Ordering::Relaxed);
-    let appended = if tracked {
-        events.outbox.append(payloads).map(Some)
-    } else {
-        events.outbox.append_untracked(payloads).map(|_| None)
+    let appended = match (events.when_full, tracked) {
+        // The request was admitted with room to spare before the upstream saw it; its events
+        // are kept even if they pass `max_bytes` (larger than any before, or requests
+        // admitted together), since the upstream has acted on it.
+        (WhenFull::Reject, tracked) => events
+            .outbox
+            .append_admitted(payloads, tracked)
+            .map(|ticket| tracked.then_some(ticket)),
+        (WhenFull::Drop, true) => events.outbox.append(payloads).map(Some),
+        (WhenFull::Drop, false) => events.outbox.append_untracked(payloads).map(|_| None),
     };
     match appended {
         Ok(ticket) => {

@@ -705,6 +705,69 @@ async fn a_full_outbox_rejects_matching_requests_before_the_monolith() {
     assert_eq!(get(ficus.addr, "/orders/1").await.0, 404);
 }
 
+/// `reject` admits a request while there is room for the largest event seen so far; one whose
+/// event turns out larger than the room left has still changed the monolith's state, so its
+/// event is kept past `max_bytes`, never dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admitted_request_keeps_its_event_even_past_max_bytes() {
+    let upstream = shop().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port().await;
+    let sinks = format!("  broker: {{ type: http, url: \"http://{port}/\" }}");
+    let extra = "  max_bytes: 1MiB\n  when_full: reject\n";
+    let ficus = Ficus::start(
+        upstream.addr,
+        &whole_body_rule(&sinks, &dir.path().join("outbox"), extra),
+    )
+    .await;
+    let order = |i: usize, pad: &str| {
+        Request::post("/orders")
+            .header("host", "shop")
+            .header("content-type", "application/json")
+            .header("x-order-id", i.to_string())
+            .header("x-pad", pad)
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .expect("request")
+    };
+    // 10 KB events until less than 150 KB is left: room for the largest seen, not for 200 KB.
+    let mut i = 0;
+    loop {
+        assert!(i < 200, "the outbox never filled");
+        assert_eq!(send(ficus.addr, order(i, "10000")).await.status(), 201);
+        i += 1;
+        let bytes = sample(&ficus.metrics().await, "ficus_outbox_bytes", &[]).expect("gauge");
+        if bytes > f64::from(1 << 20) - 150_000.0 {
+            break;
+        }
+    }
+    let resp = send(ficus.addr, order(i, "200000")).await;
+    assert_eq!(resp.status(), 201, "admitted, and its event kept: {resp:?}");
+    i += 1;
+    let m = ficus.metrics().await;
+    let emitted = sample(
+        &m,
+        "ficus_events_emitted_total",
+        &[("rule", "order-created")],
+    );
+    assert_eq!(
+        emitted,
+        Some(i as f64),
+        "every admitted request has its event"
+    );
+    let dropped = sample(
+        &m,
+        "ficus_events_dropped_total",
+        &[("reason", "outbox_full")],
+    );
+    assert!(matches!(dropped, None | Some(0.0)), "dropped {dropped:?}");
+    let bytes = sample(&m, "ficus_outbox_bytes", &[]).expect("gauge");
+    assert!(bytes > f64::from(1 << 20), "past max_bytes: {bytes}");
+    // From now on, requests are refused before the monolith.
+    let resp = send(ficus.addr, order(i, "10")).await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(upstream.requests().len(), i);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_outbox_with_drop_forwards_and_counts() {
     let upstream = shop().await;
