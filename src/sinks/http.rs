@@ -68,10 +68,17 @@ impl HttpSink {
         extra: Vec<(HeaderName, HeaderValue)>,
         body: Bytes,
     ) -> Request<Full<Bytes>> {
+        let empty = body.is_empty();
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = Method::POST;
         *request.uri_mut() = self.settings.url.clone();
         let headers = request.headers_mut();
+        if empty {
+            // hyper sends no length for an empty body; RFC 9110 section 8.6 asks a POST for
+            // one, and a front end that insists (`411`, a 4xx) would dead-letter every event
+            // without data (a `204`'s).
+            headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        }
         if let Some(ct) = content_type.and_then(|c| HeaderValue::from_str(c).ok()) {
             headers.insert(CONTENT_TYPE, ct);
         }

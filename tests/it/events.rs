@@ -436,6 +436,40 @@ async fn http_sink_binary_structured_and_batch_modes() {
     }
 }
 
+/// An event without data (a `204`'s) goes in binary mode as a POST with an empty body, which
+/// still says its length: a front end that insists on one (`411`) would dead-letter it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_sink_binary_mode_posts_an_event_without_data_with_content_length_0() {
+    let upstream = shop().await;
+    let sink = http_sink(None).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sinks = format!(
+        "  broker: {{ type: http, url: \"http://{}/events\" }}",
+        sink.upstream.addr
+    );
+    let ficus = Ficus::start(
+        upstream.addr,
+        &rules(&sinks, &dir.path().join("outbox"), ""),
+    )
+    .await;
+    let req = Request::delete("/orders/7")
+        .header("host", "shop")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    assert_eq!(send(ficus.addr, req).await.status(), 204);
+    let seen = eventually(WAIT, "the event at the HTTP sink", || async {
+        sink.upstream.requests().into_iter().next()
+    })
+    .await;
+    assert_eq!(
+        seen.header("ce-type").as_deref(),
+        Some("shop.order.cancelled")
+    );
+    assert!(seen.body.is_empty());
+    assert_eq!(seen.header("content-length").as_deref(), Some("0"));
+    assert!(seen.header("transfer-encoding").is_none());
+}
+
 /// A loopback address nothing listens on (bound, then freed): a sink that is down until the
 /// test listens there.
 async fn free_port() -> std::net::SocketAddr {
