@@ -912,7 +912,7 @@ mod tests {
             "f.yaml:3:13: upstreams.b.url: invalid port `0`",
             "f.yaml:4:13: upstreams.c.url: invalid port `99999`",
             "f.yaml:5:13: upstreams.d.url: invalid port ``",
-            "f.yaml:10:27: sinks.s.url: invalid port `99999`",
+            "f.yaml:10:25: sinks.s.url: invalid port `99999`",
         ];
         assert_errors(&errors, &expected);
     }
