@@ -893,6 +893,19 @@ mod tests {
     }
 
     #[test]
+    fn every_unset_variable_of_a_value_is_reported() {
+        let errors = load(concat!(
+            "upstreams:\n",
+            "  m: { url: \"http://${MISSING1}:${MISSING2}\" }\n",
+        ))
+        .expect_err("invalid");
+        assert_errors(
+            &errors,
+            &["f.yaml:2:13: upstreams.m.url: environment variables `MISSING1`, `MISSING2` are not set"],
+        );
+    }
+
+    #[test]
     fn a_url_port_that_no_connection_can_use_is_an_error_not_port_80() {
         let errors = load(concat!(
             "upstreams:\n",
