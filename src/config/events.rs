@@ -689,7 +689,16 @@ pub(super) fn decode_events(
     let f = d.map(node, "events", &["source", "rules", "redact"])?;
     let source = f
         .get("source")
-        .and_then(|n| d.string(n, "events.source"))
+        .and_then(|n| {
+            let s = d.string(n, "events.source")?;
+            match uri_reference(&s) {
+                Ok(()) => Some(s),
+                Err(msg) => {
+                    d.error(n.mark, "events.source", msg);
+                    None
+                }
+            }
+        })
         .unwrap_or_else(|| DEFAULT_SOURCE.to_string());
     let redact = match f.get("redact") {
         Some(n) => {
@@ -757,6 +766,39 @@ pub(super) fn decode_events(
         source,
         rules: Arc::new(rules),
     })
+}
+
+/// Whether `s` can be a CloudEvents `source`, which must be a non-empty URI-reference (RFC 3986
+/// section 4.1). The check is on characters only: those RFC 3986 allows (letters, digits,
+/// `-._~`, the delimiters `:/?#[]@!$&'()*+,;=`, and `%` starting two hex digits), which rules
+/// out spaces, control characters and unencoded non-ASCII text. The finer grammar (one `#`,
+/// brackets only around an IP literal) is not checked.
+fn uri_reference(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Err(
+            "must not be empty: a CloudEvents `source` is a URI-reference such as /legacy/shop"
+                .into(),
+        );
+    }
+    let bytes = s.as_bytes();
+    for (i, c) in s.char_indices() {
+        let allowed = c.is_ascii_alphanumeric() || "-._~:/?#[]@!$&'()*+,;=".contains(c);
+        if c == '%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit));
+            if !hex {
+                return Err(format!(
+                    "`{s}` is not a URI-reference: `%` must start a percent-encoding such as %20"
+                ));
+            }
+        } else if !allowed {
+            return Err(format!(
+                "`{s}` is not a URI-reference: {c:?} is not allowed (percent-encode it, e.g. %20 for a space)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn strings(d: &mut Decoder<'_>, node: &Node, path: &str) -> Vec<(String, super::yaml::Mark)> {
@@ -830,13 +872,36 @@ fn decode_rule(d: &mut Decoder<'_>, node: &Node, path: &str, sinks: &[SinkConfig
         .get("if")
         .and_then(|n| d.parse(n, &join(path, "if"), Condition::compile));
     let ty = match f.get("type") {
-        Some(n) => template(d, Some(n), &join(path, "type")),
+        // An empty constant would skip the rule on every exchange: an event needs a type.
+        Some(n) => template(d, Some(n), &join(path, "type")).filter(|t| {
+            let empty = t.as_constant() == Some("");
+            if empty {
+                d.error(n.mark, &join(path, "type"), "must not be empty");
+            }
+            !empty
+        }),
         None => {
             d.error(f.mark, &join(path, "type"), "is required");
             None
         }
     };
-    let source = template(d, f.get("source"), &join(path, "source"));
+    // A constant `source` is checked now; a templated one is only known per exchange.
+    let source = template(d, f.get("source"), &join(path, "source")).filter(|t| {
+        let Some(constant) = t.as_constant() else {
+            return true;
+        };
+        match uri_reference(constant) {
+            Ok(()) => true,
+            Err(msg) => {
+                d.error(
+                    f.get("source").map_or(f.mark, |n| n.mark),
+                    &join(path, "source"),
+                    msg,
+                );
+                false
+            }
+        }
+    });
     let subject = template(d, f.get("subject"), &join(path, "subject"));
     let partition_key = template(d, f.get("partition_key"), &join(path, "partition_key"));
     let id = template(d, f.get("id"), &join(path, "id"));
@@ -986,6 +1051,7 @@ pub(super) fn to_json(d: &mut Decoder<'_>, node: &Node, path: &str) -> Option<se
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::assert_errors;
     use super::super::{Config, LoadError};
     use super::*;
 
@@ -996,6 +1062,65 @@ mod tests {
             LoadError::Invalid(list) => list.iter().map(|e| e.to_string()).collect(),
             other => vec![other.to_string()],
         })
+    }
+
+    /// The rules' part of a config, after one upstream and one sink.
+    fn load_rules(events: &str) -> Result<Config, Vec<String>> {
+        super::super::tests::load(&format!(
+            "upstreams: {{ m: {{ url: \"http://a:1\" }} }}\nsinks: {{ out: {{ type: stdout }} }}\n{events}"
+        ))
+    }
+
+    #[test]
+    fn a_source_must_be_a_uri_reference_and_a_type_not_empty() {
+        let errors = load_rules(concat!(
+            "events:\n",
+            "  source: \"\"\n",
+            "  rules:\n",
+            "    - name: a\n",
+            "      match: { path: /a }\n",
+            "      type: \"\"\n",
+            "      source: \"/has space\"\n",
+            "    - name: b\n",
+            "      match: { path: /b }\n",
+            "      type: \"{response.body.kind}\"\n",
+            "      source: \"{request.headers.x-source}\"\n",
+            "    - name: c\n",
+            "      match: { path: /c }\n",
+            "      type: t\n",
+            "      source: \"/bad%zz\"\n",
+            "    - name: d\n",
+            "      match: { path: /d }\n",
+            "      type: t\n",
+            "      source: \"\"\n",
+        ))
+        .expect_err("invalid");
+        assert_errors(
+            &errors,
+            &[
+                "f.yaml:4:11: events.source: must not be empty: a CloudEvents `source` is a URI-reference",
+                "f.yaml:8:13: events.rules[0].type: must not be empty",
+                "f.yaml:9:15: events.rules[0].source: `/has space` is not a URI-reference: ' ' is not allowed",
+                "f.yaml:17:15: events.rules[2].source: `/bad%zz` is not a URI-reference: `%` must start a percent-encoding",
+                "f.yaml:21:15: events.rules[3].source: must not be empty",
+            ],
+        );
+        let errors = load_rules("events: { source: \"legacy shop\" }\n").expect_err("invalid");
+        assert_errors(
+            &errors,
+            &["f.yaml:3:19: events.source: `legacy shop` is not a URI-reference"],
+        );
+        for fine in [
+            "/legacy/shop",
+            "urn:shop:orders",
+            "https://shop.example.com/orders?x=1#y",
+            "//host/p%20q",
+            "/~a-b_c.d!$&'()*+,;=:@[]",
+        ] {
+            let config = load_rules(&format!("events: {{ source: \"{fine}\" }}\n"))
+                .unwrap_or_else(|e| panic!("{fine}: {e:?}"));
+            assert_eq!(config.events.map(|e| e.source).as_deref(), Some(fine));
+        }
     }
 
     #[test]

@@ -826,7 +826,7 @@ fn decode_log(d: &mut Decoder<'_>, node: Option<&Node>) -> Log {
 mod tests {
     use super::*;
 
-    fn load(text: &str) -> Result<Config, Vec<String>> {
+    pub(super) fn load(text: &str) -> Result<Config, Vec<String>> {
         let env = |name: &str| match name {
             "MONOLITH" => Some("http://127.0.0.1:3000".to_string()),
             _ => None,
@@ -852,7 +852,7 @@ mod tests {
     }
 
     /// Exactly the `expected` errors (each given by how it starts), in any order.
-    fn assert_errors(errors: &[String], expected: &[&str]) {
+    pub(super) fn assert_errors(errors: &[String], expected: &[&str]) {
         for want in expected {
             assert!(
                 errors.iter().any(|e| e.starts_with(want)),

@@ -553,7 +553,8 @@ pub enum SkipReason {
     Condition,
     /// The `if` condition failed to evaluate, or did not give a bool.
     ConditionError(String),
-    /// `type` came out null or empty.
+    /// A templated `type` came out null or empty (a constant one cannot: the config refuses
+    /// an empty `type`).
     MissingType,
 }
 
