@@ -1124,6 +1124,27 @@ mod tests {
     }
 
     #[test]
+    fn a_condition_calling_an_unknown_function_or_never_bool_is_refused_at_its_value() {
+        let errors = load_rules(concat!(
+            "events:\n",
+            "  rules:\n",
+            "    - { name: a, match: { path: /a }, type: t, if: 'nosuchfunc(1)' }\n",
+            "    - { name: b, match: { path: /b }, type: t, if: 'response.body.id.nosuchmethod()' }\n",
+            "    - { name: c, match: { path: /c }, type: t, if: 42 }\n",
+            "    - { name: d, match: { path: /d }, type: t, if: 'response.body.id.startsWith(\"x\")' }\n",
+        ))
+        .expect_err("invalid");
+        assert_errors(
+            &errors,
+            &[
+                "f.yaml:5:52: events.rules[0].if: unknown function `nosuchfunc`",
+                "f.yaml:6:52: events.rules[1].if: unknown method `nosuchmethod`",
+                "f.yaml:7:52: events.rules[2].if: the condition must give true or false, it is always the int 42",
+            ],
+        );
+    }
+
+    #[test]
     fn nats_and_redis_sinks_decode() {
         let config = load(concat!(
             "  bus: { type: nats, url: \"nats://127.0.0.1:4222, nats://127.0.0.1:4223\", subject: \"shop.{type}\", create_stream: SHOP, token: \"${NATS_TOKEN}\", tls: true, timeout: 2s }\n",
