@@ -17,7 +17,7 @@ use super::{valid_name, UpstreamTls};
 use crate::dispatch::Retry;
 use crate::outbox::{Durability, WhenFull};
 use crate::rules::{
-    Condition, DataTemplate, PathTemplate, Redactor, Rule, RuleSet, StatusMatch, Template,
+    Condition, DataTemplate, KeyStep, PathTemplate, Redactor, Rule, RuleSet, StatusMatch, Template,
 };
 use crate::sinks::amqp::{self, AmqpSinkSettings};
 use crate::sinks::http::{HttpMode, HttpSinkSettings};
@@ -906,20 +906,10 @@ fn decode_rule(d: &mut Decoder<'_>, node: &Node, path: &str, sinks: &[SinkConfig
     let partition_key = template(d, f.get("partition_key"), &join(path, "partition_key"));
     let id = template(d, f.get("id"), &join(path, "id"));
     let sequence = template(d, f.get("sequence"), &join(path, "sequence"));
-    let data = f.get("data").and_then(|n| {
-        let dpath = join(path, "data");
-        if !data_templates_parse(d, n, &dpath) {
-            return None;
-        }
-        let json = to_json(d, n, &dpath)?;
-        match DataTemplate::from_json(&json) {
-            Ok(t) => Some(t),
-            Err(msg) => {
-                d.error(n.mark, &dpath, msg);
-                None
-            }
-        }
-    });
+    let mut data_ok = true;
+    let data = f
+        .get("data")
+        .map(|n| decode_data(d, n, &join(path, "data"), &mut data_ok));
     let rule_sinks = f.get("sinks").map(|n| {
         let spath = join(path, "sinks");
         let list = strings(d, n, &spath);
@@ -936,13 +926,16 @@ fn decode_rule(d: &mut Decoder<'_>, node: &Node, path: &str, sinks: &[SinkConfig
         }
         list.into_iter().map(|(s, _)| s).collect::<Vec<_>>()
     });
+    let complete = name.is_some() && status.is_some() && ty.is_some() && data_ok;
+    // The rule's own checks run whenever its path is known, even when another part is
+    // invalid (and reported already): each error is reported on the first run.
     let rule = Rule {
-        name: name?,
+        name: name.unwrap_or_default(),
         method,
         path: route?,
-        status: status?,
+        status: status.unwrap_or_else(StatusMatch::default_2xx),
         condition,
-        ty: ty?,
+        ty: ty.unwrap_or_else(|| Template::constant("")),
         source,
         subject,
         partition_key,
@@ -951,11 +944,49 @@ fn decode_rule(d: &mut Decoder<'_>, node: &Node, path: &str, sinks: &[SinkConfig
         data,
         sinks: rule_sinks,
     };
-    for (key, message) in rule.check() {
-        let mark = f.get(key).map_or(f.mark, |n| n.mark);
-        d.error(mark, &join(path, key), message);
+    for problem in rule.check() {
+        let (mark, at) = locate(node, &problem.at);
+        d.error(mark, &format!("{path}{at}"), problem.message);
     }
-    Some(rule)
+    complete.then_some(rule)
+}
+
+/// The value at key path `at` inside a rule's `node`, and the path as text (`.data.items[1]`):
+/// the mark of the deepest value found, so that an error is at the value it is about.
+fn locate(node: &Node, at: &[KeyStep]) -> (super::yaml::Mark, String) {
+    let mut text = String::new();
+    let mut cur = node;
+    let mut found = true;
+    for step in at {
+        let next = match (step, &cur.value) {
+            (KeyStep::Key(k), Value::Map(entries)) => {
+                text.push('.');
+                text.push_str(k);
+                entries
+                    .iter()
+                    .find(|(key, _)| &key.name == k)
+                    .map(|(_, n)| n)
+            }
+            (KeyStep::Index(i), Value::Seq(items)) => {
+                text.push_str(&format!("[{i}]"));
+                items.get(*i)
+            }
+            (KeyStep::Key(k), _) => {
+                text.push('.');
+                text.push_str(k);
+                None
+            }
+            (KeyStep::Index(i), _) => {
+                text.push_str(&format!("[{i}]"));
+                None
+            }
+        };
+        match next {
+            Some(n) if found => cur = n,
+            _ => found = false,
+        }
+    }
+    (cur.mark, text)
 }
 
 fn decode_status(d: &mut Decoder<'_>, node: &Node, path: &str) -> Option<StatusMatch> {
@@ -984,34 +1015,45 @@ fn decode_status(d: &mut Decoder<'_>, node: &Node, path: &str) -> Option<StatusM
     }
 }
 
-/// A YAML subtree as JSON: plain scalars that read as numbers, booleans or null keep that
-/// type; quoted scalars stay strings.
-/// Parses every string of a rule's `data` as a template, reporting each that does not parse
-/// at its own place and key path (the whole tree is then built by [`to_json`] and
-/// [`DataTemplate::from_json`], which would stop at the first and know no places).
-fn data_templates_parse(d: &mut Decoder<'_>, node: &Node, path: &str) -> bool {
+/// A rule's `data`, built value by value from the file: every string is a template, reported
+/// at its own place and key path when it does not parse; numbers, booleans and nulls stay as
+/// written. A value that fails is left `null` and clears `ok`, and the rest is still built, so
+/// that the rule's own checks see every other value.
+fn decode_data(d: &mut Decoder<'_>, node: &Node, path: &str, ok: &mut bool) -> DataTemplate {
     match &node.value {
-        Value::Null => true,
-        Value::Scalar(_) => match to_json(d, node, path) {
+        Value::Seq(items) => DataTemplate::Array(
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, n)| decode_data(d, n, &format!("{path}[{i}]"), ok))
+                .collect(),
+        ),
+        Value::Map(entries) => DataTemplate::Object(
+            entries
+                .iter()
+                .map(|(k, n)| (k.name.clone(), decode_data(d, n, &join(path, &k.name), ok)))
+                .collect(),
+        ),
+        Value::Null | Value::Scalar(_) => match to_json(d, node, path) {
             Some(serde_json::Value::String(text)) => match Template::parse(&text) {
-                Ok(_) => true,
+                Ok(t) => DataTemplate::Template(t),
                 Err(e) => {
                     d.error(node.mark, path, e);
-                    false
+                    *ok = false;
+                    DataTemplate::Literal(serde_json::Value::Null)
                 }
             },
-            Some(_) => true,
-            None => false,
+            Some(v) => DataTemplate::Literal(v),
+            None => {
+                *ok = false;
+                DataTemplate::Literal(serde_json::Value::Null)
+            }
         },
-        Value::Seq(items) => items.iter().enumerate().fold(true, |ok, (i, item)| {
-            data_templates_parse(d, item, &format!("{path}[{i}]")) && ok
-        }),
-        Value::Map(entries) => entries.iter().fold(true, |ok, (k, item)| {
-            data_templates_parse(d, item, &join(path, &k.name)) && ok
-        }),
     }
 }
 
+/// A YAML subtree as JSON: plain scalars that read as numbers, booleans or null keep that
+/// type; quoted scalars stay strings.
 pub(super) fn to_json(d: &mut Decoder<'_>, node: &Node, path: &str) -> Option<serde_json::Value> {
     use serde_json::Value as J;
     Some(match &node.value {
@@ -1140,6 +1182,43 @@ mod tests {
                 "f.yaml:5:52: events.rules[0].if: unknown function `nosuchfunc`",
                 "f.yaml:6:52: events.rules[1].if: unknown method `nosuchmethod`",
                 "f.yaml:7:52: events.rules[2].if: the condition must give true or false, it is always the int 42",
+            ],
+        );
+    }
+
+    #[test]
+    fn each_unknown_path_parameter_is_reported_at_its_value_beside_other_errors() {
+        let errors = load_rules(concat!(
+            "events:\n",
+            "  rules:\n",
+            "    - name: e\n",
+            "      match: { path: \"/p/{id}\" }\n",
+            "      type: t\n",
+            "      subject: \"{path.s}\"\n",
+            "      if: \"path.c == '1'\"\n",
+            "      data:\n",
+            "        nested:\n",
+            "          a: \"{path.x}\"\n",
+            "          b: \"{path.z}\"\n",
+            "        list: [1, \"{path.l}\"]\n",
+            "        bad: \"{request.bdy}\"\n",
+            "        ok: \"{path.id}\"\n",
+            "    - match: { path: /q }\n",
+            "      type: t\n",
+            "      subject: \"{path.q}\"\n",
+        ))
+        .expect_err("invalid");
+        assert_errors(
+            &errors,
+            &[
+                "f.yaml:8:16: events.rules[0].subject: `path.s` is not a parameter of the rule's path `/p/{id}` (it has: id)",
+                "f.yaml:9:11: events.rules[0].if: `path.c` is not a parameter of the rule's path",
+                "f.yaml:12:14: events.rules[0].data.nested.a: `path.x` is not a parameter of the rule's path",
+                "f.yaml:13:14: events.rules[0].data.nested.b: `path.z` is not a parameter of the rule's path",
+                "f.yaml:14:19: events.rules[0].data.list[1]: `path.l` is not a parameter of the rule's path",
+                "f.yaml:15:14: events.rules[0].data.bad: unknown name `request.bdy`",
+                "f.yaml:17:7: events.rules[1].name: is required",
+                "f.yaml:19:16: events.rules[1].subject: `path.q` is not a parameter of the rule's path `/q` (it has none)",
             ],
         );
     }
