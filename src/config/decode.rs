@@ -307,6 +307,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// A timeout, which must not be zero: 0s would fail every attempt at once.
+pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let t = parse_duration(s)?;
+    if t.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    Ok(t)
+}
+
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let expected = || format!("expected a size such as 64KiB, 1MiB, 1GiB or 4096, found `{s}`");
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());

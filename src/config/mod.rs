@@ -19,7 +19,7 @@ use std::time::Duration;
 use http::uri::{Authority, Scheme};
 
 pub use decode::{interpolate, parse_duration, parse_size, ConfigError};
-use decode::{join, Decoder, Env, Fields};
+use decode::{join, parse_positive_duration, Decoder, Env, Fields};
 pub use events::{Events, OutboxConfig, SinkConfig, SinkKind, DEFAULT_SOURCE};
 use yaml::{Node, Value};
 
@@ -567,33 +567,22 @@ fn decode_upstreams(d: &mut Decoder<'_>, top: &Fields<'_>) -> Vec<Upstream> {
             &path,
             "connect_timeout",
             Duration::from_secs(1),
-            parse_duration,
+            parse_positive_duration,
         );
         let timeout = d.field(
             &f,
             &path,
             "timeout",
             Duration::from_secs(30),
-            parse_duration,
+            parse_positive_duration,
         );
         let idle_timeout = d.field(
             &f,
             &path,
             "idle_timeout",
             Duration::from_secs(60),
-            parse_duration,
+            parse_positive_duration,
         );
-        for (k, v) in [
-            ("connect_timeout", connect_timeout),
-            ("timeout", timeout),
-            ("idle_timeout", idle_timeout),
-        ] {
-            if v.is_zero() {
-                if let Some(n) = f.get(k) {
-                    d.error(n.mark, &join(&path, k), "must be greater than zero");
-                }
-            }
-        }
         let rewrite_host = d.field(&f, &path, "rewrite_host", false, decode::parse_bool);
         let tls = f.get("tls").and_then(|n| {
             let tpath = join(&path, "tls");
@@ -756,13 +745,7 @@ fn decode_limits(d: &mut Decoder<'_>, node: Option<&Node>) -> Limits {
         "limits",
         "header_read_timeout",
         limits.header_read_timeout,
-        |s| {
-            let t = parse_duration(s)?;
-            if t.is_zero() {
-                return Err("must be greater than zero".into());
-            }
-            Ok(t)
-        },
+        parse_positive_duration,
     );
     limits
 }
@@ -1020,6 +1003,49 @@ mod tests {
             "f.yaml:5:16: log.format: expected `json` or `text`",
             "f.yaml:6:1: log: duplicate key `log`",
             "f.yaml:9:24: routes[0].match.path: duplicate key `path`",
+        ];
+        assert_errors(&errors, &expected);
+    }
+
+    #[test]
+    fn every_error_of_a_route_is_reported_whatever_else_is_wrong() {
+        let errors = load(concat!(
+            "upstreams:\n",
+            "  a: { url: \"http://a:1\" }\n",
+            "  b: { url: \"ftp://b\" }\n",
+            "default_upstream: a\n",
+            "routes:\n",
+            "  - name: r1\n",
+            "    match: { path: /x }\n",
+            "    upstream: a\n",
+            "    shadow: { upstream: b, sample: 2, methods: [\"X Y\", \"A B\"], timeout: 0s, compare: { headers: [\"bad header\"], ignore: [foo.bar] } }\n",
+            "    fallback: { upstream: b, methods: [\"X Y\"] }\n",
+            "  - name: r2\n",
+            "    match: { path: /y }\n",
+            "    split: []\n",
+            "    sticky: { header: \"bad header\" }\n",
+            "  - name: r3\n",
+            "    match: { path: /z }\n",
+            "    split: [{ upstream: a, weight: 1.5 }, { upstream: a }]\n",
+            "  - name: r4\n",
+            "    match: { path: /w }\n",
+            "    split: [{ upstream: a, weight: 0 }, { upstream: a, weight: 0 }]\n",
+        ))
+        .expect_err("invalid");
+        let expected = [
+            "f.yaml:3:13: upstreams.b.url: expected an http:// or https:// URL",
+            "f.yaml:9:36: routes[0].shadow.sample: expected a fraction from 0 to 1",
+            "f.yaml:9:49: routes[0].shadow.methods[0]: not an HTTP method: `X Y`",
+            "f.yaml:9:56: routes[0].shadow.methods[1]: not an HTTP method: `A B`",
+            "f.yaml:9:73: routes[0].shadow.timeout: must be greater than zero",
+            "f.yaml:9:98: routes[0].shadow.compare.headers[0]: not a header name",
+            "f.yaml:9:122: routes[0].shadow.compare.ignore[0]: expected a path such as",
+            "f.yaml:10:40: routes[0].fallback.methods[0]: not an HTTP method: `X Y`",
+            "f.yaml:13:12: routes[1].split: needs at least one upstream",
+            "f.yaml:14:23: routes[1].sticky.header: not a header name: `bad header`",
+            "f.yaml:17:36: routes[2].split[0].weight: expected a whole number",
+            "f.yaml:17:43: routes[2].split[1].weight: is required",
+            "f.yaml:20:12: routes[3].split: the weights must not all be zero",
         ];
         assert_errors(&errors, &expected);
     }
