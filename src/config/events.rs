@@ -11,7 +11,9 @@ use std::time::Duration;
 use http::header::{HeaderName, HeaderValue};
 use http::Method;
 
-use super::decode::{join, parse_bool, parse_duration, parse_size, Decoder};
+use super::decode::{
+    join, parse_bool, parse_duration, parse_positive_duration, parse_size, Decoder,
+};
 use super::yaml::{Node, Value};
 use super::{valid_name, UpstreamTls};
 use crate::dispatch::Retry;
@@ -216,7 +218,13 @@ fn decode_http_sink(
         "batch" => Ok(HttpMode::Batch),
         _ => Err(format!("expected binary, structured or batch, found `{s}`")),
     });
-    let timeout = d.field(&f, path, "timeout", Duration::from_secs(10), parse_duration);
+    let timeout = d.field(
+        &f,
+        path,
+        "timeout",
+        Duration::from_secs(10),
+        parse_positive_duration,
+    );
     let mut headers = Vec::new();
     if let Some(h) = f.get("headers") {
         let hpath = join(path, "headers");
@@ -407,7 +415,13 @@ fn decode_nats_sink(
                 .and_then(|on| on.then(UpstreamTls::default)),
         }
     });
-    let timeout = d.field(&f, path, "timeout", Duration::from_secs(5), parse_duration);
+    let timeout = d.field(
+        &f,
+        path,
+        "timeout",
+        Duration::from_secs(5),
+        parse_positive_duration,
+    );
     Some(NatsSinkSettings {
         name: name.to_string(),
         servers: servers?,
@@ -449,7 +463,13 @@ fn decode_redis_sink(
     let password = f
         .get("password")
         .and_then(|n| d.string(n, &join(path, "password")));
-    let timeout = d.field(&f, path, "timeout", Duration::from_secs(5), parse_duration);
+    let timeout = d.field(
+        &f,
+        path,
+        "timeout",
+        Duration::from_secs(5),
+        parse_positive_duration,
+    );
     Some(RedisSinkSettings {
         name: name.to_string(),
         url: url?,
@@ -517,7 +537,13 @@ fn decode_amqp_sink(
         }
         Some(tls)
     });
-    let timeout = d.field(&f, path, "timeout", Duration::from_secs(5), parse_duration);
+    let timeout = d.field(
+        &f,
+        path,
+        "timeout",
+        Duration::from_secs(5),
+        parse_positive_duration,
+    );
     Some(AmqpSinkSettings {
         name: name.to_string(),
         uri: uri?,
@@ -605,7 +631,13 @@ fn decode_kafka_sink(
             password: password?,
         })
     });
-    let timeout = d.field(&f, path, "timeout", Duration::from_secs(5), parse_duration);
+    let timeout = d.field(
+        &f,
+        path,
+        "timeout",
+        Duration::from_secs(5),
+        parse_positive_duration,
+    );
     Some(KafkaSinkSettings {
         name: name.to_string(),
         brokers: brokers?,
@@ -913,7 +945,22 @@ fn decode_rule(d: &mut Decoder<'_>, node: &Node, path: &str, sinks: &[SinkConfig
     let rule_sinks = f.get("sinks").map(|n| {
         let spath = join(path, "sinks");
         let list = strings(d, n, &spath);
+        if matches!(&n.value, Value::Seq(items) if items.is_empty()) {
+            d.error(
+                n.mark,
+                &spath,
+                "an empty list sends the events nowhere; leave `sinks` out for every sink",
+            );
+        }
         for (i, (s, mark)) in list.iter().enumerate() {
+            if list[..i].iter().any(|(earlier, _)| earlier == s) {
+                d.error(
+                    *mark,
+                    &format!("{spath}[{i}]"),
+                    format!("`{s}` is listed twice"),
+                );
+                continue;
+            }
             // A sink declared with invalid settings was reported where it is declared.
             if !sinks.iter().any(|k| &k.name == s) && !d.declared_sinks.contains(s) {
                 let known = d.declared_sinks.join(", ");
@@ -1163,6 +1210,30 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{fine}: {e:?}"));
             assert_eq!(config.events.map(|e| e.source).as_deref(), Some(fine));
         }
+    }
+
+    #[test]
+    fn a_rule_sends_to_some_sink_once_and_sink_timeouts_are_not_zero() {
+        let errors = super::super::tests::load(concat!(
+            "upstreams: { m: { url: \"http://a:1\" } }\n",
+            "sinks:\n",
+            "  o: { type: http, url: \"http://s:1\", timeout: 0s }\n",
+            "  n: { type: nats, url: \"nats://x\", subject: s, timeout: 0ms }\n",
+            "events:\n",
+            "  rules:\n",
+            "    - { name: e, match: { path: /e }, type: t, sinks: [] }\n",
+            "    - { name: f, match: { path: /f }, type: t, sinks: [o, n, o] }\n",
+        ))
+        .expect_err("invalid");
+        assert_errors(
+            &errors,
+            &[
+                "f.yaml:3:48: sinks.o.timeout: must be greater than zero",
+                "f.yaml:4:58: sinks.n.timeout: must be greater than zero",
+                "f.yaml:7:55: events.rules[0].sinks: an empty list sends the events nowhere; leave `sinks` out for every sink",
+                "f.yaml:8:62: events.rules[1].sinks[2]: `o` is listed twice",
+            ],
+        );
     }
 
     #[test]
