@@ -103,11 +103,11 @@ fn main() -> ExitCode {
                 out!("{}: ok\n{}", arg.config.display(), config.summary());
                 ExitCode::SUCCESS
             }
-            Err(error) => config_error(&error),
+            Err(error) => config_error(&error, &arg.config, ""),
         },
         Command::Run(arg) => match Config::load(&arg.config) {
             Ok(config) => run_async(run(config, arg.config.clone())),
-            Err(error) => config_error(&error),
+            Err(error) => config_error(&error, &arg.config, "; ficus did not start"),
         },
         Command::Demo => run_async(demo()),
         Command::Asyncapi(arg) => match Config::load(&arg.config) {
@@ -115,7 +115,7 @@ fn main() -> ExitCode {
                 outln!("{}", ficus::asyncapi::document(&config));
                 ExitCode::SUCCESS
             }
-            Err(error) => config_error(&error),
+            Err(error) => config_error(&error, &arg.config, "; no document was printed"),
         },
         Command::Rules {
             command: RulesCommand::Test { config, samples },
@@ -124,10 +124,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn rules_test(config: &std::path::Path, samples: &std::path::Path) -> ExitCode {
-    let config = match Config::load(config) {
+fn rules_test(config_path: &std::path::Path, samples: &std::path::Path) -> ExitCode {
+    let config = match Config::load(config_path) {
         Ok(c) => c,
-        Err(error) => return config_error(&error),
+        Err(error) => return config_error(&error, config_path, "; no sample was run"),
     };
     let file = samples.display().to_string();
     let text = match std::fs::read_to_string(samples) {
@@ -137,20 +137,22 @@ fn rules_test(config: &std::path::Path, samples: &std::path::Path) -> ExitCode {
             return ExitCode::from(EXIT_INVALID_CONFIG);
         }
     };
-    let data = match Config::data_file(&text, &file) {
-        Ok(d) => d,
-        Err(error) => return config_error(&error),
-    };
-    match ficus::samples::run(&config, &data) {
-        Ok((report, _)) => {
-            out!("{report}");
-            ExitCode::SUCCESS
-        }
+    let samples = match ficus::samples::load(&text, &file) {
+        Ok(s) => s,
         Err(error) => {
-            eprintln!("{file}: {error}");
-            ExitCode::from(EXIT_INVALID_CONFIG)
+            eprintln!("{error}");
+            if let LoadError::Invalid(list) = &error {
+                eprintln!(
+                    "{} error(s) in the samples file {file}; no sample was run",
+                    list.len()
+                );
+            }
+            return ExitCode::from(EXIT_INVALID_CONFIG);
         }
-    }
+    };
+    let (report, _) = ficus::samples::run(&config, samples);
+    out!("{report}");
+    ExitCode::SUCCESS
 }
 
 fn outbox_command(command: OutboxCommand) -> ExitCode {
@@ -160,7 +162,8 @@ fn outbox_command(command: OutboxCommand) -> ExitCode {
     };
     let config = match Config::load(&arg.config) {
         Ok(c) => c,
-        Err(error) => return config_error(&error),
+        // The outbox's directory is in the config.
+        Err(error) => return config_error(&error, &arg.config, "; the outbox was not opened"),
     };
     let dir = &config.outbox.dir;
     let configured: Vec<&str> = config.sinks.iter().map(|s| s.name.as_str()).collect();
@@ -252,10 +255,12 @@ fn outbox_command(command: OutboxCommand) -> ExitCode {
     }
 }
 
-fn config_error(error: &LoadError) -> ExitCode {
+/// Prints the errors of an invalid config, then how many and what the command did not do
+/// because of them (`consequence`, e.g. "; ficus did not start"; `check` only reports).
+fn config_error(error: &LoadError, file: &std::path::Path, consequence: &str) -> ExitCode {
     eprintln!("{error}");
     if let LoadError::Invalid(list) = error {
-        eprintln!("{} error(s); the config was not applied", list.len());
+        eprintln!("{} error(s) in {}{consequence}", list.len(), file.display());
     }
     ExitCode::from(EXIT_INVALID_CONFIG)
 }

@@ -1101,7 +1101,7 @@ fn decode_data(d: &mut Decoder<'_>, node: &Node, path: &str, ok: &mut bool) -> D
 
 /// A YAML subtree as JSON: plain scalars that read as numbers, booleans or null keep that
 /// type; quoted scalars stay strings.
-pub(super) fn to_json(d: &mut Decoder<'_>, node: &Node, path: &str) -> Option<serde_json::Value> {
+pub(crate) fn to_json(d: &mut Decoder<'_>, node: &Node, path: &str) -> Option<serde_json::Value> {
     use serde_json::Value as J;
     Some(match &node.value {
         Value::Null => J::Null,

@@ -6,10 +6,10 @@
 //! this build refuses with a clear message, so that a config written for a newer ficus fails
 //! loudly instead of being half-applied.
 
-mod decode;
+pub(crate) mod decode;
 mod events;
 pub mod routes;
-mod yaml;
+pub(crate) mod yaml;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -20,6 +20,7 @@ use http::uri::{Authority, Scheme};
 
 pub use decode::{interpolate, parse_duration, parse_size, ConfigError};
 use decode::{join, parse_positive_duration, Decoder, Env, Fields};
+pub(crate) use events::to_json;
 pub use events::{Events, OutboxConfig, SinkConfig, SinkKind, DEFAULT_SOURCE};
 use yaml::{Node, Value};
 
@@ -221,23 +222,12 @@ impl Config {
         }
     }
 
-    /// Reads a YAML (or JSON, which is YAML) data file, such as `ficus rules test` samples,
-    /// as JSON; `${VAR}` is not interpolated.
+    /// Reads a YAML (or JSON, which is YAML) data file as JSON; `${VAR}` is not interpolated.
     pub fn data_file(text: &str, file: &str) -> Result<serde_json::Value, LoadError> {
-        let located = |line, col, message| {
-            LoadError::Invalid(vec![ConfigError {
-                file: file.to_string(),
-                line,
-                col,
-                path: String::new(),
-                message,
-            }])
-        };
-        let root = yaml::parse(text).map_err(|e| located(e.mark.line, e.mark.col, e.message))?;
+        let root = data_tree(text, file)?;
         let no_env = |_: &str| None;
         let mut d = Decoder::new(file, &no_env);
-        // Data files take `$` literally: interpolation is for configs.
-        let value = events::to_json(&mut d, &escape_dollars(root), "");
+        let value = events::to_json(&mut d, &root, "");
         match value {
             Some(v) if d.errors.is_empty() => Ok(v),
             _ => Err(LoadError::Invalid(d.errors)),
@@ -373,6 +363,22 @@ impl Config {
         ));
         s
     }
+}
+
+/// A YAML (or JSON) data file that is not a config, such as `ficus rules test` samples, as a
+/// located tree to decode with a [`Decoder`]. Data files take `$` literally: interpolation is
+/// for configs, so every `${` is escaped for the decoder to give back as written.
+pub(crate) fn data_tree(text: &str, file: &str) -> Result<Node, LoadError> {
+    let root = yaml::parse(text).map_err(|e| {
+        LoadError::Invalid(vec![ConfigError {
+            file: file.to_string(),
+            line: e.mark.line,
+            col: e.mark.col,
+            path: String::new(),
+            message: e.message,
+        }])
+    })?;
+    Ok(escape_dollars(root))
 }
 
 /// Rewrites `${` as `$${` in every scalar so that interpolation leaves the text as it was.
