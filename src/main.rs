@@ -1,6 +1,7 @@
 //! The `ficus` command: argument parsing, logging, signals and exit codes. Everything else is
 //! in the library.
 
+use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -325,9 +326,12 @@ fn init_logging(config: &Config) {
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| config.log.level.clone());
     let filter = tracing_subscriber::EnvFilter::try_new(log_filter(&filter))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_filter("info")));
+    // Colours only for a person at a terminal: a file or a log collector would get the escape
+    // codes as text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = match config.log.format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),

@@ -99,6 +99,38 @@ fn rules_test_blames_the_samples_file_for_its_errors_and_each_command_says_what_
     }
 }
 
+/// Escape codes are for a terminal; redirected to a file or a pipe, text logs are plain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_logs_have_no_colour_codes_when_not_at_a_terminal() {
+    let upstream = TestUpstream::echo().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ficus.yaml");
+    std::fs::write(&path, config_yaml(upstream.addr, "log: { format: text }\n")).expect("write");
+    let mut child = tokio::process::Command::new(binary())
+        .args(["run", "-c", path.to_str().expect("utf-8")])
+        .env_remove("RUST_LOG")
+        .env_remove("NO_COLOR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn ficus");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let line = tokio::time::timeout(WAIT, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("listening") {
+                return line;
+            }
+        }
+        panic!("ficus exited before listening");
+    })
+    .await
+    .expect("listening in time");
+    assert!(!line.contains('\x1b'), "{line:?}");
+    assert!(line.contains(" INFO "), "{line:?}");
+}
+
 #[test]
 fn an_empty_ficus_config_falls_back_to_the_default_file() {
     let dir = tempfile::tempdir().expect("tempdir");
