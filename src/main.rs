@@ -1,6 +1,7 @@
 //! The `ficus` command: argument parsing, logging, signals and exit codes. Everything else is
 //! in the library.
 
+use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -103,11 +104,11 @@ fn main() -> ExitCode {
                 out!("{}: ok\n{}", arg.config.display(), config.summary());
                 ExitCode::SUCCESS
             }
-            Err(error) => config_error(&error),
+            Err(error) => config_error(&error, &arg.config, ""),
         },
         Command::Run(arg) => match Config::load(&arg.config) {
             Ok(config) => run_async(run(config, arg.config.clone())),
-            Err(error) => config_error(&error),
+            Err(error) => config_error(&error, &arg.config, "; ficus did not start"),
         },
         Command::Demo => run_async(demo()),
         Command::Asyncapi(arg) => match Config::load(&arg.config) {
@@ -115,7 +116,7 @@ fn main() -> ExitCode {
                 outln!("{}", ficus::asyncapi::document(&config));
                 ExitCode::SUCCESS
             }
-            Err(error) => config_error(&error),
+            Err(error) => config_error(&error, &arg.config, "; no document was printed"),
         },
         Command::Rules {
             command: RulesCommand::Test { config, samples },
@@ -124,10 +125,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn rules_test(config: &std::path::Path, samples: &std::path::Path) -> ExitCode {
-    let config = match Config::load(config) {
+fn rules_test(config_path: &std::path::Path, samples: &std::path::Path) -> ExitCode {
+    let config = match Config::load(config_path) {
         Ok(c) => c,
-        Err(error) => return config_error(&error),
+        Err(error) => return config_error(&error, config_path, "; no sample was run"),
     };
     let file = samples.display().to_string();
     let text = match std::fs::read_to_string(samples) {
@@ -137,20 +138,22 @@ fn rules_test(config: &std::path::Path, samples: &std::path::Path) -> ExitCode {
             return ExitCode::from(EXIT_INVALID_CONFIG);
         }
     };
-    let data = match Config::data_file(&text, &file) {
-        Ok(d) => d,
-        Err(error) => return config_error(&error),
-    };
-    match ficus::samples::run(&config, &data) {
-        Ok((report, _)) => {
-            out!("{report}");
-            ExitCode::SUCCESS
-        }
+    let samples = match ficus::samples::load(&text, &file) {
+        Ok(s) => s,
         Err(error) => {
-            eprintln!("{file}: {error}");
-            ExitCode::from(EXIT_INVALID_CONFIG)
+            eprintln!("{error}");
+            if let LoadError::Invalid(list) = &error {
+                eprintln!(
+                    "{} error(s) in the samples file {file}; no sample was run",
+                    list.len()
+                );
+            }
+            return ExitCode::from(EXIT_INVALID_CONFIG);
         }
-    }
+    };
+    let (report, _) = ficus::samples::run(&config, samples);
+    out!("{report}");
+    ExitCode::SUCCESS
 }
 
 fn outbox_command(command: OutboxCommand) -> ExitCode {
@@ -160,7 +163,8 @@ fn outbox_command(command: OutboxCommand) -> ExitCode {
     };
     let config = match Config::load(&arg.config) {
         Ok(c) => c,
-        Err(error) => return config_error(&error),
+        // The outbox's directory is in the config.
+        Err(error) => return config_error(&error, &arg.config, "; the outbox was not opened"),
     };
     let dir = &config.outbox.dir;
     let configured: Vec<&str> = config.sinks.iter().map(|s| s.name.as_str()).collect();
@@ -252,10 +256,12 @@ fn outbox_command(command: OutboxCommand) -> ExitCode {
     }
 }
 
-fn config_error(error: &LoadError) -> ExitCode {
+/// Prints the errors of an invalid config, then how many and what the command did not do
+/// because of them (`consequence`, e.g. "; ficus did not start"; `check` only reports).
+fn config_error(error: &LoadError, file: &std::path::Path, consequence: &str) -> ExitCode {
     eprintln!("{error}");
     if let LoadError::Invalid(list) = error {
-        eprintln!("{} error(s); the config was not applied", list.len());
+        eprintln!("{} error(s) in {}{consequence}", list.len(), file.display());
     }
     ExitCode::from(EXIT_INVALID_CONFIG)
 }
@@ -320,9 +326,12 @@ fn init_logging(config: &Config) {
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| config.log.level.clone());
     let filter = tracing_subscriber::EnvFilter::try_new(log_filter(&filter))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_filter("info")));
+    // Colours only for a person at a terminal: a file or a log collector would get the escape
+    // codes as text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = match config.log.format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),

@@ -192,12 +192,17 @@ impl<'a> Decoder<'a> {
     }
 }
 
-/// Replaces `${NAME}` and `${NAME:-default}`; `$${` is a literal `${`.
+/// Replaces `${NAME}` and `${NAME:-default}`; `$${` is a literal `${`. Every problem in the
+/// text is reported in the one message (two unset variables are both named), so that a fix
+/// for the first does not reveal the second on the next run.
 pub fn interpolate(text: &str, env: Env<'_>) -> Result<String, String> {
     if !text.contains('$') {
         return Ok(text.to_string());
     }
     let mut out = String::with_capacity(text.len());
+    let mut unset: Vec<&str> = Vec::new();
+    let mut invalid: Vec<(&str, &str)> = Vec::new();
+    let mut unterminated = false;
     let mut rest = text;
     while let Some(pos) = rest.find('$') {
         out.push_str(&rest[..pos]);
@@ -206,27 +211,31 @@ pub fn interpolate(text: &str, env: Env<'_>) -> Result<String, String> {
             out.push_str("${");
             rest = tail;
         } else if let Some(tail) = after.strip_prefix("${") {
-            let end = tail
-                .find('}')
-                .ok_or_else(|| "unterminated `${` (write `$${` for a literal `${`)".to_string())?;
+            // Everything after an unclosed `${` would be its name: nothing more to read.
+            let Some(end) = tail.find('}') else {
+                unterminated = true;
+                rest = "";
+                break;
+            };
             let inner = &tail[..end];
             let (name, default) = match inner.split_once(":-") {
                 Some((n, d)) => (n, Some(d)),
                 None => (inner, None),
             };
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return Err(format!("invalid variable name `{name}` in `${{{inner}}}`"));
-            }
-            match (env(name), default) {
-                // As in the shell and Compose, `:-` also stands in for a variable set empty
-                // (a Secret key left blank); `${NAME}` keeps the empty value.
-                (Some(v), Some(d)) if v.is_empty() => out.push_str(d),
-                (Some(v), _) => out.push_str(&v),
-                (None, Some(d)) => out.push_str(d),
-                (None, None) => {
-                    return Err(format!(
-                        "environment variable `{name}` is not set (use `${{{name}:-default}}` for a default)"
-                    ))
+                invalid.push((name, inner));
+            } else {
+                match (env(name), default) {
+                    // As in the shell and Compose, `:-` also stands in for a variable set empty
+                    // (a Secret key left blank); `${NAME}` keeps the empty value.
+                    (Some(v), Some(d)) if v.is_empty() => out.push_str(d),
+                    (Some(v), _) => out.push_str(&v),
+                    (None, Some(d)) => out.push_str(d),
+                    (None, None) => {
+                        if !unset.contains(&name) {
+                            unset.push(name);
+                        }
+                    }
                 }
             }
             rest = &tail[end + 1..];
@@ -236,7 +245,45 @@ pub fn interpolate(text: &str, env: Env<'_>) -> Result<String, String> {
         }
     }
     out.push_str(rest);
-    Ok(out)
+    let mut problems = Vec::new();
+    match unset.as_slice() {
+        [] => {}
+        [name] => problems.push(format!(
+            "environment variable `{name}` is not set (use `${{{name}:-default}}` for a default)"
+        )),
+        names => problems.push(format!(
+            "environment variables {} are not set (use `${{NAME:-default}}` for a default)",
+            quoted(names)
+        )),
+    }
+    if !invalid.is_empty() {
+        let each: Vec<String> = invalid
+            .iter()
+            .map(|(name, inner)| format!("`{name}` in `${{{inner}}}`"))
+            .collect();
+        let s = if invalid.len() == 1 { "" } else { "s" };
+        problems.push(format!(
+            "invalid variable name{s} {} (letters, digits and `_` only)",
+            each.join(", ")
+        ));
+    }
+    if unterminated {
+        problems.push("unterminated `${` (write `$${` for a literal `${`)".to_string());
+    }
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+/// `` `A`, `B` `` for a message.
+fn quoted(names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -258,6 +305,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(expected());
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+/// A timeout, which must not be zero: 0s would fail every attempt at once.
+pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let t = parse_duration(s)?;
+    if t.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    Ok(t)
 }
 
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -317,6 +373,33 @@ mod tests {
             .contains("`NOPE` is not set"));
         assert!(interpolate("${HOST", &env).is_err());
         assert!(interpolate("${A B}", &env).is_err());
+    }
+
+    #[test]
+    fn every_problem_in_a_scalar_is_reported_in_one_message() {
+        assert_eq!(
+            interpolate("${MISSING1}-${MISSING2}-${MISSING1}", &env),
+            Err("environment variables `MISSING1`, `MISSING2` are not set \
+                 (use `${NAME:-default}` for a default)"
+                .to_string())
+        );
+        assert_eq!(
+            interpolate("${A B}/${C-D:-x}", &env),
+            Err(
+                "invalid variable names `A B` in `${A B}`, `C-D` in `${C-D:-x}` \
+                 (letters, digits and `_` only)"
+                    .to_string()
+            )
+        );
+        assert_eq!(
+            interpolate("${NOPE}${A B}${HOST", &env),
+            Err(
+                "environment variable `NOPE` is not set (use `${NOPE:-default}` for a default); \
+                 invalid variable name `A B` in `${A B}` (letters, digits and `_` only); \
+                 unterminated `${` (write `$${` for a literal `${`)"
+                    .to_string()
+            )
+        );
     }
 
     #[test]

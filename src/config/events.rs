@@ -11,13 +11,15 @@ use std::time::Duration;
 use http::header::{HeaderName, HeaderValue};
 use http::Method;
 
-use super::decode::{join, parse_bool, parse_duration, parse_size, Decoder};
+use super::decode::{
+    join, parse_bool, parse_duration, parse_positive_duration, parse_size, Decoder,
+};
 use super::yaml::{Node, Value};
 use super::{valid_name, UpstreamTls};
 use crate::dispatch::Retry;
 use crate::outbox::{Durability, WhenFull};
 use crate::rules::{
-    Condition, DataTemplate, PathTemplate, Redactor, Rule, RuleSet, StatusMatch, Template,
+    Condition, DataTemplate, KeyStep, PathTemplate, Redactor, Rule, RuleSet, StatusMatch, Template,
 };
 use crate::sinks::amqp::{self, AmqpSinkSettings};
 use crate::sinks::http::{HttpMode, HttpSinkSettings};
@@ -216,7 +218,13 @@ fn decode_http_sink(
         "batch" => Ok(HttpMode::Batch),
         _ => Err(format!("expected binary, structured or batch, found `{s}`")),
     });
-    let timeout = d.field(&f, path, "timeout", Duration::from_secs(10), parse_duration);
+    let timeout = d.field(
+        &f,
+        path,
+        "timeout",
+        Duration::from_secs(10),
+        parse_positive_duration,
+    );
     let mut headers = Vec::new();
     if let Some(h) = f.get("headers") {
         let hpath = join(path, "headers");
@@ -407,7 +415,13 @@ fn decode_nats_sink(
                 .and_then(|on| on.then(UpstreamTls::default)),
         }
     });
-    let timeout = d.field(&f, path, "timeout", Duration::from_secs(5), parse_duration);
+    let timeout = d.field(
+        &f,
+        path,
+        "timeout",
+        Duration::from_secs(5),
+        parse_positive_duration,
+    );
     Some(NatsSinkSettings {
         name: name.to_string(),
         servers: servers?,
@@ -449,7 +463,13 @@ fn decode_redis_sink(
     let password = f
         .get("password")
         .and_then(|n| d.string(n, &join(path, "password")));
-    let timeout = d.field(&f, path, "timeout", Duration::from_secs(5), parse_duration);
+    let timeout = d.field(
+        &f,
+        path,
+        "timeout",
+        Duration::from_secs(5),
+        parse_positive_duration,
+    );
     Some(RedisSinkSettings {
         name: name.to_string(),
         url: url?,
@@ -517,7 +537,13 @@ fn decode_amqp_sink(
         }
         Some(tls)
     });
-    let timeout = d.field(&f, path, "timeout", Duration::from_secs(5), parse_duration);
+    let timeout = d.field(
+        &f,
+        path,
+        "timeout",
+        Duration::from_secs(5),
+        parse_positive_duration,
+    );
     Some(AmqpSinkSettings {
         name: name.to_string(),
         uri: uri?,
@@ -605,7 +631,13 @@ fn decode_kafka_sink(
             password: password?,
         })
     });
-    let timeout = d.field(&f, path, "timeout", Duration::from_secs(5), parse_duration);
+    let timeout = d.field(
+        &f,
+        path,
+        "timeout",
+        Duration::from_secs(5),
+        parse_positive_duration,
+    );
     Some(KafkaSinkSettings {
         name: name.to_string(),
         brokers: brokers?,
@@ -689,7 +721,16 @@ pub(super) fn decode_events(
     let f = d.map(node, "events", &["source", "rules", "redact"])?;
     let source = f
         .get("source")
-        .and_then(|n| d.string(n, "events.source"))
+        .and_then(|n| {
+            let s = d.string(n, "events.source")?;
+            match uri_reference(&s) {
+                Ok(()) => Some(s),
+                Err(msg) => {
+                    d.error(n.mark, "events.source", msg);
+                    None
+                }
+            }
+        })
         .unwrap_or_else(|| DEFAULT_SOURCE.to_string());
     let redact = match f.get("redact") {
         Some(n) => {
@@ -757,6 +798,39 @@ pub(super) fn decode_events(
         source,
         rules: Arc::new(rules),
     })
+}
+
+/// Whether `s` can be a CloudEvents `source`, which must be a non-empty URI-reference (RFC 3986
+/// section 4.1). The check is on characters only: those RFC 3986 allows (letters, digits,
+/// `-._~`, the delimiters `:/?#[]@!$&'()*+,;=`, and `%` starting two hex digits), which rules
+/// out spaces, control characters and unencoded non-ASCII text. The finer grammar (one `#`,
+/// brackets only around an IP literal) is not checked.
+fn uri_reference(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Err(
+            "must not be empty: a CloudEvents `source` is a URI-reference such as /legacy/shop"
+                .into(),
+        );
+    }
+    let bytes = s.as_bytes();
+    for (i, c) in s.char_indices() {
+        let allowed = c.is_ascii_alphanumeric() || "-._~:/?#[]@!$&'()*+,;=".contains(c);
+        if c == '%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit));
+            if !hex {
+                return Err(format!(
+                    "`{s}` is not a URI-reference: `%` must start a percent-encoding such as %20"
+                ));
+            }
+        } else if !allowed {
+            return Err(format!(
+                "`{s}` is not a URI-reference: {c:?} is not allowed (percent-encode it, e.g. %20 for a space)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn strings(d: &mut Decoder<'_>, node: &Node, path: &str) -> Vec<(String, super::yaml::Mark)> {
@@ -830,35 +904,63 @@ fn decode_rule(d: &mut Decoder<'_>, node: &Node, path: &str, sinks: &[SinkConfig
         .get("if")
         .and_then(|n| d.parse(n, &join(path, "if"), Condition::compile));
     let ty = match f.get("type") {
-        Some(n) => template(d, Some(n), &join(path, "type")),
+        // An empty constant would skip the rule on every exchange: an event needs a type.
+        Some(n) => template(d, Some(n), &join(path, "type")).filter(|t| {
+            let empty = t.as_constant() == Some("");
+            if empty {
+                d.error(n.mark, &join(path, "type"), "must not be empty");
+            }
+            !empty
+        }),
         None => {
             d.error(f.mark, &join(path, "type"), "is required");
             None
         }
     };
-    let source = template(d, f.get("source"), &join(path, "source"));
+    // A constant `source` is checked now; a templated one is only known per exchange.
+    let source = template(d, f.get("source"), &join(path, "source")).filter(|t| {
+        let Some(constant) = t.as_constant() else {
+            return true;
+        };
+        match uri_reference(constant) {
+            Ok(()) => true,
+            Err(msg) => {
+                d.error(
+                    f.get("source").map_or(f.mark, |n| n.mark),
+                    &join(path, "source"),
+                    msg,
+                );
+                false
+            }
+        }
+    });
     let subject = template(d, f.get("subject"), &join(path, "subject"));
     let partition_key = template(d, f.get("partition_key"), &join(path, "partition_key"));
     let id = template(d, f.get("id"), &join(path, "id"));
     let sequence = template(d, f.get("sequence"), &join(path, "sequence"));
-    let data = f.get("data").and_then(|n| {
-        let dpath = join(path, "data");
-        if !data_templates_parse(d, n, &dpath) {
-            return None;
-        }
-        let json = to_json(d, n, &dpath)?;
-        match DataTemplate::from_json(&json) {
-            Ok(t) => Some(t),
-            Err(msg) => {
-                d.error(n.mark, &dpath, msg);
-                None
-            }
-        }
-    });
+    let mut data_ok = true;
+    let data = f
+        .get("data")
+        .map(|n| decode_data(d, n, &join(path, "data"), &mut data_ok));
     let rule_sinks = f.get("sinks").map(|n| {
         let spath = join(path, "sinks");
         let list = strings(d, n, &spath);
+        if matches!(&n.value, Value::Seq(items) if items.is_empty()) {
+            d.error(
+                n.mark,
+                &spath,
+                "an empty list sends the events nowhere; leave `sinks` out for every sink",
+            );
+        }
         for (i, (s, mark)) in list.iter().enumerate() {
+            if list[..i].iter().any(|(earlier, _)| earlier == s) {
+                d.error(
+                    *mark,
+                    &format!("{spath}[{i}]"),
+                    format!("`{s}` is listed twice"),
+                );
+                continue;
+            }
             // A sink declared with invalid settings was reported where it is declared.
             if !sinks.iter().any(|k| &k.name == s) && !d.declared_sinks.contains(s) {
                 let known = d.declared_sinks.join(", ");
@@ -871,13 +973,16 @@ fn decode_rule(d: &mut Decoder<'_>, node: &Node, path: &str, sinks: &[SinkConfig
         }
         list.into_iter().map(|(s, _)| s).collect::<Vec<_>>()
     });
+    let complete = name.is_some() && status.is_some() && ty.is_some() && data_ok;
+    // The rule's own checks run whenever its path is known, even when another part is
+    // invalid (and reported already): each error is reported on the first run.
     let rule = Rule {
-        name: name?,
+        name: name.unwrap_or_default(),
         method,
         path: route?,
-        status: status?,
+        status: status.unwrap_or_else(StatusMatch::default_2xx),
         condition,
-        ty: ty?,
+        ty: ty.unwrap_or_else(|| Template::constant("")),
         source,
         subject,
         partition_key,
@@ -886,11 +991,49 @@ fn decode_rule(d: &mut Decoder<'_>, node: &Node, path: &str, sinks: &[SinkConfig
         data,
         sinks: rule_sinks,
     };
-    for (key, message) in rule.check() {
-        let mark = f.get(key).map_or(f.mark, |n| n.mark);
-        d.error(mark, &join(path, key), message);
+    for problem in rule.check() {
+        let (mark, at) = locate(node, &problem.at);
+        d.error(mark, &format!("{path}{at}"), problem.message);
     }
-    Some(rule)
+    complete.then_some(rule)
+}
+
+/// The value at key path `at` inside a rule's `node`, and the path as text (`.data.items[1]`):
+/// the mark of the deepest value found, so that an error is at the value it is about.
+fn locate(node: &Node, at: &[KeyStep]) -> (super::yaml::Mark, String) {
+    let mut text = String::new();
+    let mut cur = node;
+    let mut found = true;
+    for step in at {
+        let next = match (step, &cur.value) {
+            (KeyStep::Key(k), Value::Map(entries)) => {
+                text.push('.');
+                text.push_str(k);
+                entries
+                    .iter()
+                    .find(|(key, _)| &key.name == k)
+                    .map(|(_, n)| n)
+            }
+            (KeyStep::Index(i), Value::Seq(items)) => {
+                text.push_str(&format!("[{i}]"));
+                items.get(*i)
+            }
+            (KeyStep::Key(k), _) => {
+                text.push('.');
+                text.push_str(k);
+                None
+            }
+            (KeyStep::Index(i), _) => {
+                text.push_str(&format!("[{i}]"));
+                None
+            }
+        };
+        match next {
+            Some(n) if found => cur = n,
+            _ => found = false,
+        }
+    }
+    (cur.mark, text)
 }
 
 fn decode_status(d: &mut Decoder<'_>, node: &Node, path: &str) -> Option<StatusMatch> {
@@ -919,35 +1062,46 @@ fn decode_status(d: &mut Decoder<'_>, node: &Node, path: &str) -> Option<StatusM
     }
 }
 
-/// A YAML subtree as JSON: plain scalars that read as numbers, booleans or null keep that
-/// type; quoted scalars stay strings.
-/// Parses every string of a rule's `data` as a template, reporting each that does not parse
-/// at its own place and key path (the whole tree is then built by [`to_json`] and
-/// [`DataTemplate::from_json`], which would stop at the first and know no places).
-fn data_templates_parse(d: &mut Decoder<'_>, node: &Node, path: &str) -> bool {
+/// A rule's `data`, built value by value from the file: every string is a template, reported
+/// at its own place and key path when it does not parse; numbers, booleans and nulls stay as
+/// written. A value that fails is left `null` and clears `ok`, and the rest is still built, so
+/// that the rule's own checks see every other value.
+fn decode_data(d: &mut Decoder<'_>, node: &Node, path: &str, ok: &mut bool) -> DataTemplate {
     match &node.value {
-        Value::Null => true,
-        Value::Scalar(_) => match to_json(d, node, path) {
+        Value::Seq(items) => DataTemplate::Array(
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, n)| decode_data(d, n, &format!("{path}[{i}]"), ok))
+                .collect(),
+        ),
+        Value::Map(entries) => DataTemplate::Object(
+            entries
+                .iter()
+                .map(|(k, n)| (k.name.clone(), decode_data(d, n, &join(path, &k.name), ok)))
+                .collect(),
+        ),
+        Value::Null | Value::Scalar(_) => match to_json(d, node, path) {
             Some(serde_json::Value::String(text)) => match Template::parse(&text) {
-                Ok(_) => true,
+                Ok(t) => DataTemplate::Template(t),
                 Err(e) => {
                     d.error(node.mark, path, e);
-                    false
+                    *ok = false;
+                    DataTemplate::Literal(serde_json::Value::Null)
                 }
             },
-            Some(_) => true,
-            None => false,
+            Some(v) => DataTemplate::Literal(v),
+            None => {
+                *ok = false;
+                DataTemplate::Literal(serde_json::Value::Null)
+            }
         },
-        Value::Seq(items) => items.iter().enumerate().fold(true, |ok, (i, item)| {
-            data_templates_parse(d, item, &format!("{path}[{i}]")) && ok
-        }),
-        Value::Map(entries) => entries.iter().fold(true, |ok, (k, item)| {
-            data_templates_parse(d, item, &join(path, &k.name)) && ok
-        }),
     }
 }
 
-pub(super) fn to_json(d: &mut Decoder<'_>, node: &Node, path: &str) -> Option<serde_json::Value> {
+/// A YAML subtree as JSON: plain scalars that read as numbers, booleans or null keep that
+/// type; quoted scalars stay strings.
+pub(crate) fn to_json(d: &mut Decoder<'_>, node: &Node, path: &str) -> Option<serde_json::Value> {
     use serde_json::Value as J;
     Some(match &node.value {
         Value::Null => J::Null,
@@ -986,6 +1140,7 @@ pub(super) fn to_json(d: &mut Decoder<'_>, node: &Node, path: &str) -> Option<se
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::assert_errors;
     use super::super::{Config, LoadError};
     use super::*;
 
@@ -996,6 +1151,147 @@ mod tests {
             LoadError::Invalid(list) => list.iter().map(|e| e.to_string()).collect(),
             other => vec![other.to_string()],
         })
+    }
+
+    /// The rules' part of a config, after one upstream and one sink.
+    fn load_rules(events: &str) -> Result<Config, Vec<String>> {
+        super::super::tests::load(&format!(
+            "upstreams: {{ m: {{ url: \"http://a:1\" }} }}\nsinks: {{ out: {{ type: stdout }} }}\n{events}"
+        ))
+    }
+
+    #[test]
+    fn a_source_must_be_a_uri_reference_and_a_type_not_empty() {
+        let errors = load_rules(concat!(
+            "events:\n",
+            "  source: \"\"\n",
+            "  rules:\n",
+            "    - name: a\n",
+            "      match: { path: /a }\n",
+            "      type: \"\"\n",
+            "      source: \"/has space\"\n",
+            "    - name: b\n",
+            "      match: { path: /b }\n",
+            "      type: \"{response.body.kind}\"\n",
+            "      source: \"{request.headers.x-source}\"\n",
+            "    - name: c\n",
+            "      match: { path: /c }\n",
+            "      type: t\n",
+            "      source: \"/bad%zz\"\n",
+            "    - name: d\n",
+            "      match: { path: /d }\n",
+            "      type: t\n",
+            "      source: \"\"\n",
+        ))
+        .expect_err("invalid");
+        assert_errors(
+            &errors,
+            &[
+                "f.yaml:4:11: events.source: must not be empty: a CloudEvents `source` is a URI-reference",
+                "f.yaml:8:13: events.rules[0].type: must not be empty",
+                "f.yaml:9:15: events.rules[0].source: `/has space` is not a URI-reference: ' ' is not allowed",
+                "f.yaml:17:15: events.rules[2].source: `/bad%zz` is not a URI-reference: `%` must start a percent-encoding",
+                "f.yaml:21:15: events.rules[3].source: must not be empty",
+            ],
+        );
+        let errors = load_rules("events: { source: \"legacy shop\" }\n").expect_err("invalid");
+        assert_errors(
+            &errors,
+            &["f.yaml:3:19: events.source: `legacy shop` is not a URI-reference"],
+        );
+        for fine in [
+            "/legacy/shop",
+            "urn:shop:orders",
+            "https://shop.example.com/orders?x=1#y",
+            "//host/p%20q",
+            "/~a-b_c.d!$&'()*+,;=:@[]",
+        ] {
+            let config = load_rules(&format!("events: {{ source: \"{fine}\" }}\n"))
+                .unwrap_or_else(|e| panic!("{fine}: {e:?}"));
+            assert_eq!(config.events.map(|e| e.source).as_deref(), Some(fine));
+        }
+    }
+
+    #[test]
+    fn a_rule_sends_to_some_sink_once_and_sink_timeouts_are_not_zero() {
+        let errors = super::super::tests::load(concat!(
+            "upstreams: { m: { url: \"http://a:1\" } }\n",
+            "sinks:\n",
+            "  o: { type: http, url: \"http://s:1\", timeout: 0s }\n",
+            "  n: { type: nats, url: \"nats://x\", subject: s, timeout: 0ms }\n",
+            "events:\n",
+            "  rules:\n",
+            "    - { name: e, match: { path: /e }, type: t, sinks: [] }\n",
+            "    - { name: f, match: { path: /f }, type: t, sinks: [o, n, o] }\n",
+        ))
+        .expect_err("invalid");
+        assert_errors(
+            &errors,
+            &[
+                "f.yaml:3:48: sinks.o.timeout: must be greater than zero",
+                "f.yaml:4:58: sinks.n.timeout: must be greater than zero",
+                "f.yaml:7:55: events.rules[0].sinks: an empty list sends the events nowhere; leave `sinks` out for every sink",
+                "f.yaml:8:62: events.rules[1].sinks[2]: `o` is listed twice",
+            ],
+        );
+    }
+
+    #[test]
+    fn a_condition_calling_an_unknown_function_or_never_bool_is_refused_at_its_value() {
+        let errors = load_rules(concat!(
+            "events:\n",
+            "  rules:\n",
+            "    - { name: a, match: { path: /a }, type: t, if: 'nosuchfunc(1)' }\n",
+            "    - { name: b, match: { path: /b }, type: t, if: 'response.body.id.nosuchmethod()' }\n",
+            "    - { name: c, match: { path: /c }, type: t, if: 42 }\n",
+            "    - { name: d, match: { path: /d }, type: t, if: 'response.body.id.startsWith(\"x\")' }\n",
+        ))
+        .expect_err("invalid");
+        assert_errors(
+            &errors,
+            &[
+                "f.yaml:5:52: events.rules[0].if: unknown function `nosuchfunc`",
+                "f.yaml:6:52: events.rules[1].if: unknown method `nosuchmethod`",
+                "f.yaml:7:52: events.rules[2].if: the condition must give true or false, it is always the int 42",
+            ],
+        );
+    }
+
+    #[test]
+    fn each_unknown_path_parameter_is_reported_at_its_value_beside_other_errors() {
+        let errors = load_rules(concat!(
+            "events:\n",
+            "  rules:\n",
+            "    - name: e\n",
+            "      match: { path: \"/p/{id}\" }\n",
+            "      type: t\n",
+            "      subject: \"{path.s}\"\n",
+            "      if: \"path.c == '1'\"\n",
+            "      data:\n",
+            "        nested:\n",
+            "          a: \"{path.x}\"\n",
+            "          b: \"{path.z}\"\n",
+            "        list: [1, \"{path.l}\"]\n",
+            "        bad: \"{request.bdy}\"\n",
+            "        ok: \"{path.id}\"\n",
+            "    - match: { path: /q }\n",
+            "      type: t\n",
+            "      subject: \"{path.q}\"\n",
+        ))
+        .expect_err("invalid");
+        assert_errors(
+            &errors,
+            &[
+                "f.yaml:8:16: events.rules[0].subject: `path.s` is not a parameter of the rule's path `/p/{id}` (it has: id)",
+                "f.yaml:9:11: events.rules[0].if: `path.c` is not a parameter of the rule's path",
+                "f.yaml:12:14: events.rules[0].data.nested.a: `path.x` is not a parameter of the rule's path",
+                "f.yaml:13:14: events.rules[0].data.nested.b: `path.z` is not a parameter of the rule's path",
+                "f.yaml:14:19: events.rules[0].data.list[1]: `path.l` is not a parameter of the rule's path",
+                "f.yaml:15:14: events.rules[0].data.bad: unknown name `request.bdy`",
+                "f.yaml:17:7: events.rules[1].name: is required",
+                "f.yaml:19:16: events.rules[1].subject: `path.q` is not a parameter of the rule's path `/q` (it has none)",
+            ],
+        );
     }
 
     #[test]

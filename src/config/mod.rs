@@ -6,10 +6,10 @@
 //! this build refuses with a clear message, so that a config written for a newer ficus fails
 //! loudly instead of being half-applied.
 
-mod decode;
+pub(crate) mod decode;
 mod events;
 pub mod routes;
-mod yaml;
+pub(crate) mod yaml;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -19,7 +19,8 @@ use std::time::Duration;
 use http::uri::{Authority, Scheme};
 
 pub use decode::{interpolate, parse_duration, parse_size, ConfigError};
-use decode::{join, Decoder, Env, Fields};
+use decode::{join, parse_positive_duration, Decoder, Env, Fields};
+pub(crate) use events::to_json;
 pub use events::{Events, OutboxConfig, SinkConfig, SinkKind, DEFAULT_SOURCE};
 use yaml::{Node, Value};
 
@@ -221,23 +222,12 @@ impl Config {
         }
     }
 
-    /// Reads a YAML (or JSON, which is YAML) data file, such as `ficus rules test` samples,
-    /// as JSON; `${VAR}` is not interpolated.
+    /// Reads a YAML (or JSON, which is YAML) data file as JSON; `${VAR}` is not interpolated.
     pub fn data_file(text: &str, file: &str) -> Result<serde_json::Value, LoadError> {
-        let located = |line, col, message| {
-            LoadError::Invalid(vec![ConfigError {
-                file: file.to_string(),
-                line,
-                col,
-                path: String::new(),
-                message,
-            }])
-        };
-        let root = yaml::parse(text).map_err(|e| located(e.mark.line, e.mark.col, e.message))?;
+        let root = data_tree(text, file)?;
         let no_env = |_: &str| None;
         let mut d = Decoder::new(file, &no_env);
-        // Data files take `$` literally: interpolation is for configs.
-        let value = events::to_json(&mut d, &escape_dollars(root), "");
+        let value = events::to_json(&mut d, &root, "");
         match value {
             Some(v) if d.errors.is_empty() => Ok(v),
             _ => Err(LoadError::Invalid(d.errors)),
@@ -373,6 +363,22 @@ impl Config {
         ));
         s
     }
+}
+
+/// A YAML (or JSON) data file that is not a config, such as `ficus rules test` samples, as a
+/// located tree to decode with a [`Decoder`]. Data files take `$` literally: interpolation is
+/// for configs, so every `${` is escaped for the decoder to give back as written.
+pub(crate) fn data_tree(text: &str, file: &str) -> Result<Node, LoadError> {
+    let root = yaml::parse(text).map_err(|e| {
+        LoadError::Invalid(vec![ConfigError {
+            file: file.to_string(),
+            line: e.mark.line,
+            col: e.mark.col,
+            path: String::new(),
+            message: e.message,
+        }])
+    })?;
+    Ok(escape_dollars(root))
 }
 
 /// Rewrites `${` as `$${` in every scalar so that interpolation leaves the text as it was.
@@ -567,33 +573,22 @@ fn decode_upstreams(d: &mut Decoder<'_>, top: &Fields<'_>) -> Vec<Upstream> {
             &path,
             "connect_timeout",
             Duration::from_secs(1),
-            parse_duration,
+            parse_positive_duration,
         );
         let timeout = d.field(
             &f,
             &path,
             "timeout",
             Duration::from_secs(30),
-            parse_duration,
+            parse_positive_duration,
         );
         let idle_timeout = d.field(
             &f,
             &path,
             "idle_timeout",
             Duration::from_secs(60),
-            parse_duration,
+            parse_positive_duration,
         );
-        for (k, v) in [
-            ("connect_timeout", connect_timeout),
-            ("timeout", timeout),
-            ("idle_timeout", idle_timeout),
-        ] {
-            if v.is_zero() {
-                if let Some(n) = f.get(k) {
-                    d.error(n.mark, &join(&path, k), "must be greater than zero");
-                }
-            }
-        }
         let rewrite_host = d.field(&f, &path, "rewrite_host", false, decode::parse_bool);
         let tls = f.get("tls").and_then(|n| {
             let tpath = join(&path, "tls");
@@ -756,13 +751,7 @@ fn decode_limits(d: &mut Decoder<'_>, node: Option<&Node>) -> Limits {
         "limits",
         "header_read_timeout",
         limits.header_read_timeout,
-        |s| {
-            let t = parse_duration(s)?;
-            if t.is_zero() {
-                return Err("must be greater than zero".into());
-            }
-            Ok(t)
-        },
+        parse_positive_duration,
     );
     limits
 }
@@ -826,7 +815,7 @@ fn decode_log(d: &mut Decoder<'_>, node: Option<&Node>) -> Log {
 mod tests {
     use super::*;
 
-    fn load(text: &str) -> Result<Config, Vec<String>> {
+    pub(super) fn load(text: &str) -> Result<Config, Vec<String>> {
         let env = |name: &str| match name {
             "MONOLITH" => Some("http://127.0.0.1:3000".to_string()),
             _ => None,
@@ -852,7 +841,7 @@ mod tests {
     }
 
     /// Exactly the `expected` errors (each given by how it starts), in any order.
-    fn assert_errors(errors: &[String], expected: &[&str]) {
+    pub(super) fn assert_errors(errors: &[String], expected: &[&str]) {
         for want in expected {
             assert!(
                 errors.iter().any(|e| e.starts_with(want)),
@@ -890,6 +879,19 @@ mod tests {
             "f.yaml:12:16: log.format: expected `json` or `text`",
         ];
         assert_errors(&errors, &expected);
+    }
+
+    #[test]
+    fn every_unset_variable_of_a_value_is_reported() {
+        let errors = load(concat!(
+            "upstreams:\n",
+            "  m: { url: \"http://${MISSING1}:${MISSING2}\" }\n",
+        ))
+        .expect_err("invalid");
+        assert_errors(
+            &errors,
+            &["f.yaml:2:13: upstreams.m.url: environment variables `MISSING1`, `MISSING2` are not set"],
+        );
     }
 
     #[test]
@@ -1007,6 +1009,49 @@ mod tests {
             "f.yaml:5:16: log.format: expected `json` or `text`",
             "f.yaml:6:1: log: duplicate key `log`",
             "f.yaml:9:24: routes[0].match.path: duplicate key `path`",
+        ];
+        assert_errors(&errors, &expected);
+    }
+
+    #[test]
+    fn every_error_of_a_route_is_reported_whatever_else_is_wrong() {
+        let errors = load(concat!(
+            "upstreams:\n",
+            "  a: { url: \"http://a:1\" }\n",
+            "  b: { url: \"ftp://b\" }\n",
+            "default_upstream: a\n",
+            "routes:\n",
+            "  - name: r1\n",
+            "    match: { path: /x }\n",
+            "    upstream: a\n",
+            "    shadow: { upstream: b, sample: 2, methods: [\"X Y\", \"A B\"], timeout: 0s, compare: { headers: [\"bad header\"], ignore: [foo.bar] } }\n",
+            "    fallback: { upstream: b, methods: [\"X Y\"] }\n",
+            "  - name: r2\n",
+            "    match: { path: /y }\n",
+            "    split: []\n",
+            "    sticky: { header: \"bad header\" }\n",
+            "  - name: r3\n",
+            "    match: { path: /z }\n",
+            "    split: [{ upstream: a, weight: 1.5 }, { upstream: a }]\n",
+            "  - name: r4\n",
+            "    match: { path: /w }\n",
+            "    split: [{ upstream: a, weight: 0 }, { upstream: a, weight: 0 }]\n",
+        ))
+        .expect_err("invalid");
+        let expected = [
+            "f.yaml:3:13: upstreams.b.url: expected an http:// or https:// URL",
+            "f.yaml:9:36: routes[0].shadow.sample: expected a fraction from 0 to 1",
+            "f.yaml:9:49: routes[0].shadow.methods[0]: not an HTTP method: `X Y`",
+            "f.yaml:9:56: routes[0].shadow.methods[1]: not an HTTP method: `A B`",
+            "f.yaml:9:73: routes[0].shadow.timeout: must be greater than zero",
+            "f.yaml:9:98: routes[0].shadow.compare.headers[0]: not a header name",
+            "f.yaml:9:122: routes[0].shadow.compare.ignore[0]: expected a path such as",
+            "f.yaml:10:40: routes[0].fallback.methods[0]: not an HTTP method: `X Y`",
+            "f.yaml:13:12: routes[1].split: needs at least one upstream",
+            "f.yaml:14:23: routes[1].sticky.header: not a header name: `bad header`",
+            "f.yaml:17:36: routes[2].split[0].weight: expected a whole number",
+            "f.yaml:17:43: routes[2].split[1].weight: is required",
+            "f.yaml:20:12: routes[3].split: the weights must not all be zero",
         ];
         assert_errors(&errors, &expected);
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use http::header::{HeaderName, HeaderValue};
 use http::Method;
 
-use super::decode::{join, parse_duration, Decoder, Fields};
+use super::decode::{join, parse_positive_duration, Decoder, Fields};
 use super::yaml::{Node, Value};
 use super::{valid_name, Upstream};
 use crate::rules::PathTemplate;
@@ -155,7 +155,8 @@ fn methods(d: &mut Decoder<'_>, node: &Node, path: &str) -> Option<Vec<Method>> 
         );
         return None;
     };
-    items
+    // Every item parsed, so that each bad one is reported.
+    let parsed: Vec<Option<Method>> = items
         .iter()
         .enumerate()
         .map(|(i, n)| {
@@ -164,7 +165,8 @@ fn methods(d: &mut Decoder<'_>, node: &Node, path: &str) -> Option<Vec<Method>> 
                     .map_err(|_| format!("not an HTTP method: `{s}`"))
             })
         })
-        .collect()
+        .collect();
+    parsed.into_iter().collect()
 }
 
 fn prefix(d: &mut Decoder<'_>, f: &Fields<'_>, path: &str, key: &str) -> Option<String> {
@@ -281,18 +283,23 @@ fn decode_route(
         match &n.value {
             Value::Map(_) => {
                 let ff = d.map(n, &fpath, &["upstream", "methods"])?;
+                // Each part decoded before any is given up on: an upstream whose own settings
+                // are invalid still leaves `methods` checked.
                 let upstream = match ff.get("upstream") {
-                    Some(u) => upstream_ref(d, u, &join(&fpath, "upstream"), upstreams)?,
+                    Some(u) => upstream_ref(d, u, &join(&fpath, "upstream"), upstreams),
                     None => {
                         d.error(ff.mark, &join(&fpath, "upstream"), "is required");
-                        return None;
+                        None
                     }
                 };
                 let methods = match ff.get("methods") {
-                    Some(m) => methods(d, m, &join(&fpath, "methods"))?,
-                    None => idempotent_methods(),
+                    Some(m) => methods(d, m, &join(&fpath, "methods")),
+                    None => Some(idempotent_methods()),
                 };
-                Some(Fallback { upstream, methods })
+                Some(Fallback {
+                    upstream: upstream?,
+                    methods: methods?,
+                })
             }
             _ => upstream_ref(d, n, &fpath, upstreams).map(|upstream| Fallback {
                 upstream,
@@ -337,10 +344,17 @@ fn decode_split(
         );
         return None;
     };
+    if items.is_empty() {
+        d.error(node.mark, path, "needs at least one upstream");
+    }
     let mut choices = Vec::new();
+    // Whether every weight was read: only then can "all zero" be said.
+    let mut weights_read = true;
+    let mut total = 0u64;
     for (i, item) in items.iter().enumerate() {
         let ipath = format!("{path}[{i}]");
         let Some(f) = d.map(item, &ipath, &["upstream", "weight"]) else {
+            weights_read = false;
             continue;
         };
         let upstream = match f.get("upstream") {
@@ -364,13 +378,16 @@ fn decode_split(
                 None
             }
         };
+        match weight {
+            Some(w) => total += u64::from(w),
+            None => weights_read = false,
+        }
         if let (Some(u), Some(w)) = (upstream, weight) {
             choices.push((u, w));
         }
     }
-    if choices.iter().map(|(_, w)| u64::from(*w)).sum::<u64>() == 0 {
+    if weights_read && total == 0 && !items.is_empty() {
         d.error(node.mark, path, "the weights must not all be zero");
-        return None;
     }
     let sticky = sticky.and_then(|n| {
         let spath = join(route_path, "sticky");
@@ -393,7 +410,8 @@ fn decode_split(
             }
         }
     });
-    Some(Backend::Split { choices, sticky })
+    // Every choice read and some weight above zero; anything less was reported above.
+    (choices.len() == items.len() && total > 0).then_some(Backend::Split { choices, sticky })
 }
 
 fn decode_shadow(
@@ -414,11 +432,12 @@ fn decode_shadow(
             "timeout",
         ],
     )?;
+    // Every part decoded before any is given up on, so that each error is reported.
     let upstream = match f.get("upstream") {
-        Some(u) => upstream_ref(d, u, &join(path, "upstream"), upstreams)?,
+        Some(u) => upstream_ref(d, u, &join(path, "upstream"), upstreams),
         None => {
             d.error(f.mark, &join(path, "upstream"), "is required");
-            return None;
+            None
         }
     };
     let sample = d.field(&f, path, "sample", 1.0, |s| {
@@ -428,8 +447,7 @@ fn decode_shadow(
             .ok_or_else(|| format!("expected a fraction from 0 to 1, found `{s}`"))
     });
     let methods = match f.get("methods") {
-        Some(m) => {
-            let list = methods(d, m, &join(path, "methods"))?;
+        Some(m) => methods(d, m, &join(path, "methods")).inspect(|list| {
             if list.iter().any(|m| *m != Method::GET && *m != Method::HEAD) {
                 d.warn(
                     m.mark,
@@ -437,9 +455,8 @@ fn decode_shadow(
                     "shadowing methods other than GET and HEAD sends writes twice: their side effects happen twice",
                 );
             }
-            list
-        }
-        None => vec![Method::GET, Method::HEAD],
+        }),
+        None => Some(vec![Method::GET, Method::HEAD]),
     };
     let max_in_flight = d.field(&f, path, "max_in_flight", 64usize, |s| {
         s.parse::<usize>()
@@ -447,7 +464,13 @@ fn decode_shadow(
             .filter(|n| *n > 0)
             .ok_or_else(|| format!("expected a positive whole number, found `{s}`"))
     });
-    let timeout = d.field(&f, path, "timeout", Duration::from_secs(10), parse_duration);
+    let timeout = d.field(
+        &f,
+        path,
+        "timeout",
+        Duration::from_secs(10),
+        parse_positive_duration,
+    );
     let compare = f.get("compare").and_then(|n| {
         let cpath = join(path, "compare");
         let cf = d.map(n, &cpath, &["headers", "ignore"])?;
@@ -481,9 +504,9 @@ fn decode_shadow(
         Some(compare)
     });
     Some(Shadow {
-        upstream,
+        upstream: upstream?,
         sample,
-        methods,
+        methods: methods?,
         compare,
         max_in_flight,
         timeout,

@@ -63,8 +63,10 @@ pub struct Condition {
 }
 
 impl Condition {
-    /// Compiles `s`, and checks the names it uses: an unknown variable (`reqest`) or a field the
-    /// exchange never has (`request.status`) is an error now rather than on every request.
+    /// Compiles `s`, and checks the names it uses: an unknown variable (`reqest`), a field the
+    /// exchange never has (`request.status`) or a function or method the environment lacks
+    /// (`nosuchfunc(1)`) is an error now rather than on every request; so is a constant that
+    /// is not a bool (`42`). Every such problem is in the one message.
     pub fn compile(s: &str) -> Result<Condition, String> {
         let program = ENV.compile(s).map_err(|e| {
             e.errors
@@ -86,11 +88,16 @@ impl Condition {
         let Walk {
             mut needs,
             path_params,
-            errors,
+            mut errors,
             ..
         } = walk;
-        if let Some(e) = errors.into_iter().next() {
-            return Err(e);
+        if let Some(never) = never_bool(program.expression()) {
+            errors.push(format!(
+                "the condition must give true or false, it is always {never}"
+            ));
+        }
+        if !errors.is_empty() {
+            return Err(errors.join("; "));
         }
         // What a CEL expression reads cannot always be known from its text (map iteration,
         // computed keys), so a condition is taken to read every header.
@@ -189,6 +196,26 @@ impl std::fmt::Debug for Condition {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Condition({:?})", self.source)
     }
+}
+
+/// What a condition whose whole expression is a literal other than a bool (`42`, `'yes'`,
+/// `[true]`) always gives, in the words of [`describe`]: it could never be true or false.
+/// Anything else may give a bool.
+fn never_bool(e: &IdedExpr) -> Option<String> {
+    Some(match &e.expr {
+        Expr::Literal(lit) => match lit {
+            LiteralValue::Boolean(_) => return None,
+            LiteralValue::Int(i) => format!("the int {}", i.inner()),
+            LiteralValue::UInt(u) => format!("the uint {}", u.inner()),
+            LiteralValue::Double(f) => format!("the double {}", f.inner()),
+            LiteralValue::String(s) => format!("the string {:?}", s.inner()),
+            LiteralValue::Bytes(_) => "a bytes".to_string(),
+            LiteralValue::Null => "null".to_string(),
+        },
+        Expr::List(_) => "a list".to_string(),
+        Expr::Map(_) => "a map".to_string(),
+        _ => return None,
+    })
 }
 
 /// A result in words: scalars with their value, containers by kind only (a body can be large).
@@ -344,6 +371,22 @@ impl<'e> Walk<'e> {
         match &e.expr {
             Expr::Select(s) => self.visit(&s.operand),
             Expr::Call(c) => {
+                let namespace = c.target.as_deref().and_then(|t| self.namespace(t));
+                // Operators (`_+_`, `@in`) are no names a rule author wrote.
+                if is_identifier(&c.func_name) {
+                    match (&c.target, namespace) {
+                        (None, _) => self.function(&c.func_name),
+                        // `optional.of(x)`, `strings.quote(s)`: a function of that qualified
+                        // name, not a method of a variable.
+                        (Some(_), Some(ns)) if declared(&format!("{ns}.{}()", c.func_name)) => {
+                            for a in &c.args {
+                                self.visit(a);
+                            }
+                            return;
+                        }
+                        (Some(_), _) => self.method(&c.func_name),
+                    }
+                }
                 if let Some(t) = &c.target {
                     self.visit(t);
                 }
@@ -387,6 +430,53 @@ impl<'e> Walk<'e> {
             }
             Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => {}
         }
+    }
+
+    /// A call `name(...)` of a function [`ENV`] does not declare fails on every request
+    /// ("Undeclared reference"): an error now.
+    fn function(&mut self, name: &str) {
+        if declared(&format!("{name}()")) {
+            return;
+        }
+        let hint = if declared(&format!("null.{name}()")) {
+            format!(": `{name}` is a method, written x.{name}(...)")
+        } else {
+            String::new()
+        };
+        self.errors.push(format!("unknown function `{name}`{hint}"));
+    }
+
+    /// The same for a method call `x.name(...)`.
+    fn method(&mut self, name: &str) {
+        if declared(&format!("null.{name}()")) {
+            return;
+        }
+        let hint = if declared(&format!("{name}()")) {
+            format!(": `{name}` is a function, written {name}(x, ...)")
+        } else {
+            String::new()
+        };
+        self.errors.push(format!("unknown method `{name}`{hint}"));
+    }
+
+    /// `a.b` when `e` spells a qualified name that is not a variable (`optional`, `strings`):
+    /// then `a.b.f()` may name a function.
+    fn namespace(&self, e: &'e IdedExpr) -> Option<String> {
+        let (root, segs) = access_path(e)?;
+        if matches!(root, "request" | "response" | "path") || self.bound.contains(&root) {
+            return None;
+        }
+        let mut name = root.to_string();
+        for seg in segs {
+            match seg {
+                Seg::Name(n) => {
+                    name.push('.');
+                    name.push_str(n);
+                }
+                Seg::Other => return None,
+            }
+        }
+        Some(name)
     }
 
     fn access(&mut self, root: &'e str, segs: &[Seg<'e>]) {
@@ -444,6 +534,33 @@ impl<'e> Walk<'e> {
             )),
         }
     }
+}
+
+/// Whether `call`, a call with no arguments such as `size()` or `null.lowerAscii()`, names a
+/// function or method of [`ENV`]. cel has no public lookup by name, so the runtime is asked
+/// itself: a declared function finds no overload for no arguments and says so, an undeclared
+/// one is an undeclared reference, which is what a condition calling it gives on every
+/// request. The names come from cel, so they cannot drift from what it runs. No overload runs
+/// on no arguments but a function that takes none, and those (none in the standard library or
+/// the string extension) are pure. A probe that does not compile counts as declared: no
+/// condition is refused on a guess.
+fn declared(call: &str) -> bool {
+    let Ok(program) = ENV.compile(call) else {
+        return true;
+    };
+    !matches!(
+        program.execute(&Context::with_env(Arc::clone(&ENV))),
+        Err(ExecutionError::UndeclaredReference(_))
+    )
+}
+
+/// A name as a rule author writes one: operators are spelled otherwise (`_+_`, `@in`).
+fn is_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// `request.body.items`, `has(request.body.x)`, `request["headers"]["x-id"]`: the root variable
@@ -604,12 +721,76 @@ mod tests {
                 "`response` has no field `method`",
             ),
             ("x.all(i, i > 0)", "unknown name `x`"),
+            ("nosuchfunc(1)", "unknown function `nosuchfunc`"),
+            (
+                "response.body.id.nosuchmethod()",
+                "unknown method `nosuchmethod`",
+            ),
+            (
+                "request.path.size() > 1 && nope(request.method) && x.y.nope2()",
+                "unknown function `nope`; unknown method `nope2`; unknown name `x`",
+            ),
+            (
+                "request.path.int() == 1",
+                "unknown method `int`: `int` is a function, written int(x, ...)",
+            ),
+            (
+                "lowerAscii(request.path) == 'x'",
+                "unknown function `lowerAscii`: `lowerAscii` is a method, written x.lowerAscii(...)",
+            ),
+            ("optional.nope(1).hasValue()", "unknown method `nope`"),
+            (
+                "42",
+                "the condition must give true or false, it is always the int 42",
+            ),
+            (
+                "'yes'",
+                "the condition must give true or false, it is always the string \"yes\"",
+            ),
+            (
+                "null",
+                "the condition must give true or false, it is always null",
+            ),
+            (
+                "[true]",
+                "the condition must give true or false, it is always a list",
+            ),
         ] {
             let e = Condition::compile(s).expect_err(s);
             assert!(e.starts_with(want), "{s}: {e}");
         }
         // Comprehension variables are not unknown names.
         c("request.body.items.map(item, item.qty).exists(q, q > 2)");
+    }
+
+    /// The functions and macros a rule author expects, from the standard library, the string
+    /// extension and the optional library, pass the load-time check and run.
+    #[test]
+    fn known_functions_methods_and_macros_compile_and_run() {
+        for s in [
+            "size(request.body.items) == 2 && request.body.items.size() == 2",
+            "size('abc') == 3",
+            "request.path.contains('orders')",
+            "request.path.startsWith('/orders') && request.path.endsWith('7')",
+            "request.path.matches('^/orders/[0-9]+$')",
+            "matches(request.path, '[0-9]')",
+            "request.method.lowerAscii() == 'post'",
+            "'a,b'.split(',') == ['a', 'b']",
+            "int('7') == 7 && string(7) == '7' && double(1) == 1.0 && uint(1) == 1u",
+            "path.id.trim() == '7'",
+            "'%s-%d'.format(['a', 1]) == 'a-1'",
+            "strings.quote('a') == '\"a\"'",
+            "optional.of(1).hasValue() && !optional.none().hasValue()",
+            "has(response.body.id) && !has(response.body.nope)",
+            "request.body.items.all(i, i.qty > 0)",
+            "request.body.items.exists(i, i.qty == 3)",
+            "request.body.items.exists_one(i, i.qty == 3)",
+            "request.body.items.map(i, i.qty).filter(q, q > 2) == [3]",
+            "type(response.body.id) == int && dyn(1) == 1",
+            "response.body.id in [7, 8]",
+        ] {
+            assert_eq!(eval(s), Ok(true), "{s}");
+        }
     }
 
     #[test]

@@ -233,21 +233,24 @@ impl Rule {
     }
 
     /// Problems that need the whole rule to see: a `path.NAME` its path template does not
-    /// have. Each comes with the key it is under (`subject`, `data`, `if`, ...), for the config
-    /// to locate.
-    pub fn check(&self) -> Vec<(&'static str, String)> {
-        let mut problems = Vec::new();
-        let mut used: Vec<(&'static str, &str)> = Vec::new();
+    /// have. Each comes with the key path of the value it is in (`subject`, `if`,
+    /// `data.items[1].id`), for the config to locate.
+    pub fn check(&self) -> Vec<RuleProblem> {
+        let mut used: Vec<(Vec<KeyStep>, &str)> = Vec::new();
         for (key, t) in self.templates() {
-            used.extend(t.path_params().map(|p| (key, p)));
+            used.extend(t.path_params().map(|p| (vec![KeyStep::key(key)], p)));
         }
         if let Some(d) = &self.data {
-            used.extend(d.path_params().into_iter().map(|p| ("data", p)));
+            for (mut at, p) in d.path_params_at() {
+                at.insert(0, KeyStep::key("data"));
+                used.push((at, p));
+            }
         }
         if let Some(c) = &self.condition {
-            used.extend(c.path_params().map(|p| ("if", p)));
+            used.extend(c.path_params().map(|p| (vec![KeyStep::key("if")], p)));
         }
-        for (key, p) in used {
+        let mut problems = Vec::new();
+        for (at, p) in used {
             if !self.path.has_param(p) {
                 let known: Vec<&str> = self.path.params().collect();
                 let has = if known.is_empty() {
@@ -255,17 +258,37 @@ impl Rule {
                 } else {
                     format!("it has: {}", known.join(", "))
                 };
-                problems.push((
-                    key,
-                    format!(
+                problems.push(RuleProblem {
+                    at,
+                    message: format!(
                         "`path.{p}` is not a parameter of the rule's path `{}` ({has})",
                         self.path
                     ),
-                ));
+                });
             }
         }
         problems
     }
+}
+
+/// One step of a key path into a rule as written: a mapping key or a list index.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyStep {
+    Key(String),
+    Index(usize),
+}
+
+impl KeyStep {
+    fn key(name: &str) -> KeyStep {
+        KeyStep::Key(name.to_string())
+    }
+}
+
+/// A problem [`Rule::check`] found, and the key path (from the rule) of the value it is in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleProblem {
+    pub at: Vec<KeyStep>,
+    pub message: String,
 }
 
 /// `RuleSet::new` was given more than [`MAX_RULES`] rules.
@@ -553,7 +576,8 @@ pub enum SkipReason {
     Condition,
     /// The `if` condition failed to evaluate, or did not give a bool.
     ConditionError(String),
-    /// `type` came out null or empty.
+    /// A templated `type` came out null or empty (a constant one cannot: the config refuses
+    /// an empty `type`).
     MissingType,
 }
 

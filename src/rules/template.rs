@@ -7,7 +7,7 @@ use http::HeaderName;
 use serde_json::Value;
 
 use super::exchange::{header_text, Exchange};
-use super::Needs;
+use super::{KeyStep, Needs};
 
 /// What a rule author may write inside `{...}`; shown when a name is not one of them.
 pub(crate) const NAMES: &str = "request.method, request.path, request.query.NAME, \
@@ -291,6 +291,14 @@ impl Template {
         })
     }
 
+    /// A template without placeholders: `text` as it is, braces included.
+    pub fn constant(text: &str) -> Template {
+        Template {
+            source: text.replace('{', "{{").replace('}', "}}"),
+            parts: vec![Part::Text(text.to_string())],
+        }
+    }
+
     /// [`eval_with`](Self::eval_with) without path parameters: every `path.NAME` is `null`.
     pub fn eval(&self, ex: &Exchange) -> Value {
         self.eval_with(ex, &[])
@@ -468,6 +476,35 @@ impl DataTemplate {
         let mut names = Vec::new();
         self.visit(&mut |t| names.extend(t.path_params()));
         names
+    }
+
+    /// [`path_params`](Self::path_params), each with the key path of the value it is in
+    /// (`[Key("items"), Index(1)]`), so that an error about it can point at that value.
+    pub fn path_params_at(&self) -> Vec<(Vec<KeyStep>, &str)> {
+        let mut found = Vec::new();
+        self.visit_at(&mut Vec::new(), &mut found);
+        found
+    }
+
+    fn visit_at<'a>(&'a self, at: &mut Vec<KeyStep>, found: &mut Vec<(Vec<KeyStep>, &'a str)>) {
+        match self {
+            DataTemplate::Literal(_) => {}
+            DataTemplate::Template(t) => found.extend(t.path_params().map(|p| (at.clone(), p))),
+            DataTemplate::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    at.push(KeyStep::Index(i));
+                    item.visit_at(at, found);
+                    at.pop();
+                }
+            }
+            DataTemplate::Object(entries) => {
+                for (k, v) in entries {
+                    at.push(KeyStep::Key(k.clone()));
+                    v.visit_at(at, found);
+                    at.pop();
+                }
+            }
+        }
     }
 
     fn visit<'a>(&'a self, f: &mut impl FnMut(&'a Template)) {

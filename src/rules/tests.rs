@@ -528,35 +528,35 @@ fn default_data_keeps_a_canonical_body_as_it_is() {
 }
 
 #[test]
-fn rule_check_finds_unknown_path_parameters() {
+fn rule_check_finds_unknown_path_parameters_at_their_values() {
     let mut r = rule("r", None, "/orders/{id}", "t.{path.kind}");
     r.subject = Some(template("{path.id}"));
-    r.data = Some(DataTemplate::from_json(&json!({"x": "{path.nope}"})).expect("data"));
+    r.data = Some(
+        DataTemplate::from_json(
+            &json!({"x": "{path.nope}", "y": [1, {"z": "{path.id} {path.w}"}]}),
+        )
+        .expect("data"),
+    );
     r.condition = Some(Condition::compile("path.other == '1'").expect("cel"));
-    let problems = r.check();
+    let problem = |at: &[KeyStep], p: &str| RuleProblem {
+        at: at.to_vec(),
+        message: format!(
+            "`path.{p}` is not a parameter of the rule's path `/orders/{{id}}` (it has: id)"
+        ),
+    };
+    let key = |k: &str| KeyStep::Key(k.to_string());
     assert_eq!(
-        problems,
+        r.check(),
         [
-            (
-                "type",
-                "`path.kind` is not a parameter of the rule's path `/orders/{id}` (it has: id)"
-                    .to_string()
-            ),
-            (
-                "data",
-                "`path.nope` is not a parameter of the rule's path `/orders/{id}` (it has: id)"
-                    .to_string()
-            ),
-            (
-                "if",
-                "`path.other` is not a parameter of the rule's path `/orders/{id}` (it has: id)"
-                    .to_string()
-            ),
+            problem(&[key("type")], "kind"),
+            problem(&[key("data"), key("x")], "nope"),
+            problem(&[key("data"), key("y"), KeyStep::Index(1), key("z")], "w"),
+            problem(&[key("if")], "other"),
         ]
     );
     let r = rule("r", None, "/orders", "{path.id}");
     assert_eq!(
-        r.check()[0].1,
+        r.check()[0].message,
         "`path.id` is not a parameter of the rule's path `/orders` (it has none)"
     );
     assert!(order_created().check().is_empty());

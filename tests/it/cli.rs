@@ -37,6 +37,98 @@ fn check_reports_every_error_located_and_exits_2() {
     ] {
         assert!(stderr.contains(&want), "missing `{want}` in:\n{stderr}");
     }
+    // `check` applies nothing: it only reports.
+    assert!(
+        stderr.ends_with(&format!("\n3 error(s) in {file}\n")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn rules_test_blames_the_samples_file_for_its_errors_and_each_command_says_what_it_did_not_do() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("ficus.yaml");
+    std::fs::write(
+        &config,
+        "upstreams: { m: { url: \"http://127.0.0.1:1\" } }\nsinks: { o: { type: stdout } }\nevents:\n  rules:\n    - { name: r, match: { path: /o }, type: t }\n",
+    )
+    .expect("write");
+    let samples = dir.path().join("samples.yaml");
+    let config_arg = config.to_str().expect("utf-8");
+    let samples_arg = samples.to_str().expect("utf-8");
+    for (text, want) in [
+        ("- request: [\n", "1 error(s) in the samples file"),
+        (
+            "- request: { path: /o }\n  response: { staus: 201 }\n",
+            ":2:15: sample 1: response.staus: unknown key",
+        ),
+    ] {
+        std::fs::write(&samples, text).expect("write");
+        let out = ficus(&["rules", "test", "-c", config_arg, samples_arg])
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(want), "missing `{want}` in:\n{stderr}");
+        assert!(
+            stderr.ends_with(&format!(
+                "1 error(s) in the samples file {samples_arg}; no sample was run\n"
+            )),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("config"), "{stderr}");
+    }
+    std::fs::write(&config, BAD).expect("write");
+    for (args, consequence) in [
+        (&["asyncapi"][..], "; no document was printed"),
+        (&["rules", "test"][..], "; no sample was run"),
+        (&["outbox", "status"][..], "; the outbox was not opened"),
+    ] {
+        let mut args = args.to_vec();
+        args.extend(["-c", config_arg]);
+        if args[0] == "rules" {
+            args.push(samples_arg);
+        }
+        let out = ficus(&args).output().expect("run");
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.ends_with(&format!("\n3 error(s) in {config_arg}{consequence}\n")),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
+/// Escape codes are for a terminal; redirected to a file or a pipe, text logs are plain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_logs_have_no_colour_codes_when_not_at_a_terminal() {
+    let upstream = TestUpstream::echo().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ficus.yaml");
+    std::fs::write(&path, config_yaml(upstream.addr, "log: { format: text }\n")).expect("write");
+    let mut child = tokio::process::Command::new(binary())
+        .args(["run", "-c", path.to_str().expect("utf-8")])
+        .env_remove("RUST_LOG")
+        .env_remove("NO_COLOR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn ficus");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let line = tokio::time::timeout(WAIT, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("listening") {
+                return line;
+            }
+        }
+        panic!("ficus exited before listening");
+    })
+    .await
+    .expect("listening in time");
+    assert!(!line.contains('\x1b'), "{line:?}");
+    assert!(line.contains(" INFO "), "{line:?}");
 }
 
 #[test]
@@ -104,6 +196,13 @@ fn run_refuses_a_bad_config_with_exit_2_and_binds_nothing() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains(":6:14: upstreams.monolith.timeout: expected a duration"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.ends_with(&format!(
+            "1 error(s) in {}; ficus did not start\n",
+            path.display()
+        )),
         "{stderr}"
     );
     assert!(!stderr.contains("cannot listen"), "{stderr}");
