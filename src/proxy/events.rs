@@ -113,13 +113,39 @@ struct RequestParts {
     query: Option<String>,
     /// The headers the candidates may read (see [`kept_headers`]).
     headers: HeaderMap,
-    /// How the captured request body is parsed.
-    content_type: Option<HeaderValue>,
+    /// How the captured request body is decoded and parsed.
+    body_format: BodyFormat,
     /// Copied into the events.
     traceparent: Option<HeaderValue>,
     needs: Needs,
     body: Option<Arc<CaptureSlot>>,
     upstream: Arc<str>,
+}
+
+/// The fields of a head that say how to read its body: decoded by `Content-Encoding` (see
+/// [`Captured::decoding`]), parsed by `Content-Type`.
+struct BodyFormat {
+    content_type: Option<HeaderValue>,
+    content_encoding: Option<HeaderValue>,
+}
+
+impl BodyFormat {
+    fn of(headers: &HeaderMap) -> BodyFormat {
+        BodyFormat {
+            content_type: headers.get(http::header::CONTENT_TYPE).cloned(),
+            content_encoding: headers.get(http::header::CONTENT_ENCODING).cloned(),
+        }
+    }
+
+    fn captured(&self, bytes: Bytes, truncated: bool, limit: usize) -> Captured {
+        Captured::decoding(
+            bytes,
+            self.content_type.as_ref(),
+            self.content_encoding.as_ref(),
+            truncated,
+            limit,
+        )
+    }
 }
 
 /// The value of a field sent exactly once: W3C Trace Context has a receiver ignore a
@@ -222,11 +248,11 @@ impl CaptureSlot {
 
     /// What was captured; a body that did not end (the upstream answered before reading it
     /// all) counts as truncated.
-    fn take(&self, content_type: Option<&HeaderValue>) -> Captured {
+    fn take(&self, format: &BodyFormat, limit: usize) -> Captured {
         match self.inner.lock() {
             Ok(mut buf) => {
                 let truncated = buf.truncated || !buf.complete;
-                Captured::new(buf.bytes.take(), content_type, truncated)
+                format.captured(buf.bytes.take(), truncated, limit)
             }
             Err(_) => Captured::empty(),
         }
@@ -368,7 +394,7 @@ where
             path: request.uri().path().to_string(),
             query: request.uri().query().map(str::to_string),
             headers: kept_headers(request.headers(), &needs, &needs.request_headers),
-            content_type: request.headers().get(http::header::CONTENT_TYPE).cloned(),
+            body_format: BodyFormat::of(request.headers()),
             traceparent: only_one(request.headers(), "traceparent"),
             needs,
             body: slot,
@@ -433,11 +459,8 @@ where
                 ));
             }
         };
-        let captured = Captured::new(
-            bytes.clone(),
-            head.headers.get(http::header::CONTENT_TYPE),
-            false,
-        );
+        let captured =
+            BodyFormat::of(&head.headers).captured(bytes.clone(), false, events.capture_limit);
         let kept = kept_headers(&head.headers, &parts.needs, &parts.needs.response_headers);
         let sync = events.durability == Durability::Sync;
         let ticket = emit(&events, parts, status, kept, captured, seen_at, sync);
@@ -452,7 +475,7 @@ where
         events: events.clone(),
         status,
         headers: kept_headers(&head.headers, &parts.needs, &parts.needs.response_headers),
-        content_type: head.headers.get(http::header::CONTENT_TYPE).cloned(),
+        body_format: BodyFormat::of(&head.headers),
         parts,
         seen_at,
     };
@@ -525,13 +548,15 @@ struct Finish {
     status: u16,
     /// The response headers the candidates may read (see [`kept_headers`]).
     headers: HeaderMap,
-    content_type: Option<HeaderValue>,
+    body_format: BodyFormat,
     seen_at: SystemTime,
 }
 
 impl Finish {
     fn emit(self, body: Bytes, truncated: bool, tracked: bool) -> Emitted {
-        let captured = Captured::new(body, self.content_type.as_ref(), truncated);
+        let captured = self
+            .body_format
+            .captured(body, truncated, self.events.capture_limit);
         emit(
             &self.events,
             self.parts,
@@ -556,7 +581,7 @@ fn emit(
     tracked: bool,
 ) -> Emitted {
     let request_body = match &parts.body {
-        Some(slot) => slot.take(parts.content_type.as_ref()),
+        Some(slot) => slot.take(&parts.body_format, events.capture_limit),
         None => Captured::empty(),
     };
     let traceparent = parts
@@ -843,7 +868,11 @@ mod tests {
         if finish {
             slot.finish();
         }
-        slot.take(None)
+        let format = BodyFormat {
+            content_type: None,
+            content_encoding: None,
+        };
+        slot.take(&format, limit)
     }
 
     /// One chunk, several, empty ones, and the limit falling in the first chunk or a later

@@ -156,6 +156,32 @@ impl Captured {
         Captured::new(Bytes::new(), None, false)
     }
 
+    /// [`new`](Self::new) for a body sent with a `Content-Encoding`: rules read what the
+    /// application wrote, not its compressed bytes (a monolith answers gzip to every client
+    /// that accepts it). The forwarded bytes are never touched; only this copy is decoded, to
+    /// at most `limit` bytes (`limits.capture_body`, so a small body that inflates a
+    /// thousandfold cannot take the memory), and a captured prefix of a longer body decodes
+    /// to a prefix, marked truncated like any other. An encoding ficus cannot decode (`br`,
+    /// `zstd`, several at once) or a corrupt body reads as an empty, truncated body: its
+    /// events say their data is missing rather than carry binary noise.
+    pub fn decoding(
+        bytes: Bytes,
+        content_type: Option<&HeaderValue>,
+        content_encoding: Option<&HeaderValue>,
+        truncated: bool,
+        limit: usize,
+    ) -> Self {
+        let Some(encoding) =
+            content_encoding.filter(|e| !e.as_bytes().eq_ignore_ascii_case(b"identity"))
+        else {
+            return Captured::new(bytes, content_type, truncated);
+        };
+        match decode(&bytes, encoding, limit) {
+            Some((decoded, cut)) => Captured::new(decoded, content_type, truncated || cut),
+            None => Captured::new(Bytes::new(), content_type, true),
+        }
+    }
+
     /// A body already parsed, e.g. from a recorded sample; `is_json` as the content type said.
     pub fn from_value(value: Value, is_json: bool, truncated: bool) -> Self {
         let text = !is_json && value.is_string();
@@ -327,10 +353,115 @@ impl fmt::Debug for Captured {
     }
 }
 
+/// `bytes` decoded by `encoding`, at most `limit` bytes of it; `true` when that cut it (or it
+/// ended early: a captured prefix). `None` when the encoding is not one ficus decodes, or the
+/// bytes do not decode at all.
+fn decode(bytes: &[u8], encoding: &HeaderValue, limit: usize) -> Option<(Bytes, bool)> {
+    use std::io::Read;
+    let encoding = encoding.to_str().ok()?.trim();
+    let read = |reader: &mut dyn Read| -> Option<(Bytes, bool)> {
+        let mut out = Vec::new();
+        let mut limited = reader.take(limit as u64 + 1);
+        // Bytes read before an error are kept: a captured prefix ends in an early EOF.
+        let complete = limited.read_to_end(&mut out).is_ok();
+        if !complete && out.is_empty() {
+            return None;
+        }
+        let cut = out.len() > limit;
+        out.truncate(limit);
+        Some((Bytes::from(out), cut || !complete))
+    };
+    if encoding.eq_ignore_ascii_case("gzip") || encoding.eq_ignore_ascii_case("x-gzip") {
+        return read(&mut flate2::read::MultiGzDecoder::new(bytes));
+    }
+    if encoding.eq_ignore_ascii_case("deflate") {
+        // RFC 9110 section 8.4.1.2 says zlib; some servers send raw deflate, which a zlib
+        // header check refuses at once.
+        return read(&mut flate2::read::ZlibDecoder::new(bytes))
+            .or_else(|| read(&mut flate2::read::DeflateDecoder::new(bytes)));
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn gzip(data: &[u8]) -> Bytes {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(data).expect("gzip");
+        Bytes::from(e.finish().expect("gzip"))
+    }
+
+    fn decoded(bytes: Bytes, encoding: &'static str, limit: usize) -> Captured {
+        let j = HeaderValue::from_static("application/json");
+        Captured::decoding(
+            bytes,
+            Some(&j),
+            Some(&HeaderValue::from_static(encoding)),
+            false,
+            limit,
+        )
+    }
+
+    #[test]
+    fn an_encoded_body_is_read_as_the_application_wrote_it() {
+        let body = br#"{"id":"gz-1","total":5}"#;
+        for encoding in ["gzip", "x-gzip", "GZIP"] {
+            let c = decoded(gzip(body), encoding, 1024);
+            assert_eq!(c.value(), &json!({"id": "gz-1", "total": 5}), "{encoding}");
+            assert!(!c.truncated);
+        }
+        let zlib = {
+            use std::io::Write;
+            let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(body).expect("zlib");
+            Bytes::from(e.finish().expect("zlib"))
+        };
+        let raw = {
+            use std::io::Write;
+            let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(body).expect("deflate");
+            Bytes::from(e.finish().expect("deflate"))
+        };
+        for (name, bytes) in [("zlib", zlib), ("raw deflate", raw)] {
+            let c = decoded(bytes, "deflate", 1024);
+            assert_eq!(c.value()["id"], "gz-1", "{name}");
+        }
+        let plain = decoded(Bytes::from_static(body), "identity", 1024);
+        assert_eq!(plain.value()["total"], 5);
+    }
+
+    /// A captured prefix decodes to a prefix; a body that inflates past the limit is cut at
+    /// it; both are marked truncated.
+    #[test]
+    fn a_decoded_body_is_cut_at_the_capture_limit_and_marked_truncated() {
+        let text = "word ".repeat(10_000);
+        let whole = gzip(text.as_bytes());
+        let prefix = decoded(whole.slice(..whole.len() / 2), "gzip", 1 << 20);
+        assert!(prefix.truncated);
+        assert!(!prefix.bytes.is_empty() && text.as_bytes().starts_with(&prefix.bytes));
+        let bomb = decoded(gzip(&vec![b'0'; 1 << 20]), "gzip", 4096);
+        assert!(bomb.truncated);
+        assert_eq!(bomb.bytes.len(), 4096, "no more than the limit is inflated");
+    }
+
+    /// An encoding ficus does not decode, or bytes that are not what it says, read as a
+    /// missing body rather than as binary noise.
+    #[test]
+    fn an_undecodable_body_reads_as_empty_and_truncated() {
+        for (bytes, encoding) in [
+            (gzip(b"{}"), "br"),
+            (gzip(b"{}"), "gzip, br"),
+            (Bytes::from_static(b"{\"id\":1}"), "gzip"),
+        ] {
+            let c = decoded(bytes, encoding, 1024);
+            assert_eq!(c.value(), &Value::Null, "{encoding}");
+            assert!(c.truncated, "{encoding}");
+        }
+    }
 
     fn ct(s: &'static str) -> HeaderValue {
         HeaderValue::from_static(s)

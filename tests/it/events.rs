@@ -31,6 +31,10 @@ pub async fn shop() -> TestUpstream {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
+        let gzipped = req
+            .headers()
+            .get("accept-encoding")
+            .is_some_and(|v| v.as_bytes().starts_with(b"gzip"));
         let seen = record(req, &rec).await;
         let (status, body) = match (seen.method.as_str(), seen.uri.as_str()) {
             ("POST", "/orders") => (
@@ -43,13 +47,25 @@ pub async fn shop() -> TestUpstream {
             _ => (404, r#"{"error":"not found"}"#.to_string()),
         };
         let ct = if seen.uri == "/text" { "text/plain" } else { "application/json" };
-        http::Response::builder()
+        let mut response = http::Response::builder()
             .status(status)
-            .header("content-type", ct)
-            .body(full(body))
-            .expect("response")
+            .header("content-type", ct);
+        let body = if gzipped {
+            response = response.header("content-encoding", "gzip");
+            gzip(body.as_bytes())
+        } else {
+            Bytes::from(body)
+        };
+        response.body(full(body)).expect("response")
     })
     .await
+}
+
+fn gzip(data: &[u8]) -> Bytes {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).expect("gzip");
+    Bytes::from(e.finish().expect("gzip"))
 }
 
 fn rules(sinks: &str, outbox: &Path, extra_outbox: &str) -> String {
@@ -295,6 +311,44 @@ async fn statuses_outside_the_rule_and_unmatched_routes_emit_nothing() {
         ),
         Some(0.0)
     );
+}
+
+/// A monolith gzips its answers to clients that accept it, and clients may gzip their
+/// uploads: rules read the bodies as the application wrote them, while the client gets the
+/// compressed bytes unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzip_bodies_are_read_decoded_and_forwarded_unchanged() {
+    let (upstream, _dir, file, ficus) = shop_with_file_sink().await;
+    let upload = gzip(br#"{"customer_id":"c-9"}"#);
+    let req = Request::post("/orders")
+        .header("host", "shop")
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .header("accept-encoding", "gzip")
+        .header("x-order-id", "77")
+        .body(Full::new(upload.clone()))
+        .expect("request");
+    let resp = send(ficus.addr, req).await;
+    assert_eq!(resp.status(), 201);
+    assert_eq!(resp.headers()["content-encoding"], "gzip");
+    let mut plain = String::new();
+    std::io::Read::read_to_string(
+        &mut flate2::read::GzDecoder::new(&resp.body()[..]),
+        &mut plain,
+    )
+    .expect("the client gets the monolith's gzip");
+    assert!(plain.contains(r#""id":"77""#), "{plain}");
+    assert_eq!(
+        upstream.requests()[0].body,
+        upload,
+        "the upload forwarded as sent"
+    );
+    let events = wait_for_events(&file, 1).await;
+    assert_eq!(events[0].subject(), Some("77"));
+    let data = data_json(&events[0]);
+    assert_eq!(data["order_id"], "77");
+    assert_eq!(data["customer"], "c-9");
+    assert_eq!(data["total"], 12.5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
