@@ -217,7 +217,7 @@ async fn forward(state: &Arc<ProxyState>, conn: &ConnInfo, routed: Routed) -> Re
         match client_upgrade {
             Some(client) if hop.upgrade => {
                 let upstream_upgrade = hyper::upgrade::on(&mut response);
-                tokio::spawn(splice(client, upstream_upgrade));
+                conn.tunnels.spawn(splice(client, upstream_upgrade));
             }
             _ => {
                 let upstream = &state.upstreams[served];

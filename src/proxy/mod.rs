@@ -121,10 +121,13 @@ pub struct ConnInfo {
     pub tls: bool,
     /// Raised by the connection's reader when a request head has ambiguous framing.
     pub ambiguous: Arc<smuggling::AmbiguousFlag>,
+    /// The listener's upgraded connections (WebSocket), which hyper's graceful drain no
+    /// longer sees once they are handed over: the drain waits for them too.
+    pub tunnels: tokio_util::task::TaskTracker,
 }
 
 impl ConnInfo {
-    pub fn new(remote: SocketAddr, tls: bool) -> ConnInfo {
+    pub fn new(remote: SocketAddr, tls: bool, tunnels: tokio_util::task::TaskTracker) -> ConnInfo {
         let ip = remote.ip().to_canonical();
         let client_ip = HeaderValue::from_str(&ip.to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
@@ -133,6 +136,7 @@ impl ConnInfo {
             client_ip,
             tls,
             ambiguous: Arc::default(),
+            tunnels,
         }
     }
 }

@@ -50,13 +50,15 @@ impl Server {
     }
 
     /// Accepts until `stop` is cancelled, then lets open connections finish their in-flight
-    /// requests for up to `drain_timeout`. Returns how many connections were still open.
+    /// requests, and upgraded ones (WebSocket) go on, for up to `drain_timeout`, as nginx and
+    /// Envoy drain them. Returns how many connections were still open.
     pub async fn serve(
         self,
         stop: CancellationToken,
         drain_timeout: tokio::sync::watch::Receiver<Duration>,
     ) -> usize {
         let graceful = GracefulShutdown::new();
+        let tunnels = tokio_util::task::TaskTracker::new();
         loop {
             let accepted = tokio::select! {
                 biased;
@@ -73,7 +75,7 @@ impl Server {
                 }
             };
             let _ = tcp.set_nodelay(true);
-            let conn = Arc::new(ConnInfo::new(remote, self.tls.is_some()));
+            let conn = Arc::new(ConnInfo::new(remote, self.tls.is_some(), tunnels.clone()));
             let flag = conn.ambiguous.clone();
             // The connection is served with the limits in force when it was accepted; each
             // of its requests with the config in force when the request arrives.
@@ -128,11 +130,17 @@ impl Server {
         drop(self.listener);
         let drain_timeout = *drain_timeout.borrow();
         let open = graceful.count();
-        tracing::info!(connections = open, timeout = ?drain_timeout, "draining connections");
-        match tokio::time::timeout(drain_timeout, graceful.shutdown()).await {
+        tunnels.close();
+        tracing::info!(connections = open, upgraded = tunnels.len(), timeout = ?drain_timeout, "draining connections");
+        let drained = async {
+            graceful.shutdown().await;
+            tunnels.wait().await;
+        };
+        match tokio::time::timeout(drain_timeout, drained).await {
             Ok(()) => 0,
             Err(_) => {
-                tracing::warn!(timeout = ?drain_timeout, "drain timeout: closing connections with requests in flight");
+                let open = open + tunnels.len();
+                tracing::warn!(timeout = ?drain_timeout, "drain timeout: closing connections with requests in flight or upgraded");
                 open
             }
         }

@@ -12,6 +12,71 @@ use tokio::sync::Notify;
 use crate::support::upstream::{full, record};
 use crate::support::{config_yaml, eventually, get, send, FicusProcess, TestUpstream, WAIT};
 
+/// Sends `text` on `ws` and waits for it to come back.
+async fn echo<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, text: &'static str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    ws.send(Message::text(text)).await.expect("send");
+    let reply = tokio::time::timeout(WAIT, ws.next())
+        .await
+        .expect("echo in time")
+        .expect("open")
+        .expect("message");
+    assert_eq!(reply, Message::text(text));
+}
+
+/// An upgraded connection is in flight too: a WebSocket open at SIGTERM keeps working while
+/// ficus drains, and ficus exits once it closes, well before `drain_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_an_open_websocket_go_on_until_it_closes() {
+    let upstream = crate::protocols::websocket_echo().await;
+    let mut proc = FicusProcess::start(&config_yaml(
+        upstream.addr,
+        "shutdown:\n  drain_timeout: 20s\n",
+    ))
+    .await;
+    let tcp = tokio::net::TcpStream::connect(proc.addr)
+        .await
+        .expect("connect");
+    let (mut ws, _) = tokio::time::timeout(
+        WAIT,
+        tokio_tungstenite::client_async(format!("ws://{}/ws", proc.addr), tcp),
+    )
+    .await
+    .expect("handshake in time")
+    .expect("WebSocket handshake through ficus");
+    echo(&mut ws, "before").await;
+
+    proc.signal("TERM");
+    eventually(WAIT, "new connections refused", || async {
+        tokio::net::TcpStream::connect(proc.addr)
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    echo(&mut ws, "while draining").await;
+    assert!(
+        proc.child.try_wait().expect("wait").is_none(),
+        "still draining while the WebSocket is open"
+    );
+
+    // The close handshake, then the client's end of the connection, as a browser does.
+    ws.close(None).await.expect("close");
+    while let Ok(Some(Ok(_))) =
+        tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut ws)).await
+    {}
+    drop(ws);
+    let status = tokio::time::timeout(WAIT, proc.child.wait())
+        .await
+        .expect("exits once the WebSocket closed")
+        .expect("status");
+    assert_eq!(status.code(), Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_the_request_in_flight_then_exits_0() {
     let release = Arc::new(Notify::new());

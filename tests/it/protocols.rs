@@ -488,7 +488,7 @@ async fn tls_certificate_files_are_reloaded_when_replaced() {
 // ---------------------------------------------------------------------------------------------
 
 /// An upstream that completes a WebSocket handshake and echoes every data message.
-async fn websocket_echo() -> TestUpstream {
+pub(crate) async fn websocket_echo() -> TestUpstream {
     TestUpstream::with(
         |mut req: Request<Incoming>, rec: Arc<Recorder>| async move {
             let key = req.headers().get("sec-websocket-key").cloned();
