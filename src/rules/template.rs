@@ -99,12 +99,8 @@ impl Expr {
                 } else {
                     "response.headers"
                 };
-                let name = named(
-                    s,
-                    rest,
-                    prefix,
-                    "a header, e.g. request.headers.content-type",
-                )?;
+                let example = format!("a header, e.g. {prefix}.content-type");
+                let name = named(s, rest, prefix, &example)?;
                 let name = HeaderName::from_bytes(name.as_bytes())
                     .map_err(|_| format!("`{s}`: `{name}` is not a valid header name"))?;
                 Ok(if request {
@@ -685,7 +681,10 @@ mod tests {
             ("{request.method.x}", "`request.method` has no fields, found `request.method.x`"),
             ("{response.status[0]}", "`response.status` has no fields"),
             ("{request.headers}", "`request.headers`: `request.headers` needs a name: a header"),
-            ("{response.headers.}", "`response.headers.`: `response.headers` needs a name"),
+            (
+                "{response.headers.}",
+                "`response.headers.`: `response.headers` needs a name: a header, e.g. response.headers.content-type",
+            ),
             ("{request.headers.bad header}", "`request.headers.bad header`: `bad header` is not a valid header name"),
             ("{request.query}", "`request.query`: `request.query` needs a name"),
             ("{path}", "`path`: `path` needs a name: a parameter of the rule's path"),
