@@ -45,6 +45,9 @@ pub struct Activity {
     request_end_us: AtomicU64,
     /// The client's request body failed (it went away, or broke its framing) before its end.
     request_failed: AtomicBool,
+    /// hyper asked for the next request body frame and the client has not sent it yet: while
+    /// this holds, the client is the slow side of the exchange.
+    request_waiting: AtomicBool,
 }
 
 const NOT_ENDED: u64 = u64::MAX;
@@ -59,6 +62,7 @@ impl Activity {
             cut_once: AtomicBool::new(false),
             request_end_us: AtomicU64::new(NOT_ENDED),
             request_failed: AtomicBool::new(false),
+            request_waiting: AtomicBool::new(false),
         })
     }
 
@@ -79,6 +83,16 @@ impl Activity {
     /// Whether the client's request body failed before its end: the client's doing.
     pub fn request_failed(&self) -> bool {
         self.request_failed.load(Ordering::Relaxed)
+    }
+
+    /// Whether the request body is waiting for the client's next bytes right now.
+    pub fn request_waiting(&self) -> bool {
+        self.request_waiting.load(Ordering::Relaxed)
+    }
+
+    /// When a body of the exchange last moved (its start, before any did).
+    pub fn last_progress(&self) -> Instant {
+        self.origin + Duration::from_micros(self.last_us.load(Ordering::Relaxed))
     }
 
     fn end_request(&self) {
@@ -114,7 +128,7 @@ impl Activity {
     }
 
     fn deadline(&self) -> Instant {
-        self.origin + Duration::from_micros(self.last_us.load(Ordering::Relaxed)) + self.idle
+        self.last_progress() + self.idle
     }
 }
 
@@ -183,11 +197,18 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
-        match this.inner.as_mut().poll_frame(cx) {
+        let polled = this.inner.as_mut().poll_frame(cx);
+        if *this.request {
+            this.activity
+                .request_waiting
+                .store(polled.is_pending(), Ordering::Relaxed);
+        }
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 this.activity.touch();
-                // hyper stops polling a body that says it ended with its last frame.
-                if *this.request && this.inner.is_end_stream() {
+                // hyper stops polling a body that says it ended with its last frame, and
+                // drops one after its trailers.
+                if *this.request && (this.inner.is_end_stream() || frame.is_trailers()) {
                     this.activity.end_request();
                 }
                 return Poll::Ready(Some(Ok(frame)));

@@ -450,13 +450,21 @@ async fn send(
 }
 
 /// Waits for `response` until `timeout` has passed since the request body ended (see
-/// [`send`]); `Err` when it has.
+/// [`send`]), or since it last moved while hyper was not waiting on the client for it;
+/// `Err` when it has.
 async fn until_timeout_after_request<F: Future>(
     response: F,
     activity: &Activity,
     timeout: std::time::Duration,
 ) -> Result<F::Output, ()> {
-    let deadline = |now: Instant| activity.request_end().unwrap_or(now) + timeout;
+    let deadline = |now: Instant| match activity.request_end() {
+        Some(end) => end + timeout,
+        // The client is the slow side (a long upload); its stalls are `idle_timeout`'s.
+        None if activity.request_waiting() => now + timeout,
+        // hyper is not asking for the body: still connecting (a TLS handshake that never
+        // ends), or the upstream stopped reading it. Either is the upstream's slowness.
+        None => activity.last_progress() + timeout,
+    };
     let sleep = tokio::time::sleep_until(deadline(Instant::now()));
     tokio::pin!(response, sleep);
     loop {
@@ -466,7 +474,7 @@ async fn until_timeout_after_request<F: Future>(
             () = &mut sleep => {
                 let now = Instant::now();
                 let due = deadline(now);
-                if activity.request_ended() && due <= now {
+                if due <= now {
                     return Err(());
                 }
                 sleep.as_mut().reset(due);

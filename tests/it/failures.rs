@@ -255,6 +255,71 @@ async fn the_header_timeout_starts_when_the_upload_ends() {
     assert_eq!(upstream_errors(&ficus, "timeout").await, 1.0);
 }
 
+/// An upstream that stops reading the upload (TCP backpressure: hyper no longer asks for the
+/// body, so the client is not the slow side) and says nothing is `504` after `timeout`, not
+/// a wait without end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_stops_reading_the_upload_is_504_after_timeout() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = held.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = tcp.read(&mut buf).await;
+            // Never read again, never answer; keep the socket open.
+            keep.lock().expect("lock").push(tcp);
+        }
+    });
+    let ficus = Ficus::start(addr, "    timeout: 300ms\n    idle_timeout: 30s\n").await;
+    let chunks = futures_util::stream::iter((0..64).map(|_| {
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(Bytes::from(vec![
+            b'x';
+            1 << 20
+        ])))
+    }));
+    let req = Request::post("/upload")
+        .header("host", "a")
+        .body(BodyExt::boxed(StreamBody::new(chunks)))
+        .expect("request");
+    let resp = tokio::time::timeout(WAIT, send_streaming(ficus.addr, req))
+        .await
+        .expect("ficus answers well before the test deadline");
+    assert_eq!(resp.status(), 504);
+    assert_eq!(resp.headers()["x-ficus-error"], "timeout");
+    assert_eq!(upstream_errors(&ficus, "timeout").await, 1.0);
+}
+
+/// A chunked upload with trailers: hyper drops the body after its trailers without asking for
+/// its end, so the trailers are its end, and the clock runs from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_that_ends_with_trailers_starts_the_header_timeout() {
+    let upstream = TestUpstream::with(
+        |req: http::Request<hyper::body::Incoming>, _rec| async move {
+            let _ = req.into_body().collect().await;
+            std::future::pending::<()>().await;
+            unreachable!()
+        },
+    )
+    .await;
+    let ficus = Ficus::start(upstream.addr, "    timeout: 300ms\n    idle_timeout: 30s\n").await;
+    let mut tcp = tokio::net::TcpStream::connect(ficus.addr)
+        .await
+        .expect("connect");
+    tcp.write_all(b"POST /up HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\ntrailer: x-sum\r\n\r\n5\r\nhello\r\n0\r\nx-sum: 1\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(WAIT, tcp.read(&mut buf))
+        .await
+        .expect("ficus answers well before the test deadline")
+        .expect("read");
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 504"), "{text}");
+    assert!(text.contains("x-ficus-error: timeout"), "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_download_is_not_cut_by_the_header_timeout() {
     // Headers at once, then 6 chunks 150 ms apart: 750 ms in all, with timeout 300ms.
