@@ -945,19 +945,21 @@ fn decode_rule(d: &mut Decoder<'_>, node: &Node, path: &str, sinks: &[SinkConfig
     let rule_sinks = f.get("sinks").map(|n| {
         let spath = join(path, "sinks");
         let list = strings(d, n, &spath);
+        // Warnings, not errors: both load and work as written (an empty list is a dry run
+        // whose events only `/events/tail` shows), and configs that loaded before still do.
         if matches!(&n.value, Value::Seq(items) if items.is_empty()) {
-            d.error(
+            d.warn(
                 n.mark,
                 &spath,
-                "an empty list sends the events nowhere; leave `sinks` out for every sink",
+                "an empty list sends the events to no sink (only /events/tail shows them); leave `sinks` out for every sink",
             );
         }
         for (i, (s, mark)) in list.iter().enumerate() {
             if list[..i].iter().any(|(earlier, _)| earlier == s) {
-                d.error(
+                d.warn(
                     *mark,
                     &format!("{spath}[{i}]"),
-                    format!("`{s}` is listed twice"),
+                    format!("`{s}` is listed twice; its events go to it once"),
                 );
                 continue;
             }
@@ -1213,16 +1215,12 @@ mod tests {
     }
 
     #[test]
-    fn a_rule_sends_to_some_sink_once_and_sink_timeouts_are_not_zero() {
+    fn sink_timeouts_are_not_zero() {
         let errors = super::super::tests::load(concat!(
             "upstreams: { m: { url: \"http://a:1\" } }\n",
             "sinks:\n",
             "  o: { type: http, url: \"http://s:1\", timeout: 0s }\n",
             "  n: { type: nats, url: \"nats://x\", subject: s, timeout: 0ms }\n",
-            "events:\n",
-            "  rules:\n",
-            "    - { name: e, match: { path: /e }, type: t, sinks: [] }\n",
-            "    - { name: f, match: { path: /f }, type: t, sinks: [o, n, o] }\n",
         ))
         .expect_err("invalid");
         assert_errors(
@@ -1230,9 +1228,31 @@ mod tests {
             &[
                 "f.yaml:3:48: sinks.o.timeout: must be greater than zero",
                 "f.yaml:4:58: sinks.n.timeout: must be greater than zero",
-                "f.yaml:7:55: events.rules[0].sinks: an empty list sends the events nowhere; leave `sinks` out for every sink",
-                "f.yaml:8:62: events.rules[1].sinks[2]: `o` is listed twice",
             ],
+        );
+    }
+
+    /// An empty `sinks` (a dry run: `/events/tail` only) and a sink listed twice load and work
+    /// as written, as they did before they were checked: each gets a located warning.
+    #[test]
+    fn an_empty_or_repeated_rule_sink_list_is_a_warning() {
+        let config = super::super::tests::load(concat!(
+            "upstreams: { m: { url: \"http://a:1\" } }\n",
+            "sinks:\n",
+            "  o: { type: stdout }\n",
+            "  n: { type: stdout }\n",
+            "events:\n",
+            "  rules:\n",
+            "    - { name: e, match: { path: /e }, type: t, sinks: [] }\n",
+            "    - { name: f, match: { path: /f }, type: t, sinks: [o, n, o] }\n",
+        ))
+        .expect("loads");
+        assert_eq!(
+            config.warnings,
+            [
+                "f.yaml:7:55: events.rules[0].sinks: an empty list sends the events to no sink (only /events/tail shows them); leave `sinks` out for every sink",
+                "f.yaml:8:62: events.rules[1].sinks[2]: `o` is listed twice; its events go to it once",
+            ]
         );
     }
 

@@ -649,10 +649,13 @@ pub(crate) fn parse_http_url(s: &str) -> Result<http::Uri, String> {
     if authority.host().is_empty() {
         return Err(format!("URL `{s}` has no host"));
     }
-    if let Some(port) = authority.as_str().rsplit_once(':').and_then(|(_, p)| {
-        // An IPv6 host's colons are inside its brackets; only a colon after them starts a port.
-        (!p.contains(']')).then_some(p)
-    }) {
+    // Credentials come before the last `@`; an IPv6 host's colons are inside its brackets, so
+    // only a colon after them starts a port; an empty port is the scheme's (RFC 3986 3.2.3).
+    let host_port = authority.as_str().rsplit('@').next().unwrap_or_default();
+    if let Some(port) = host_port
+        .rsplit_once(':')
+        .and_then(|(_, p)| (!p.contains(']') && !p.is_empty()).then_some(p))
+    {
         if !matches!(port.parse::<u16>(), Ok(1..)) {
             return Err(format!(
                 "invalid port `{port}` in `{s}`: expected a number from 1 to 65535"
@@ -901,8 +904,9 @@ mod tests {
             "  a: { url: \"http://127.0.0.1:65536\" }\n",
             "  b: { url: \"http://127.0.0.1:0\" }\n",
             "  c: { url: \"https://[::1]:99999\" }\n",
-            "  d: { url: \"http://h:\" }\n",
+            "  d: { url: \"http://u:p@h:70000\" }\n",
             "  e: { url: \"http://[::1]\" }\n",
+            "  g: { url: \"http://h:\" }\n",
             "  f: { url: \"http://h:65535\" }\n",
             "default_upstream: e\n",
             "sinks:\n",
@@ -913,8 +917,8 @@ mod tests {
             "f.yaml:2:13: upstreams.a.url: invalid port `65536`",
             "f.yaml:3:13: upstreams.b.url: invalid port `0`",
             "f.yaml:4:13: upstreams.c.url: invalid port `99999`",
-            "f.yaml:5:13: upstreams.d.url: invalid port ``",
-            "f.yaml:10:25: sinks.s.url: invalid port `99999`",
+            "f.yaml:5:13: upstreams.d.url: invalid port `70000`",
+            "f.yaml:11:25: sinks.s.url: invalid port `99999`",
         ];
         assert_errors(&errors, &expected);
     }

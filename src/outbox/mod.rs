@@ -119,7 +119,8 @@
 //! trusted. The batch stays in memory and the writer retries it, with backoff, before anything
 //! newer, so seqs stay consecutive and nothing is silently lost; a failed ticket therefore
 //! means "not known durable", and the event may still be delivered later (at least once). The
-//! queue stays bounded by `max_bytes`. The first successful write clears the health error.
+//! queue stays bounded by `max_bytes`, plus the events of admitted requests in flight
+//! ([`Outbox::append_admitted`]). The first successful write clears the health error.
 //!
 //! ## Reading, cursors, deletion
 //!
@@ -136,7 +137,7 @@
 //! segments are not counted; a spare is made, or a passed segment kept, only while the
 //! records leave room for it and the active segment's unused tail (two segments) below
 //! `max_bytes`, so disk use passes `max_bytes` only while an outbox that had that room
-//! fills up, by at most two segments.
+//! fills up, by at most two segments (and, as above, the events of admitted requests).
 //!
 //! ## Dead letters and replay
 //!

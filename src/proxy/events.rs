@@ -249,13 +249,12 @@ impl CaptureSlot {
     /// What was captured; a body that did not end (the upstream answered before reading it
     /// all) counts as truncated.
     fn take(&self, format: &BodyFormat, limit: usize) -> Captured {
-        match self.inner.lock() {
-            Ok(mut buf) => {
-                let truncated = buf.truncated || !buf.complete;
-                format.captured(buf.bytes.take(), truncated, limit)
-            }
-            Err(_) => Captured::empty(),
-        }
+        // Decoding (up to `limit` bytes of inflation) happens after the lock is released.
+        let (bytes, truncated) = match self.inner.lock() {
+            Ok(mut buf) => (buf.bytes.take(), buf.truncated || !buf.complete),
+            Err(_) => return Captured::empty(),
+        };
+        format.captured(bytes, truncated, limit)
     }
 }
 

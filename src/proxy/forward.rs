@@ -402,7 +402,8 @@ async fn send(
         Ok(Ok(response)) if framing_conflict(response.headers()) => {
             // RFC 9112 section 6.3: a response with both is a sign of response splitting, to
             // be handled as an error; hyper read it as chunked, but the `Content-Length` a
-            // client would see could cut it short. The connection is dropped with it.
+            // client would see could cut it short. The connection goes with its unread body
+            // (one without a body, to HEAD or a 204/304, framed nothing wrong).
             upstream.metrics.error(UpstreamErrorKind::Protocol);
             tracing::warn!(upstream = %upstream.name, "upstream response has both Content-Length and Transfer-Encoding");
             Attempt::Failed(

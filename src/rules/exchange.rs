@@ -171,8 +171,9 @@ impl Captured {
         truncated: bool,
         limit: usize,
     ) -> Self {
-        let Some(encoding) =
-            content_encoding.filter(|e| !e.as_bytes().eq_ignore_ascii_case(b"identity"))
+        // An empty body (a `204` sent with its encoding's header) has nothing to decode.
+        let Some(encoding) = content_encoding
+            .filter(|e| !bytes.is_empty() && !e.as_bytes().eq_ignore_ascii_case(b"identity"))
         else {
             return Captured::new(bytes, content_type, truncated);
         };
@@ -432,6 +433,9 @@ mod tests {
         }
         let plain = decoded(Bytes::from_static(body), "identity", 1024);
         assert_eq!(plain.value()["total"], 5);
+        let empty = decoded(Bytes::new(), "gzip", 1024);
+        assert_eq!(empty.value(), &Value::Null);
+        assert!(!empty.truncated, "an empty body is whole");
     }
 
     /// A captured prefix decodes to a prefix; a body that inflates past the limit is cut at
