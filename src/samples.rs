@@ -319,13 +319,7 @@ mod tests {
             "s.yaml:6:3: sample 2: extra: unknown key",
             "s.yaml:7:3: sample 3: expected a mapping, found a scalar",
         ];
-        for want in expected {
-            assert!(
-                errors.iter().any(|e| e.starts_with(want)),
-                "missing `{want}` in {errors:#?}"
-            );
-        }
-        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+        crate::config::tests::assert_errors(&errors, &expected);
     }
 
     #[test]

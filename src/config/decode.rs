@@ -177,6 +177,18 @@ impl<'a> Decoder<'a> {
         }
     }
 
+    /// A timeout at `key` under `fields`, `default` when absent: a duration above zero, as
+    /// [`parse_positive_duration`] reads it.
+    pub fn timeout(
+        &mut self,
+        fields: &Fields<'_>,
+        path: &str,
+        key: &str,
+        default: Duration,
+    ) -> Duration {
+        self.field(fields, path, key, default, parse_positive_duration)
+    }
+
     pub fn field<T>(
         &mut self,
         fields: &Fields<'_>,
@@ -308,7 +320,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// A timeout, which must not be zero: 0s would fail every attempt at once.
-pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
     let t = parse_duration(s)?;
     if t.is_zero() {
         return Err("must be greater than zero".into());

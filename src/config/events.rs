@@ -11,9 +11,7 @@ use std::time::Duration;
 use http::header::{HeaderName, HeaderValue};
 use http::Method;
 
-use super::decode::{
-    join, parse_bool, parse_duration, parse_positive_duration, parse_size, Decoder,
-};
+use super::decode::{join, parse_bool, parse_duration, parse_size, Decoder};
 use super::yaml::{Node, Value};
 use super::{valid_name, UpstreamTls};
 use crate::dispatch::Retry;
@@ -218,13 +216,7 @@ fn decode_http_sink(
         "batch" => Ok(HttpMode::Batch),
         _ => Err(format!("expected binary, structured or batch, found `{s}`")),
     });
-    let timeout = d.field(
-        &f,
-        path,
-        "timeout",
-        Duration::from_secs(10),
-        parse_positive_duration,
-    );
+    let timeout = d.timeout(&f, path, "timeout", Duration::from_secs(10));
     let mut headers = Vec::new();
     if let Some(h) = f.get("headers") {
         let hpath = join(path, "headers");
@@ -415,13 +407,7 @@ fn decode_nats_sink(
                 .and_then(|on| on.then(UpstreamTls::default)),
         }
     });
-    let timeout = d.field(
-        &f,
-        path,
-        "timeout",
-        Duration::from_secs(5),
-        parse_positive_duration,
-    );
+    let timeout = d.timeout(&f, path, "timeout", Duration::from_secs(5));
     Some(NatsSinkSettings {
         name: name.to_string(),
         servers: servers?,
@@ -463,13 +449,7 @@ fn decode_redis_sink(
     let password = f
         .get("password")
         .and_then(|n| d.string(n, &join(path, "password")));
-    let timeout = d.field(
-        &f,
-        path,
-        "timeout",
-        Duration::from_secs(5),
-        parse_positive_duration,
-    );
+    let timeout = d.timeout(&f, path, "timeout", Duration::from_secs(5));
     Some(RedisSinkSettings {
         name: name.to_string(),
         url: url?,
@@ -537,13 +517,7 @@ fn decode_amqp_sink(
         }
         Some(tls)
     });
-    let timeout = d.field(
-        &f,
-        path,
-        "timeout",
-        Duration::from_secs(5),
-        parse_positive_duration,
-    );
+    let timeout = d.timeout(&f, path, "timeout", Duration::from_secs(5));
     Some(AmqpSinkSettings {
         name: name.to_string(),
         uri: uri?,
@@ -631,13 +605,7 @@ fn decode_kafka_sink(
             password: password?,
         })
     });
-    let timeout = d.field(
-        &f,
-        path,
-        "timeout",
-        Duration::from_secs(5),
-        parse_positive_duration,
-    );
+    let timeout = d.timeout(&f, path, "timeout", Duration::from_secs(5));
     Some(KafkaSinkSettings {
         name: name.to_string(),
         brokers: brokers?,

@@ -19,7 +19,7 @@ use std::time::Duration;
 use http::uri::{Authority, Scheme};
 
 pub use decode::{interpolate, parse_duration, parse_size, ConfigError};
-use decode::{join, parse_positive_duration, Decoder, Env, Fields};
+use decode::{join, Decoder, Env, Fields};
 pub(crate) use events::to_json;
 pub use events::{Events, OutboxConfig, SinkConfig, SinkKind, DEFAULT_SOURCE};
 use yaml::{Node, Value};
@@ -187,15 +187,7 @@ impl Config {
     }
 
     pub fn from_str_with_env(text: &str, file: &str, env: Env<'_>) -> Result<Config, LoadError> {
-        let (root, duplicates) = yaml::parse_collecting(text).map_err(|e| {
-            LoadError::Invalid(vec![ConfigError {
-                file: file.to_string(),
-                line: e.mark.line,
-                col: e.mark.col,
-                path: String::new(),
-                message: e.message,
-            }])
-        })?;
+        let (root, duplicates) = yaml::parse_collecting(text).map_err(|e| syntax_error(file, e))?;
         let mut d = Decoder::new(file, env);
         for dup in duplicates {
             d.error(
@@ -365,19 +357,22 @@ impl Config {
     }
 }
 
+/// A file that is not YAML at all: one error, where the parser stopped.
+fn syntax_error(file: &str, e: yaml::SyntaxError) -> LoadError {
+    LoadError::Invalid(vec![ConfigError {
+        file: file.to_string(),
+        line: e.mark.line,
+        col: e.mark.col,
+        path: String::new(),
+        message: e.message,
+    }])
+}
+
 /// A YAML (or JSON) data file that is not a config, such as `ficus rules test` samples, as a
 /// located tree to decode with a [`Decoder`]. Data files take `$` literally: interpolation is
 /// for configs, so every `${` is escaped for the decoder to give back as written.
 pub(crate) fn data_tree(text: &str, file: &str) -> Result<Node, LoadError> {
-    let root = yaml::parse(text).map_err(|e| {
-        LoadError::Invalid(vec![ConfigError {
-            file: file.to_string(),
-            line: e.mark.line,
-            col: e.mark.col,
-            path: String::new(),
-            message: e.message,
-        }])
-    })?;
+    let root = yaml::parse(text).map_err(|e| syntax_error(file, e))?;
     Ok(escape_dollars(root))
 }
 
@@ -568,27 +563,9 @@ fn decode_upstreams(d: &mut Decoder<'_>, top: &Fields<'_>) -> Vec<Upstream> {
                 None
             }
         };
-        let connect_timeout = d.field(
-            &f,
-            &path,
-            "connect_timeout",
-            Duration::from_secs(1),
-            parse_positive_duration,
-        );
-        let timeout = d.field(
-            &f,
-            &path,
-            "timeout",
-            Duration::from_secs(30),
-            parse_positive_duration,
-        );
-        let idle_timeout = d.field(
-            &f,
-            &path,
-            "idle_timeout",
-            Duration::from_secs(60),
-            parse_positive_duration,
-        );
+        let connect_timeout = d.timeout(&f, &path, "connect_timeout", Duration::from_secs(1));
+        let timeout = d.timeout(&f, &path, "timeout", Duration::from_secs(30));
+        let idle_timeout = d.timeout(&f, &path, "idle_timeout", Duration::from_secs(60));
         let rewrite_host = d.field(&f, &path, "rewrite_host", false, decode::parse_bool);
         let tls = f.get("tls").and_then(|n| {
             let tpath = join(&path, "tls");
@@ -749,12 +726,11 @@ fn decode_limits(d: &mut Decoder<'_>, node: Option<&Node>) -> Limits {
         Ok(n)
     });
     limits.max_header_bytes = usize::try_from(header_bytes).unwrap_or(64 << 10);
-    limits.header_read_timeout = d.field(
+    limits.header_read_timeout = d.timeout(
         &f,
         "limits",
         "header_read_timeout",
         limits.header_read_timeout,
-        parse_positive_duration,
     );
     limits
 }
@@ -815,7 +791,7 @@ fn decode_log(d: &mut Decoder<'_>, node: Option<&Node>) -> Log {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(super) fn load(text: &str) -> Result<Config, Vec<String>> {
@@ -844,7 +820,7 @@ mod tests {
     }
 
     /// Exactly the `expected` errors (each given by how it starts), in any order.
-    pub(super) fn assert_errors(errors: &[String], expected: &[&str]) {
+    pub(crate) fn assert_errors(errors: &[String], expected: &[&str]) {
         for want in expected {
             assert!(
                 errors.iter().any(|e| e.starts_with(want)),

@@ -7,7 +7,7 @@ use std::time::Duration;
 use http::header::{HeaderName, HeaderValue};
 use http::Method;
 
-use super::decode::{join, parse_positive_duration, Decoder, Fields};
+use super::decode::{join, Decoder, Fields};
 use super::yaml::{Node, Value};
 use super::{valid_name, Upstream};
 use crate::rules::PathTemplate;
@@ -464,13 +464,7 @@ fn decode_shadow(
             .filter(|n| *n > 0)
             .ok_or_else(|| format!("expected a positive whole number, found `{s}`"))
     });
-    let timeout = d.field(
-        &f,
-        path,
-        "timeout",
-        Duration::from_secs(10),
-        parse_positive_duration,
-    );
+    let timeout = d.timeout(&f, path, "timeout", Duration::from_secs(10));
     let compare = f.get("compare").and_then(|n| {
         let cpath = join(path, "compare");
         let cf = d.map(n, &cpath, &["headers", "ignore"])?;
